@@ -1,0 +1,144 @@
+"""
+Remove training rows whose prompt overlaps an eval prompt, with the Tulu 3 rule (report section 3.2): 8-gram matching.
+
+    python data/decontaminate.py   # -> out/data/{sft_gsm8k,dpo_gsm8k,rlvr_train}.jsonl, out/data/decontamination.json
+
+A test instance overlaps a training instance when more than 50% of the test prompt's tokens lie in 8-grams that also
+occur in the training prompt: each position of the test prompt covered by a shared 8-gram counts, coverage = covered
+positions / test tokens, overlap when coverage > --threshold. A training row overlapping any eval instance is removed.
+Per (training file, eval set) we also report how many eval instances are overlapped and whether that exceeds 2% of the
+eval set, Tulu's bar for calling a whole training set contaminated; that is a report line, not an action.
+
+Tokens are lowercase words, re.findall(r"\\w+", text.lower()): Tulu's exact tokenizer is not published with the
+recipe, and words make the rule independent of any model's vocabulary. A test prompt of fewer than 8 tokens has no
+8-gram, so it can never be matched: it counts as unmatched.
+
+Training prompts: the user turns of `messages` (SFT, RLVR) or of `chosen` (DPO), or a DPO row's `prompt` string.
+Cleaned files keep the original lines byte for byte, in order. The run is deterministic and idempotent.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from common import check_messages, load_rows  # noqa: E402
+
+EVAL_SETS = {"gsm8k_test": ("gsm8k_test.jsonl", "question"), "math500_test": ("math500_test.jsonl", "problem"),
+             "ifeval": ("ifeval_input_data.jsonl", "prompt")}  # name -> (file in --eval_dir, prompt field)
+CONTAMINATED_FRACTION = 0.02  # Tulu 3 calls a training set contaminated when it overlaps > 2% of an eval set
+
+
+def words(text):
+    return re.findall(r"\w+", text.lower())
+
+
+def ngram_index(eval_prompts, n):
+    """eval_prompts: {eval id: text}. Returns each eval prompt's n-grams in order, and n-gram -> ids of the eval
+    prompts containing it, so a training prompt is only scored against eval prompts sharing one of its n-grams."""
+    eval_ngrams, index = {}, defaultdict(set)  # a dict hashes the n-gram tuple and still compares it, so no false hits
+    for eval_id, text in eval_prompts.items():
+        tokens = words(text)
+        eval_ngrams[eval_id] = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]  # empty if < n tokens
+        for ngram in eval_ngrams[eval_id]:
+            index[ngram].add(eval_id)
+    return eval_ngrams, index
+
+
+def overlapped(train_text, eval_ngrams, index, n, threshold):
+    """Ids of the eval prompts that this training prompt overlaps (coverage > threshold), in sorted order."""
+    tokens = words(train_text)
+    train_ngrams = {tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)}
+    candidates = set().union(*(index.get(ngram, ()) for ngram in train_ngrams))
+    hits = []
+    for eval_id in sorted(candidates):
+        windows = eval_ngrams[eval_id]
+        covered = [False] * (len(windows) + n - 1)  # one flag per eval token
+        for start, ngram in enumerate(windows):
+            if ngram in train_ngrams:
+                covered[start:start + n] = [True] * n
+        if sum(covered) / len(covered) > threshold:
+            hits.append(eval_id)
+    return hits
+
+
+def prompt_text(row, where):
+    """The prompt of a training row: its user turns (joined by newlines), or a DPO `prompt` string."""
+    for field in ("messages", "prompt", "chosen"):  # SFT / RLVR rows, then DPO rows
+        if field not in row:
+            continue
+        if field == "prompt" and isinstance(row[field], str):
+            return row[field]
+        check_messages(row[field], where, field)  # a `prompt` may also be a message list
+        user_turns = [m["content"] for m in row[field] if m["role"] == "user"]
+        if not user_turns:
+            raise ValueError(f"{where}: field '{field}' has no user turn to take the prompt from")
+        return "\n".join(user_turns)
+    raise ValueError(f"{where}: no prompt found: expected field 'messages', 'prompt' or 'chosen'")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", nargs="+", default=[os.path.join(HERE, f) for f in
+                                                       ("sft_gsm8k.jsonl", "dpo_gsm8k.jsonl", "rlvr_train.jsonl")])
+    parser.add_argument("--out_dir", default="out/data")
+    parser.add_argument("--eval_dir", default=HERE, help="where the eval files of EVAL_SETS are")
+    parser.add_argument("--ngram", type=int, default=8)
+    parser.add_argument("--threshold", type=float, default=0.5, help="overlap when coverage is above this")
+    args = parser.parse_args()
+    names = [os.path.basename(path) for path in args.train]
+    if len(set(names)) != len(names) or not all(name.endswith(".jsonl") for name in names):
+        raise ValueError(f"--train files must be .jsonl with distinct basenames (outputs keep them): {args.train}")
+
+    t0 = time.time()
+    eval_prompts, eval_sizes = {}, {}  # eval id = (eval set, row number in its file)
+    for eval_set, (file, field) in EVAL_SETS.items():
+        rows = load_rows(os.path.join(args.eval_dir, file))
+        for i, (where, row) in enumerate(rows):
+            if not isinstance(row.get(field), str):
+                raise ValueError(f"{where}: field '{field}' must be a string")
+            eval_prompts[(eval_set, i)] = row[field]
+        eval_sizes[eval_set] = len(rows)
+    eval_ngrams, index = ngram_index(eval_prompts, args.ngram)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    report = {"ngram": args.ngram, "threshold": args.threshold, "contaminated_fraction": CONTAMINATED_FRACTION,
+              "eval_set_sizes": eval_sizes, "train": {}}
+    for path, name in zip(args.train, names):
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()  # kept rows are written as these original lines, byte for byte
+        kept_lines, removed_by_eval_set, eval_hits = [], defaultdict(int), defaultdict(set)
+        rows = load_rows(path)
+        for where, row in rows:
+            hits = overlapped(prompt_text(row, where), eval_ngrams, index, args.ngram, args.threshold)
+            for eval_set in sorted({eval_set for eval_set, _ in hits}):
+                removed_by_eval_set[eval_set] += 1  # a row overlapping two eval sets counts under both
+            for eval_set, i in hits:
+                eval_hits[eval_set].add(i)
+            if not hits:
+                kept_lines.append(lines[int(where.rsplit(":", 1)[1]) - 1])  # where = "file:line"
+        with open(os.path.join(args.out_dir, name), "w", encoding="utf-8") as f:
+            f.writelines(kept_lines)
+        report["train"][name] = {
+            "rows": len(rows), "removed": len(rows) - len(kept_lines), "kept": len(kept_lines),
+            "removed_by_eval_set": {eval_set: removed_by_eval_set[eval_set] for eval_set in EVAL_SETS},
+            "eval_instances_overlapped": {eval_set: len(eval_hits[eval_set]) for eval_set in EVAL_SETS},
+            "contaminated": {eval_set: len(eval_hits[eval_set]) > CONTAMINATED_FRACTION * eval_sizes[eval_set]
+                             for eval_set in EVAL_SETS}}
+    with open(os.path.join(args.out_dir, "decontamination.json"), "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+
+    print(f"{'training file':<22}{'eval set':<14}{'rows':>6}{'removed':>9}{'eval overlapped':>18}  verdict (> 2%)")
+    for name, counts in report["train"].items():
+        for eval_set, size in eval_sizes.items():
+            overlapped_count = counts["eval_instances_overlapped"][eval_set]
+            print(f"{name:<22}{eval_set:<14}{counts['rows']:>6}{counts['removed_by_eval_set'][eval_set]:>9}"
+                  f"{f'{overlapped_count}/{size}':>12} {overlapped_count / max(size, 1):>5.1%}  "
+                  f"{'CONTAMINATED' if counts['contaminated'][eval_set] else 'clean'}")
+        print(f"{name:<22}{'(any)':<14}{counts['rows']:>6}{counts['removed']:>9}   -> kept {counts['kept']}")
+    print(f"wrote {args.out_dir}/ ({time.time() - t0:.1f}s)")
