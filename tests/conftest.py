@@ -57,15 +57,19 @@ def sft_data(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("data") / "sft.jsonl", rows)
 
 
-def run_script(script, *args, nproc=1, nnodes=1, check=True):
-    """Run a stage script as a user would: `python script.py` for one process, torchrun for more."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    if nproc == 1 and nnodes == 1:
+# One thread per process: the test machine is small and shared, and several processes train at once.
+SCRIPT_ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+
+
+def run_script(script, *args, nproc=1, check=True):
+    """Run a stage script as a user would: `python script.py` for one process, torchrun for more (one node; the
+    several-node launch is spelled out in test_sft.py's test_two_nodes_match_one_process)."""
+    if nproc == 1:
         command = [sys.executable, os.path.join(ROOT, script)]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
                    os.path.join(ROOT, script)]
-    result = subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=ROOT)
+    result = subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=SCRIPT_ENV, cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
