@@ -8,14 +8,18 @@ One process (vLLM when it is installed and a GPU is present, else batched HF gen
     python eval.py --model_name_or_path out/sft --task gsm8k --task math500 --task ifeval
 Data parallel on 8 GPUs (every rank loads the whole model and answers 1/8 of the prompts):
     torchrun --nproc_per_node 8 eval.py --model_name_or_path out/sft --task gsm8k --task math500 --task ifeval
+Several models, one after the other, ending with one table (e.g. a checkpoint after each training stage):
+    python eval.py --model_name_or_path models/SmolLM2-135M-Instruct out/sft out/dpo out/rlvr --task gsm8k --task ifeval
 Score responses produced elsewhere, loading no model (one --responses per --task, same order):
     python eval.py --task ifeval --responses ifeval_responses.jsonl --output_dir out/eval
 
-Writes <output_dir>/results.json as {task: {metric: value}} and <output_dir>/<task>_records.jsonl.
+Writes <output_dir>/results.json as {task: {metric: value}} and <output_dir>/<task>_records.jsonl; with several
+models, those go to <output_dir>/<model directory name>/ and the table to <output_dir>/table.md.
 Few-shot exemplars go in as chat turns (user = question, assistant = worked answer), which is how
 Tulu 3's evaluation shows them to chat models, not as one long user message.
 """
 import argparse
+import gc
 import json
 import os
 import sys
@@ -30,7 +34,8 @@ import common
 from common import gsm8k_extract, gsm8k_score, ifeval_follow, math_extract, math_normalize, math_score
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model_name_or_path", help="HF model directory (not needed with --responses)")
+parser.add_argument("--model_name_or_path", nargs="+", default=[],
+                    help="HF model directories; several: each is scored, then one table compares them")
 parser.add_argument("--task", action="append", required=True, choices=["gsm8k", "math500", "ifeval"])
 parser.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
 parser.add_argument("--max_new_tokens", type=int, default=1024)
@@ -140,16 +145,16 @@ def read_responses(path, task, examples):
 tasks = list(dict.fromkeys(args.task))
 if args.responses and len(args.responses) != len(tasks):
     sys.exit("error: give one --responses file per --task, in the same order")
+if not args.responses and not args.model_name_or_path:
+    sys.exit("error: --model_name_or_path is required unless --responses is given")
 examples = {task: load_task(task) for task in tasks}
 
+
 # ----------------------------------------------------------------------------- generation
-if args.responses:  # score what someone else generated: no tokenizer, no model
-    pairs = {task: read_responses(path, task, examples[task]) for task, path in zip(tasks, args.responses)}
-    elapsed, generated_tokens = None, 0
-else:
-    if args.model_name_or_path is None:
-        sys.exit("error: --model_name_or_path is required unless --responses is given")
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+def generate(model_path):
+    """Greedy responses of one model to every example -> ({task: [(example, response)]}, seconds, generated tokens).
+    Every rank answers a strided share of the prompts; every rank returns all of them."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     common.set_chat_template(tokenizer, args.chat_template)
     # All tasks go through one generation pass (better batches); jobs[i] = (task, example).
     jobs = [(task, example) for task in tasks for example in examples[task]]
@@ -158,7 +163,7 @@ else:
                                                           tokenize=False), add_special_tokens=False).input_ids
                   for task, ex in jobs]
     try:  # the model may stop on ids besides the tokenizer's eos (e.g. Llama 3's <|eot_id|>)
-        model_eos = GenerationConfig.from_pretrained(args.model_name_or_path).eos_token_id
+        model_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
     except OSError:
         model_eos = None
     eos_ids = sorted({tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])} - {None})
@@ -172,23 +177,26 @@ else:
     start = time.time()
     if vllm is not None and torch.cuda.is_available():
         # Under torchrun each rank is its own engine (tensor_parallel_size=1) on its own GPU.
-        llm = vllm.LLM(model=args.model_name_or_path, seed=0,
-                       **({"distributed_executor_backend": "external_launcher"} if ddp else {}))
+        llm = vllm.LLM(model=model_path, seed=0, **({"distributed_executor_backend": "external_launcher"} if ddp else {}))
         params = vllm.SamplingParams(temperature=0, max_tokens=args.max_new_tokens, stop_token_ids=eos_ids)
         outputs = llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in mine], params, use_tqdm=rank == 0)
         for i, out in zip(mine, outputs):
             texts[i], counts[i] = out.outputs[0].text, len(out.outputs[0].token_ids)
+        # Free the engine before the next model (UNTESTED here: no vLLM on the development machines).
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
     else:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device != "cpu" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
         greedy = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=eos_ids,
                                   pad_token_id=pad_id)
         # Longest prompts first: similar lengths share a batch (little padding) and OOM shows up at once.
         order = sorted(mine, key=lambda i: len(prompt_ids[i]), reverse=True)
         batches = [order[b:b + args.batch_size] for b in range(0, len(order), args.batch_size)]
-        for batch in tqdm(batches, desc="generate", disable=rank != 0):
+        for batch in tqdm(batches, desc=f"generate {model_path}", disable=rank != 0):
             width = max(len(prompt_ids[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -203,63 +211,89 @@ else:
                 stop = next((t for t, tok in enumerate(new) if tok in eos_ids), None)
                 counts[i] = len(new) if stop is None else stop + 1  # the eos counts as generated
                 texts[i] = tokenizer.decode(new[:stop], skip_special_tokens=True)
-    if ddp:  # everyone's answers to rank 0 (every rank gets them; only rank 0 uses them)
+    if ddp:  # everyone's answers to every rank (only rank 0 uses them)
         gathered = [None] * world_size
         dist.all_gather_object(gathered, (texts, counts))
         for part_texts, part_counts in gathered:
             texts.update(part_texts)
             counts.update(part_counts)
-    elapsed, generated_tokens = time.time() - start, sum(counts.values())
     pairs = {task: [] for task in tasks}
     for i, (task, example) in enumerate(jobs):
         pairs[task].append((example, texts[i]))
+    return pairs, time.time() - start, sum(counts.values())
 
-if rank != 0:
-    dist.destroy_process_group()
-    sys.exit(0)
 
-# ----------------------------------------------------------------------------- scoring and outputs
-os.makedirs(args.output_dir, exist_ok=True)
-results = {}
-for task in tasks:
-    records = []
-    for example, response in tqdm(pairs[task], desc=f"score {task}", leave=False):
-        record = {"prompt": example[QUESTION_FIELD[task]], "response": response}
-        if task == "gsm8k":
-            record.update(gold=example["answer"].split("####")[-1].strip(), extracted=gsm8k_extract(response),
-                          score=gsm8k_score(response, example["answer"]))
-        elif task == "math500":
-            record.update(gold=example["answer"], extracted=[math_normalize(c) for c in math_extract(response)],
-                          score=math_score(response, example["answer"]))
+# ----------------------------------------------------------------------------- scoring
+def score(pairs, output_dir):
+    """Score every (example, response) as the task's reference implementation does; write <task>_records.jsonl and
+    results.json to output_dir; return {task: {metric: value}}."""
+    os.makedirs(output_dir, exist_ok=True)
+    results = {}
+    for task in tasks:
+        records = []
+        for example, response in tqdm(pairs[task], desc=f"score {task}", leave=False):
+            record = {"prompt": example[QUESTION_FIELD[task]], "response": response}
+            if task == "gsm8k":
+                record.update(gold=example["answer"].split("####")[-1].strip(), extracted=gsm8k_extract(response),
+                              score=gsm8k_score(response, example["answer"]))
+            elif task == "math500":
+                record.update(gold=example["answer"], extracted=[math_normalize(c) for c in math_extract(response)],
+                              score=math_score(response, example["answer"]))
+            else:
+                call = (response, example["instruction_id_list"], example["kwargs"], example["prompt"])
+                strict, loose = ifeval_follow(*call, loose=False), ifeval_follow(*call, loose=True)
+                # score = prompt-level loose, the IFEval number Tulu 3 reports
+                record.update(follow_instruction_list_strict=strict, follow_instruction_list_loose=loose,
+                              score=float(all(loose)))
+            records.append(record)
+        with open(os.path.join(output_dir, f"{task}_records.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        n = max(len(records), 1)
+        results[task] = {"num_examples": len(records)}
+        if task == "ifeval":
+            for level in ("strict", "loose"):
+                follows = [r[f"follow_instruction_list_{level}"] for r in records]
+                results[task][f"prompt_level_{level}_acc"] = sum(all(f) for f in follows) / n
+                results[task][f"inst_level_{level}_acc"] = sum(map(sum, follows)) / max(sum(map(len, follows)), 1)
         else:
-            call = (response, example["instruction_id_list"], example["kwargs"], example["prompt"])
-            strict, loose = ifeval_follow(*call, loose=False), ifeval_follow(*call, loose=True)
-            # score = prompt-level loose, the IFEval number Tulu 3 reports
-            record.update(follow_instruction_list_strict=strict, follow_instruction_list_loose=loose,
-                          score=float(all(loose)))
-        records.append(record)
-    with open(os.path.join(args.output_dir, f"{task}_records.jsonl"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    n = max(len(records), 1)
-    results[task] = {"num_examples": len(records)}
-    if task == "ifeval":
-        for level in ("strict", "loose"):
-            follows = [r[f"follow_instruction_list_{level}"] for r in records]
-            results[task][f"prompt_level_{level}_acc"] = sum(all(f) for f in follows) / n
-            results[task][f"inst_level_{level}_acc"] = sum(map(sum, follows)) / max(sum(map(len, follows)), 1)
-    else:
-        results[task]["accuracy"] = sum(r["score"] for r in records) / n
+            results[task]["accuracy"] = sum(r["score"] for r in records) / n
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
 
-with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-print0(f"{'task':<10}{'metric':<26}{'value':>8}")
-for task, metrics in results.items():
-    for metric, value in metrics.items():
-        print0(f"{task:<10}{metric:<26}{value:>8.4f}" if isinstance(value, float) else f"{task:<10}{metric:<26}{value:>8}")
-if elapsed is not None:
-    n_prompts = sum(len(p) for p in pairs.values())
-    print0(f"generation: {n_prompts} prompts, {generated_tokens} tokens in {elapsed:.1f}s "
-           f"({n_prompts / elapsed:.2f} prompts/s, {generated_tokens / elapsed:.1f} generated tokens/s)")
-print0(f"wrote {os.path.join(args.output_dir, 'results.json')}")
+
+# ----------------------------------------------------------------------------- one model after the other
+# One model writes to --output_dir; several write to --output_dir/<name>/ and end with a table comparing them.
+runs = [("responses", None)] if args.responses else [(os.path.basename(os.path.normpath(p)), p) for p in args.model_name_or_path]
+names = [name if [n for n, _ in runs].count(name) == 1 else f"{k}_{name}" for k, (name, _) in enumerate(runs)]
+table = {}
+for name, (_, model_path) in zip(names, runs):
+    if model_path is None:  # score what someone else generated: no tokenizer, no model
+        pairs = {task: read_responses(path, task, examples[task]) for task, path in zip(tasks, args.responses)}
+        elapsed = None
+    else:
+        pairs, elapsed, generated_tokens = generate(model_path)
+    if rank != 0:
+        continue
+    output_dir = args.output_dir if len(runs) == 1 else os.path.join(args.output_dir, name)
+    table[name] = results = score(pairs, output_dir)
+    print0(f"{model_path or 'responses'}\n{'task':<10}{'metric':<26}{'value':>8}")
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            print0(f"{task:<10}{metric:<26}{value:>8.4f}" if isinstance(value, float) else f"{task:<10}{metric:<26}{value:>8}")
+    if elapsed is not None:
+        n_prompts = sum(len(p) for p in pairs.values())
+        print0(f"generation: {n_prompts} prompts, {generated_tokens} tokens in {elapsed:.1f}s "
+               f"({n_prompts / elapsed:.2f} prompts/s, {generated_tokens / elapsed:.1f} generated tokens/s)")
+    print0(f"wrote {os.path.join(output_dir, 'results.json')}")
+
+if rank == 0 and len(runs) > 1:  # the headline number of each task, as Tulu 3 reports it: accuracy / prompt-level loose
+    headline = {"gsm8k": ("GSM8K", "accuracy"), "math500": ("MATH-500", "accuracy"), "ifeval": ("IFEval", "prompt_level_loose_acc")}
+    n = {task: table[names[0]][task]["num_examples"] for task in tasks}
+    lines = ["| model | " + " | ".join(f"{headline[t][0]} ({n[t]})" for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{100 * table[name][t][headline[t][1]]:.1f}" for t in tasks) + " |" for name in names]
+    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print0("\n" + "\n".join(lines) + f"\nwrote {os.path.join(args.output_dir, 'table.md')}")
 if ddp:
     dist.destroy_process_group()

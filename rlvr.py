@@ -43,14 +43,14 @@ parser.add_argument("--chat_template", default="default", choices=["default", "t
 parser.add_argument("--dataset_mixer_list", nargs="+", default=[os.path.join(ROOT, "data", "rlvr_train.jsonl"), "1.0"],
                     help="SOURCE WEIGHT pairs of Tulu RLVR rows (messages, ground_truth, dataset)")
 parser.add_argument("--eval_dataset", default=os.path.join(ROOT, "data", "rlvr_heldout.jsonl"))
-parser.add_argument("--eval_every", type=int, default=10, help="greedy held-out reward at step 0 and every N steps; 0: off")
+parser.add_argument("--eval_every", type=int, default=10, help="greedy held-out reward at step 0, every N steps and at the end; 0: off")
 parser.add_argument("--eval_batch_size", type=int, default=32)
 parser.add_argument("--max_prompt_length", type=int, default=512, help="longer prompts are dropped")
 # RL (Tulu / open-instruct flag names)
 parser.add_argument("--algo", default="grpo", choices=["grpo", "ppo"])
-parser.add_argument("--num_unique_prompts_rollout", type=int, default=8, help="prompts per step (all ranks together)")
+parser.add_argument("--num_unique_prompts_rollout", type=int, default=4, help="prompts per step (all ranks together; Tulu: 64)")
 parser.add_argument("--num_samples_per_prompt", type=int, default=4, help="GRPO group size (Tulu 3.1: 16)")
-parser.add_argument("--response_length", type=int, default=128, help="max new tokens per response")
+parser.add_argument("--response_length", type=int, default=96, help="max new tokens per response (Tulu: 2048)")
 parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--verification_reward", type=float, default=10.0, help="reward = this x verifier score")
 parser.add_argument("--non_stop_penalty", action="store_true", help="reward a response without eos --penalty_reward_value")
@@ -70,7 +70,7 @@ parser.add_argument("--cliprange_value", type=float, default=0.2, help="PPO: val
 parser.add_argument("--learning_rate", type=float, default=1e-5)
 parser.add_argument("--lr_scheduler_type", default="constant", choices=["constant", "linear"])
 parser.add_argument("--max_grad_norm", type=float, default=1.0)
-parser.add_argument("--max_steps", type=int, default=30, help="rollout steps")
+parser.add_argument("--max_steps", type=int, default=10, help="rollout steps")
 parser.add_argument("--seed", type=int, default=1)
 # generation backend
 parser.add_argument("--generator", default="auto", choices=["auto", "vllm", "hf"], help="auto: vllm if it imports and CUDA is up")
@@ -322,7 +322,8 @@ def self_check(sample):
     """After a sync: the generator and the policy must give the same log-probs to a sampled sequence (temperature 1,
     raw logits). fp32 on CPU agrees to ~1e-5 (the default tolerance is 1e-4); bf16 vLLM vs bf16 FSDP differs by up to
     ~0.1-0.3 on single tokens from kernel differences, hence 0.5 there; stale or misloaded weights are far beyond both."""
-    policy_logps = forward(policy, [sample], temperature=1.0)[0].detach()
+    with torch.no_grad():
+        policy_logps = forward(policy, [sample], temperature=1.0)[0]
     if backend == "vllm":
         generator_logps = torch.tensor(sample["generator_logps"], device=device)
     else:
@@ -350,7 +351,8 @@ def evaluate():
     indices = group_share(range(len(eval_prompts)))
     responses = generate([eval_prompts[i]["prompt_ids"] for i in indices])
     names = sorted({p["dataset"] for p in eval_prompts})
-    totals = torch.zeros(2 * len(names) + 1, dtype=torch.float64, device=device)  # per dataset: score sum, count
+    # per dataset: score sum, count; then: fully correct, response tokens (a reward gained by shrinking shows here)
+    totals = torch.zeros(2 * len(names) + 2, dtype=torch.float64, device=device)
     for i, (response, _, _) in zip(indices, responses):
         if i % world_size != rank:
             continue
@@ -359,10 +361,11 @@ def evaluate():
         k = names.index(p["dataset"])
         totals[2 * k] += score
         totals[2 * k + 1] += 1
-        totals[-1] += score == 1
+        totals[-2] += score == 1
+        totals[-1] += len(response)
     dist.all_reduce(totals)
-    metrics = {"eval/reward": args.verification_reward * totals[0:-1:2].sum().item() / len(eval_prompts),
-               "eval/accuracy": totals[-1].item() / len(eval_prompts)}
+    metrics = {"eval/reward": args.verification_reward * totals[0:-2:2].sum().item() / len(eval_prompts),
+               "eval/accuracy": totals[-2].item() / len(eval_prompts), "eval/response_length": totals[-1].item() / len(eval_prompts)}
     for k, name in enumerate(names):
         metrics[f"eval/reward/{name}"] = args.verification_reward * totals[2 * k].item() / totals[2 * k + 1].item()
     return metrics
@@ -372,6 +375,7 @@ def evaluate():
 
 os.makedirs(args.output_dir, exist_ok=True)
 metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+rollouts_path = os.path.join(args.output_dir, "rollouts.jsonl")
 models = {"policy": (policy, optimizer)} | ({"value": (value_model, value_optimizer)} if value_model else {})
 
 
@@ -409,16 +413,15 @@ if args.resume:
     trainer_state = torch.load(os.path.join(path, f"trainer_state_rank{rank}.pt"), weights_only=False)
     start_step = trainer_state["step"]
     torch.set_rng_state(trainer_state["cpu_rng"])
-    if rank == 0:  # drop metrics logged after the checkpoint, so the file reads like one uninterrupted run
-        with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
     print0(f"resumed from {path} at step {start_step}")
-elif rank == 0:
-    open(metrics_path, "w").close()
-    if args.save_rollouts:
-        open(os.path.join(args.output_dir, "rollouts.jsonl"), "w").close()
+for log_path in (metrics_path, rollouts_path):  # drop lines logged after the checkpoint: reads like one uninterrupted run
+    if rank == 0 and (log_path == metrics_path or args.save_rollouts):
+        kept = []
+        if args.resume and os.path.exists(log_path):
+            with open(log_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
 
 
 def log(metrics):
@@ -480,6 +483,9 @@ for step in progress:
             for s, o, r, v in zip(chunk, old, ref, vals):
                 s["old_logps"], s["ref_logps"], s["old_values"] = o, r, v
     metrics["self_check_max_diff"] = self_check(samples[0])
+    for model in (policy, reference, value_model):  # FSDP2 reshards the root only in backward: after a no-grad forward, do it
+        if model is not None:
+            model.reshard()
 
     # --- advantages -----------------------------------------------------------------------------------------------------
     if args.algo == "grpo":
@@ -602,7 +608,7 @@ for step in progress:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, rows)
         if rank == 0:
-            with open(os.path.join(args.output_dir, "rollouts.jsonl"), "a") as f:
+            with open(rollouts_path, "a") as f:
                 f.writelines(json.dumps(row) + "\n" for row in sum(gathered, []))
     if args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
         metrics |= evaluate()

@@ -6,8 +6,12 @@ Two parts, as in allenai/RLVR-GSM-MATH-IF-Mixed-Constraints:
 - GSM8K: questions from the END of data/gsm8k_train.jsonl (SFT and DPO use its start), messages = [user: question,
   assistant: gold solution] so that messages[:-1] is the prompt; ground_truth = the number after "#### ".
 - IF constraints: our own small base instructions x a verbalized constraint; ground_truth is the Tulu JSON
-  {"func_name": ..., **kwargs} that common.ifeval_rlvr_score checks. No IFEval test prompt is used (no contamination).
+  {"func_name": ..., **kwargs} that common.ifeval_rlvr_score checks. No IFEval test prompt is used, but the
+  constraint sentences follow IFEval's wording, so one end phrase ("Is there anything else I can help with?") makes 27
+  rows overlap an IFEval test prompt by the Tulu 8-gram rule: data/decontaminate.py removes them before training.
 Held-out rows use base instructions and GSM8K questions that no training row uses.
+Also data/rlvr_heldout_format.jsonl: the 16 held-out bases x the three constraints that need content (a title, a
+postscript, an end phrase), so an empty or shrinking response cannot earn reward; the CPU evidence run scores it.
 """
 import json
 import os
@@ -94,3 +98,19 @@ for name, rows in [("rlvr_train.jsonl", train), ("rlvr_heldout.jsonl", heldout)]
     with open(os.path.join(HERE, name), "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     print(f"{name}: {len(rows)} rows ({sum(r['dataset'] == 'ifeval' for r in rows)} ifeval)")
+
+# No rng here: the files above stay byte-identical whether or not this part runs.
+format_rows = []
+for i, base in enumerate(heldout_bases):
+    phrase, marker = END_PHRASES[i % len(END_PHRASES)], ["P.S.", "P.P.S"][i % 2]
+    for text, truth in [
+        ("Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>.", {"func_name": "validate_title"}),
+        (f"At the end of your response, please explicitly add a postscript starting with {marker}",
+         {"func_name": "verify_postscript", "postscript_marker": marker}),
+        (f'Finish your response with this exact phrase "{phrase}". No other words should follow this phrase.',
+         {"func_name": "validate_end", "end_phrase": phrase})]:
+        format_rows.append({"messages": [{"role": "user", "content": f"{base} {text}"}], "ground_truth": json.dumps(truth),
+                            "dataset": "ifeval", "constraint_type": truth["func_name"], "constraint": text})
+with open(os.path.join(HERE, "rlvr_heldout_format.jsonl"), "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in format_rows)
+print(f"rlvr_heldout_format.jsonl: {len(format_rows)} rows")

@@ -177,3 +177,37 @@ def test_missing_chat_template_is_an_error(tiny_model, tmp_path):
         proc = run_eval("--model_name_or_path", tiny_model, "--task", "gsm8k", "--limit", 2,
                         "--chat_template", "tulu", "--output_dir", tmp_path)
         assert proc.returncode != 0 and "TULU_CHAT_TEMPLATE" in proc.stderr
+
+
+def test_several_models_end_with_one_table(tiny_model, tmp_path):
+    """Two models in one call == each model alone, and table.md carries each model's headline numbers."""
+    import shutil
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    model = LlamaForCausalLM.from_pretrained(other)
+    torch.manual_seed(1)
+    for param in model.parameters():
+        param.data.normal_(0, 0.5)
+    model.save_pretrained(other)
+    task_args = ["--task", "gsm8k", "--task", "ifeval", "--limit", 6, "--max_new_tokens", 8, "--batch_size", 4]
+    proc = run_eval("--model_name_or_path", tiny_model, other, *task_args, "--output_dir", tmp_path / "both")
+    assert proc.returncode == 0, proc.stderr
+    names = [os.path.basename(os.path.normpath(tiny_model)), "other"]
+    rows = (tmp_path / "both" / "table.md").read_text().splitlines()
+    assert rows[0] == "| model | GSM8K (6) | IFEval (6) |"
+    responses = []
+    for name, path in zip(names, [tiny_model, other]):
+        alone = run_eval("--model_name_or_path", path, *task_args, "--output_dir", tmp_path / name)
+        assert alone.returncode == 0, alone.stderr
+        for task in ("gsm8k", "ifeval"):
+            together = read_jsonl(tmp_path / "both" / name / f"{task}_records.jsonl")
+            assert together == read_jsonl(tmp_path / name / f"{task}_records.jsonl")
+            responses.append([r["response"] for r in together])
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        expected = f"| {name} | {100 * results['gsm8k']['accuracy']:.1f} | {100 * results['ifeval']['prompt_level_loose_acc']:.1f} |"
+        assert expected in rows
+    assert responses[0] != responses[2]  # the second model really was loaded

@@ -167,9 +167,10 @@ def test_bad_rows_name_file_line_and_field(tiny_model_dir, tmp_path, row, messag
 
 
 def test_resume_logs_the_same_metrics(tiny_model_dir, rlvr_data, tmp_path):
-    """A run resumed from its step-2 checkpoint (policy, value model, both optimizers) logs the same step 3."""
+    """A run resumed from its step-2 checkpoint (policy, value model, both optimizers) logs the same step 3, and its
+    rollouts.jsonl holds each step's samples once."""
     args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", rlvr_data, "1.0", "--eval_every", 0,
-            "--max_steps", 3, "--algo", "ppo", "--checkpointing_steps", 2, *FAST]
+            "--max_steps", 3, "--algo", "ppo", "--checkpointing_steps", 2, "--save_rollouts", *FAST]
     run_script("rlvr.py", *args, "--output_dir", tmp_path / "full")
     assert os.path.exists(tmp_path / "full" / "checkpoint-2" / "done")
     run_script("rlvr.py", *args, "--output_dir", tmp_path / "full", "--resume")  # redoes step 3 from checkpoint-2
@@ -179,3 +180,6 @@ def test_resume_logs_the_same_metrics(tiny_model_dir, rlvr_data, tmp_path):
     fresh = read_metrics(tmp_path / "fresh")
     for key in ["reward", "pg_loss", "vf_loss", "kl", "grad_norm", "value_grad_norm"]:
         assert first[2][key] == pytest.approx(fresh[2][key], rel=1e-5), key
+    rollouts = [[json.loads(line) for line in open(tmp_path / run / "rollouts.jsonl")] for run in ("full", "fresh")]
+    assert [r["step"] for r in rollouts[0]] == [r["step"] for r in rollouts[1]]  # step 3 not logged twice
+    assert [r["response"] for r in rollouts[0]] == [r["response"] for r in rollouts[1]]
