@@ -47,7 +47,7 @@ parser.add_argument("--model_name_or_path", default=SFT_OUTPUT if os.path.exists
                     "else the embedded SmolLM2-135M-Instruct. It is also the reference model")
 parser.add_argument("--tokenizer_name", default=None, help="defaults to --model_name_or_path")
 parser.add_argument("--chat_template", default="default", choices=["default", "tulu"], help="default: the tokenizer's own")
-parser.add_argument("--dataset_mixer_list", nargs="+", default=[os.path.join(ROOT, "data", "dpo_gsm8k.jsonl"), "1.0"],
+parser.add_argument("--dataset_mixer_list", nargs="+", default=[os.path.join(ROOT, "data", "dpo_gsm8k.jsonl"), "48"],
                     help="SOURCE WEIGHT pairs: jsonl/json/parquet file or hub dataset; weight <= 1 a fraction, > 1 a count")
 parser.add_argument("--max_seq_length", type=int, default=2048, help="per side (prompt + response)")
 parser.add_argument("--overlong", default="drop", choices=["drop", "truncate"], help="pairs with a side past --max_seq_length")
@@ -65,7 +65,7 @@ parser.add_argument("--ref_cache_dir", default=os.path.join(ROOT, "cache", "ref_
                     help="one file per (initial weights, tokenized pairs, chat template, max length, dtype)")
 # optimization (flag names of the published Tulu 3 commands)
 parser.add_argument("--per_device_train_batch_size", type=int, default=2, help="pairs per micro-batch")
-parser.add_argument("--gradient_accumulation_steps", type=int, default=8)
+parser.add_argument("--gradient_accumulation_steps", type=int, default=4)
 # Tulu 3 8B used 5e-7 for ~2,100 steps of 128 pairs. The embedded run is 8 steps of 16 pairs on a 135M model: at 5e-6
 # its loss goes from ln 2 to ~0.49 (reward accuracy 1.0) in those 8 steps, no collapse; 5e-7 would barely move it.
 parser.add_argument("--learning_rate", type=float, default=5e-6)

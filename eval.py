@@ -28,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
 import common
 from common import gsm8k_extract, gsm8k_score, ifeval_follow, math_extract, math_normalize, math_score
@@ -40,6 +40,7 @@ parser.add_argument("--task", action="append", required=True, choices=["gsm8k", 
 parser.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
 parser.add_argument("--max_new_tokens", type=int, default=1024)
 parser.add_argument("--batch_size", type=int, default=32, help="prompts per HF generate call (vLLM batches itself)")
+parser.add_argument("--no_prefix_cache", action="store_true", help="HF path: prefill every prompt whole (for comparison)")
 parser.add_argument("--output_dir", default="out/eval")
 parser.add_argument("--chat_template", default="default", choices=["default", "tulu"],
                     help="default: the tokenizer's own template; tulu: the Tulu 3 template")
@@ -193,19 +194,33 @@ def generate(model_path):
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
         greedy = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, eos_token_id=eos_ids,
                                   pad_token_id=pad_id)
-        # Longest prompts first: similar lengths share a batch (little padding) and OOM shows up at once.
-        order = sorted(mine, key=lambda i: len(prompt_ids[i]), reverse=True)
+        # One task at a time, longest prompts first: similar prompts share a batch (little padding, one few-shot
+        # prefix) and OOM shows up at once.
+        order = sorted(mine, key=lambda i: (tasks.index(jobs[i][0]), -len(prompt_ids[i])))
         batches = [order[b:b + args.batch_size] for b in range(0, len(order), args.batch_size)]
         for batch in tqdm(batches, desc=f"generate {model_path}", disable=rank != 0):
-            width = max(len(prompt_ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):  # left padding, so every prompt ends where generation starts
-                input_ids[row, width - len(prompt_ids[i]):] = torch.tensor(prompt_ids[i])
-                attention_mask[row, width - len(prompt_ids[i]):] = 1
+            # The few-shot exemplars (~1,000 tokens for GSM8K) are the same in every prompt of a task: run that shared
+            # prefix once, copy its KV cache to every row, and feed only the rest: [prefix | padding | question].
+            # The padding sits mid-row, masked out; positions come from the mask, so the questions continue at the
+            # prefix's end. Same greedy tokens as without the cache (tested), a fraction of the prefill compute.
+            shared = 0
+            while not args.no_prefix_cache and all(len(prompt_ids[i]) > shared + 1 and prompt_ids[i][shared] == prompt_ids[batch[0]][shared] for i in batch):
+                shared += 1
+            width = max(len(prompt_ids[i]) for i in batch) - shared
+            input_ids = torch.full((len(batch), shared + width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
+            input_ids[:, :shared], attention_mask[:, :shared] = torch.tensor(prompt_ids[batch[0]][:shared]), 1
+            for row, i in enumerate(batch):  # the rest is left-padded, so every prompt ends where generation starts
+                input_ids[row, shared + width - (len(prompt_ids[i]) - shared):] = torch.tensor(prompt_ids[i][shared:])
+                attention_mask[row, shared + width - (len(prompt_ids[i]) - shared):] = 1
+            width += shared
             with torch.no_grad():
+                prefix_cache = DynamicCache(config=model.config)
+                if shared:
+                    model(input_ids=input_ids[:1, :shared].to(device), past_key_values=prefix_cache, use_cache=True)
+                    prefix_cache.batch_repeat_interleave(len(batch))
                 out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                     generation_config=greedy)  # (B, width + new)
+                                     past_key_values=prefix_cache, generation_config=greedy)  # (B, width + new)
             for row, i in enumerate(batch):
                 new = out[row, width:].tolist()
                 stop = next((t for t, tok in enumerate(new) if tok in eos_ids), None)

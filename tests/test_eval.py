@@ -154,6 +154,18 @@ def test_generate_end_to_end(tiny_model, tmp_path):
         assert batched == one_by_one
 
 
+def test_shared_prefix_cache_changes_no_token(tiny_model, tmp_path):
+    """The few-shot prefix computed once and copied to every row == every prompt prefilled whole."""
+    args = ["--model_name_or_path", tiny_model, "--task", "gsm8k", "--task", "ifeval", "--limit", 5,
+            "--max_new_tokens", 12, "--batch_size", 4]
+    cached = run_eval(*args, "--output_dir", tmp_path / "cached")
+    whole = run_eval(*args, "--no_prefix_cache", "--output_dir", tmp_path / "whole")
+    assert cached.returncode == 0 and whole.returncode == 0, cached.stderr + whole.stderr
+    for task in ("gsm8k", "ifeval"):
+        responses = [[r["response"] for r in read_jsonl(tmp_path / run / f"{task}_records.jsonl")] for run in ("cached", "whole")]
+        assert responses[0] == responses[1] and any(responses[0])
+
+
 def test_generate_under_torchrun_matches_single_process(tiny_model, tmp_path):
     common_args = ["--model_name_or_path", tiny_model, "--task", "gsm8k", "--limit", 5, "--max_new_tokens", 6,
                    "--batch_size", 2]
