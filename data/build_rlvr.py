@@ -10,8 +10,8 @@ Two parts, as in allenai/RLVR-GSM-MATH-IF-Mixed-Constraints:
   constraint sentences follow IFEval's wording, so one end phrase ("Is there anything else I can help with?") makes 27
   rows overlap an IFEval test prompt by the Tulu 8-gram rule: data/decontaminate.py removes them before training.
 Held-out rows use base instructions and GSM8K questions that no training row uses.
-Also data/rlvr_heldout_format.jsonl: the 16 held-out bases x the three constraints that need content (a title, a
-postscript, an end phrase), so an empty or shrinking response cannot earn reward; the CPU evidence run scores it.
+Also the README's CPU evidence run: data/rlvr_evidence_{train,heldout}.jsonl, the training / held-out bases x (all
+lowercase | no commas) + "at least 25 words", so that an empty or shrinking response cannot earn the full reward.
 """
 import json
 import os
@@ -99,18 +99,25 @@ for name, rows in [("rlvr_train.jsonl", train), ("rlvr_heldout.jsonl", heldout)]
         f.writelines(json.dumps(row) + "\n" for row in rows)
     print(f"{name}: {len(rows)} rows ({sum(r['dataset'] == 'ifeval' for r in rows)} ifeval)")
 
-# No rng here: the files above stay byte-identical whether or not this part runs.
-format_rows = []
-for i, base in enumerate(heldout_bases):
-    phrase, marker = END_PHRASES[i % len(END_PHRASES)], ["P.S.", "P.P.S"][i % 2]
-    for text, truth in [
-        ("Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>.", {"func_name": "validate_title"}),
-        (f"At the end of your response, please explicitly add a postscript starting with {marker}",
-         {"func_name": "verify_postscript", "postscript_marker": marker}),
-        (f'Finish your response with this exact phrase "{phrase}". No other words should follow this phrase.',
-         {"func_name": "validate_end", "end_phrase": phrase})]:
-        format_rows.append({"messages": [{"role": "user", "content": f"{base} {text}"}], "ground_truth": json.dumps(truth),
-                            "dataset": "ifeval", "constraint_type": truth["func_name"], "constraint": text})
-with open(os.path.join(HERE, "rlvr_heldout_format.jsonl"), "w") as f:
-    f.writelines(json.dumps(row) + "\n" for row in format_rows)
-print(f"rlvr_heldout_format.jsonl: {len(format_rows)} rows")
+# The evidence run's sets. No rng here: the files above stay byte-identical whether or not this part runs.
+# Each prompt carries two constraints, a format (all lowercase / no commas) and "at least 25 words": the reward is the
+# fraction followed, so an empty or shrinking response keeps at most half of it. A reward that rises here is not a
+# response that learned to say less (a single no-commas constraint can be satisfied by saying nothing).
+FORMATS = [("Your entire response should be in English, and in all lowercase letters. No capital letters are allowed.",
+            {"func_name": "validate_lowercase"}),
+           ("In your entire response, refrain from the use of any commas.", {"func_name": "validate_no_commas"})]
+AT_LEAST = ("Answer with at least 25 words.", {"func_name": "validate_word_constraint", "N": 25, "quantifier": "at least"})
+
+
+def evidence_rows(bases):
+    return [{"messages": [{"role": "user", "content": f"{base} {text} {AT_LEAST[0]}"}],
+             "ground_truth": json.dumps([truth, AT_LEAST[1]]), "dataset": "ifeval",
+             "constraint_type": f"{truth['func_name']}+validate_word_constraint", "constraint": f"{text} {AT_LEAST[0]}"}
+            for base in bases for text, truth in FORMATS]
+
+
+for name, rows in [("rlvr_evidence_train.jsonl", evidence_rows(train_bases)),
+                   ("rlvr_evidence_heldout.jsonl", evidence_rows(heldout_bases))]:
+    with open(os.path.join(HERE, name), "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    print(f"{name}: {len(rows)} rows")

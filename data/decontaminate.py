@@ -133,12 +133,13 @@ if __name__ == "__main__":
         json.dump(report, f, indent=2)
         f.write("\n")
 
-    print(f"{'training file':<22}{'eval set':<14}{'rows':>6}{'removed':>9}{'eval overlapped':>18}  verdict (> 2%)")
+    w = max(len("training file"), *map(len, report["train"])) + 2  # column width of the file names
+    print(f"{'training file':<{w}}{'eval set':<14}{'rows':>6}{'removed':>9}{'eval overlapped':>18}  verdict (> 2%)")
     for name, counts in report["train"].items():
         for eval_set, size in eval_sizes.items():
             overlapped_count = counts["eval_instances_overlapped"][eval_set]
-            print(f"{name:<22}{eval_set:<14}{counts['rows']:>6}{counts['removed_by_eval_set'][eval_set]:>9}"
+            print(f"{name:<{w}}{eval_set:<14}{counts['rows']:>6}{counts['removed_by_eval_set'][eval_set]:>9}"
                   f"{f'{overlapped_count}/{size}':>12} {overlapped_count / max(size, 1):>5.1%}  "
                   f"{'CONTAMINATED' if counts['contaminated'][eval_set] else 'clean'}")
-        print(f"{name:<22}{'(any)':<14}{counts['rows']:>6}{counts['removed']:>9}   -> kept {counts['kept']}")
+        print(f"{name:<{w}}{'(any)':<14}{counts['rows']:>6}{counts['removed']:>9}   -> kept {counts['kept']}")
     print(f"wrote {args.out_dir}/ ({time.time() - t0:.1f}s)")
