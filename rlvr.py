@@ -70,7 +70,7 @@ parser.add_argument("--cliprange_value", type=float, default=0.2, help="PPO: val
 parser.add_argument("--learning_rate", type=float, default=1e-5)
 parser.add_argument("--lr_scheduler_type", default="constant", choices=["constant", "linear"])
 parser.add_argument("--max_grad_norm", type=float, default=1.0)
-parser.add_argument("--max_steps", type=int, default=8, help="rollout steps")
+parser.add_argument("--max_steps", type=int, default=6, help="rollout steps")
 parser.add_argument("--seed", type=int, default=1)
 # generation backend
 parser.add_argument("--generator", default="auto", choices=["auto", "vllm", "hf"], help="auto: vllm if it imports and CUDA is up")

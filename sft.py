@@ -39,7 +39,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--model_name_or_path", default=os.path.join(ROOT, "models", "SmolLM2-135M-Instruct"))
 parser.add_argument("--tokenizer_name", default=None, help="defaults to --model_name_or_path")
 parser.add_argument("--chat_template", default="default", choices=["default", "tulu"], help="default: the tokenizer's own")
-parser.add_argument("--dataset_mixer_list", nargs="+", default=[os.path.join(ROOT, "data", "sft_gsm8k.jsonl"), "160"],
+parser.add_argument("--dataset_mixer_list", nargs="+", default=[os.path.join(ROOT, "data", "sft_gsm8k.jsonl"), "128"],
                     help="SOURCE WEIGHT pairs: jsonl/json/parquet file or hub dataset; weight <= 1 a fraction, > 1 a count")
 parser.add_argument("--max_seq_length", type=int, default=4096)
 parser.add_argument("--overlong", default="drop", choices=["drop", "truncate"], help="examples past --max_seq_length")
