@@ -204,16 +204,16 @@ def generate(model_path):
             # The padding sits mid-row, masked out; positions come from the mask, so the questions continue at the
             # prefix's end. Same greedy tokens as without the cache (tested), a fraction of the prefill compute.
             shared = 0
-            while not args.no_prefix_cache and all(len(prompt_ids[i]) > shared + 1 and prompt_ids[i][shared] == prompt_ids[batch[0]][shared] for i in batch):
+            while not args.no_prefix_cache and all(len(prompt_ids[i]) > shared + 1 and
+                                                   prompt_ids[i][shared] == prompt_ids[batch[0]][shared] for i in batch):
                 shared += 1
-            width = max(len(prompt_ids[i]) for i in batch) - shared
-            input_ids = torch.full((len(batch), shared + width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
+            width = max(len(prompt_ids[i]) for i in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
             input_ids[:, :shared], attention_mask[:, :shared] = torch.tensor(prompt_ids[batch[0]][:shared]), 1
             for row, i in enumerate(batch):  # the rest is left-padded, so every prompt ends where generation starts
-                input_ids[row, shared + width - (len(prompt_ids[i]) - shared):] = torch.tensor(prompt_ids[i][shared:])
-                attention_mask[row, shared + width - (len(prompt_ids[i]) - shared):] = 1
-            width += shared
+                start = width - len(prompt_ids[i]) + shared
+                input_ids[row, start:], attention_mask[row, start:] = torch.tensor(prompt_ids[i][shared:]), 1
             with torch.no_grad():
                 prefix_cache = DynamicCache(config=model.config)
                 if shared:

@@ -414,8 +414,9 @@ if args.resume:
     start_step = trainer_state["step"]
     torch.set_rng_state(trainer_state["cpu_rng"])
     print0(f"resumed from {path} at step {start_step}")
-for log_path in (metrics_path, rollouts_path):  # drop lines logged after the checkpoint: reads like one uninterrupted run
-    if rank == 0 and (log_path == metrics_path or args.save_rollouts):
+# Start the logs, or on --resume drop the lines logged after the checkpoint, so they read like one uninterrupted run.
+for log_path in [metrics_path] + ([rollouts_path] if args.save_rollouts else []):
+    if rank == 0:
         kept = []
         if args.resume and os.path.exists(log_path):
             with open(log_path) as f:
