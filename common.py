@@ -189,7 +189,25 @@ def collate(examples, padding_free, pad_token_id, device):
     return inputs, pad(targets, -100)  # (B, L)
 
 
-_varlen_params = None
+def varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, scale=None):
+    """Causal attention within each packed document through torch's varlen flash attention (CUDA).
+
+    q: (T, H, D), k/v: (T, H_kv, D), cu_seqlens: (n_docs + 1,) int32 -> (T, H, D). `varlen_attn`'s keywords changed
+    between releases: torch 2.10 has `is_causal` and no `scale`, `window_size` or `enable_gqa`; later releases spell
+    causality as a (left, right) window of (-1, 0) and take `scale` and `enable_gqa`. Whatever is missing is done here."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    options = dict(window_size=(-1, 0)) if "window_size" in params else dict(is_causal=True)
+    if "enable_gqa" in params:
+        options["enable_gqa"] = True
+    elif k.shape[1] != q.shape[1]:  # repeat the shared key/value heads ourselves
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    if "scale" in params:
+        options["scale"] = scale
+    elif scale is not None and scale != q.shape[-1] ** -0.5:  # the kernel's own scale is 1/sqrt(D): fold ours into q
+        q = q * (scale * q.shape[-1] ** 0.5)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -198,23 +216,10 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     query: (1, H, T, D), key/value: (1, H_kv, T, D); documents are given by cu_seq_lens_q: (n_docs + 1,).
     Returns (1, T, H, D). CUDA: torch's varlen flash attention, no T x T mask at all. Elsewhere: SDPA with a
     block-diagonal causal mask, (T, T) booleans (reset position_ids alone do NOT keep documents apart in SDPA)."""
-    global _varlen_params
     cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     if query.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
-        if _varlen_params is None:
-            _varlen_params = inspect.signature(varlen_attn).parameters
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D), (T, H_kv, D)
-        if "enable_gqa" in _varlen_params:
-            gqa = dict(enable_gqa=True)
-        else:  # older torch: repeat the shared key/value heads ourselves
-            gqa = {}
-            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-        # torch <= 2.11 spells causality is_causal=True; later versions a (left, right) window of (-1, 0)
-        causal = dict(window_size=(-1, 0)) if "window_size" in _varlen_params else dict(is_causal=True)
-        out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scaling, **gqa, **causal)
-        return out[None], None  # (1, T, H, D)
+        return varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, scaling)[None], None  # (1, T, H, D)
     T = query.shape[2]
     document = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=query.device), cu_seqlens.diff(), output_size=T)
     mask = (document[:, None] == document[None, :]).tril()  # (T, T): same document and not in the future

@@ -80,7 +80,7 @@ config = trl.DPOConfig(output_dir=os.path.join(work, "trl"), loss_type=["sigmoid
                        lr_scheduler_type="constant", max_steps=args.steps, max_length=2048,
                        per_device_train_batch_size=args.per_device_train_batch_size,
                        gradient_accumulation_steps=args.gradient_accumulation_steps, precompute_ref_log_probs=True,
-                       save_strategy="no", report_to="none", logging_steps=1, bf16=False, seed=123,
+                       save_strategy="no", report_to="none", logging_steps=1, bf16=torch.cuda.is_available(), seed=123,
                        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
