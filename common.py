@@ -246,18 +246,27 @@ def document_logps(logits, targets, cu_seqlens):
 # ----------------------------------------------------------------------------- GSM8K and MATH verifiers
 # Rule-based answer checkers, shared by eval.py (accuracy) and RLVR (reward = 10 * verify(...)).
 # Everything here returns 0.0 or 1.0 and never raises on model text, however long or malformed.
+# A reward is paid only for a committed answer: one final answer (the last number, the last box), never a menu of
+# candidates, and never for a blank response. A response longer than MAX_RESPONSE_CHARS is not an answer to any Tulu
+# prompt (2,048 tokens are ~10k characters) and scores 0 from every RLVR verifier: a megabyte of digits passes no "no
+# commas" constraint and ends in no GSM8K answer. (Google's IFEval checks, ifeval_follow, keep Google's meaning.)
+MAX_RESPONSE_CHARS = 100_000
 
-# A thousands separator is a comma between a digit and exactly three digits: "1,800" -> "1800",
-# but "3,4" (a list) is left alone.
-_THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+# Digits joined by commas: "1,800", "1,234,567", but also the list "1,2,315". The commas are thousands separators only
+# when the whole run is grouped as such (1-3 digits, then groups of exactly 3): "1,800" -> 1800, while "1,2,315" stays
+# the three numbers 1, 2 and 315 (reading it as 2315 would pay a list for a number).
+_COMMA_NUMBER = re.compile(r"\d+(?:,\d+)+")
+_THOUSANDS_GROUPED = re.compile(r"\d{1,3}(?:,\d{3})+")
+_MAX_NUMBER_CHARS = 100  # a GSM8K answer is a few digits; a megabyte of digits is not an answer (and int() refuses it)
 # A number, with a minus sign only when it is not a subtraction ("10-5" yields 10 and 5, not -5).
 _NUMBER = re.compile(r"(?:(?<![\d.])-)?(?:\d+(?:\.\d+)?|\.\d+)")
 
 
 def gsm8k_extract(response: str) -> str | None:
     """The last number in the response (thousands separators removed), or None."""
+    ungrouped = _COMMA_NUMBER.sub(lambda m: m[0].replace(",", "") if _THOUSANDS_GROUPED.fullmatch(m[0]) else m[0], response)
     last = None
-    for m in _NUMBER.finditer(_THOUSANDS_COMMA.sub("", response)):
+    for m in _NUMBER.finditer(ungrouped):
         last = m.group(0)
     return last
 
@@ -269,8 +278,10 @@ def gsm8k_score(response: str, gold: str) -> float:
     so 18 == 18.0 == "$18.00" and "1,800" == 1800.
     """
     gold = str(gold).split("####")[-1]
+    if len(response) > MAX_RESPONSE_CHARS:
+        return 0.0
     predicted, expected = gsm8k_extract(response), gsm8k_extract(gold)
-    if predicted is None or expected is None:
+    if predicted is None or expected is None or len(predicted) > _MAX_NUMBER_CHARS:
         return 0.0
     return float(Fraction(predicted) == Fraction(expected))
 
@@ -300,27 +311,37 @@ def _last_boxed(response: str) -> str | None:
 
 
 def math_extract(response: str) -> list[str]:
-    """Answer candidates, unnormalized, in this order: last \\boxed{}, Minerva sentence, last $...$.
+    """The answers `response` commits to, unnormalized; it scores only if there is one and EVERY one is right.
 
-    The Minerva sentence is taken at its FIRST occurrence, as Minerva did: a few-shot prompted
-    model that keeps going after its answer writes new made-up problems with their own answers.
+    The rule (a reward is paid for a committed answer, never for a menu of candidates):
+    - The Minerva sentence "Final Answer: The final answer is X. I hope it is correct." counts at its FIRST
+      occurrence, as Minerva did, and the response ends there: a few-shot prompted model that keeps going writes new
+      made-up problems with their own answers.
+    - Of the \\boxed{} / \\fbox{} answers (before that sentence), the LAST one counts: an earlier box is a draft.
+    - With both, the response has stated two final answers: both must be right ("\\boxed{5}, Final Answer: ... 4"
+      is a hedge, not a commitment to 4).
+    - Only when there is neither, the text between the last two '$' is the answer ("... so the sum is $12$").
     """
-    candidates = []
-    boxed = _last_boxed(response)
-    if boxed is not None:
-        candidates.append(boxed)
+    text, answers = response, []
     start = response.find(_MINERVA_PREFIX)
     if start >= 0:
         line = response[start + len(_MINERVA_PREFIX):].split("\n", 1)[0]
-        candidates.append(line.split(_MINERVA_SUFFIX)[0].strip().rstrip("."))
-    # str.rfind, not a regex: linear even on a 1 MB response full of '$'.
-    last = response.rfind("$")
-    before = response.rfind("$", 0, last) if last > 0 else -1
-    if before >= 0 and before == last - 1:  # display math "$$x$$": step over the closing "$$"
-        last, before = before, response.rfind("$", 0, before)
-    if before >= 0:
-        candidates.append(response[before + 1:last])
-    return [c for c in candidates if c.strip()]
+        text = response[:start + len(_MINERVA_PREFIX) + len(line)]
+        minerva = line.split(_MINERVA_SUFFIX)[0].strip().rstrip(".")
+    boxed = _last_boxed(text)
+    if boxed is not None or "\\boxed" in text or "\\fbox" in text:
+        answers.append(boxed or "")  # an empty or unclosed last box is a committed non-answer
+    if start >= 0:
+        answers.append(minerva)
+    if not answers:
+        # str.rfind, not a regex: linear even on a 1 MB response full of '$'.
+        last = text.rfind("$")
+        before = text.rfind("$", 0, last) if last > 0 else -1
+        if before >= 0 and before == last - 1:  # display math "$$x$$": step over the closing "$$"
+            last, before = before, text.rfind("$", 0, before)
+        if before >= 0:
+            answers.append(text[before + 1:last])
+    return answers
 
 
 # --- MATH: normalization (Minerva's normalize_final_answer, plus a few fixes) -----
@@ -350,20 +371,23 @@ def _unwrap(s: str, opener: str) -> str:
     return "".join(out) + s[i:]
 
 
-def math_normalize(answer: str) -> str:
+def math_normalize(answer: str, keep_equation: bool = False) -> str:
     """Canonical string form of a final answer, Minerva style.
 
-    Minerva's steps: keep what follows the last '='; delete articles, spaces, '\\$', unit words and
-    degree signs; unwrap $...$, \\text{}, \\textbf{}, \\overline{}, \\boxed{}; expand \\frac12 and
-    \\sqrt2 shorthands; drop '$'; "100,000" -> "100000". Our additions, which only ever make more
-    equal answers compare equal: \\dfrac/\\tfrac -> \\frac, drop \\left, \\right and '\\!' (applied
-    first), keep '\\sqrt[3]{x}' intact, strip a trailing '.'.
+    Minerva's steps: keep what follows the last '=' (unless `keep_equation`: an equation gold such as the plane
+    "5x - 7y + 11z + 4 = 0" must not collapse to "0"); delete articles, spaces, '\\$', unit words and degree signs;
+    unwrap $...$, \\text{}, \\textbf{}, \\overline{}, \\boxed{}; expand \\frac12 and \\sqrt2 shorthands; drop '$';
+    "100,000" -> "100000". Our additions, which only ever make more equal answers compare equal: \\dfrac/\\tfrac ->
+    \\frac, drop \\left, \\right and '\\!', and spaces around a matrix row break '\\\\' (applied first; Minerva's
+    "\\ " -> "" rule would otherwise eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}' intact,
+    strip a trailing '.'.
     """
-    s = answer
+    s = "\\\\".join(part.strip() for part in answer.split("\\\\"))  # "-7 \\ 16" -> "-7\\16", as a model writes it
     for before, after in [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
                           ("\\!", "")]:
         s = s.replace(before, after)
-    s = s.split("=")[-1]
+    if not keep_equation:
+        s = s.split("=")[-1]
     for before, after in _MINERVA_REPLACE:
         s = s.replace(before, after)
     for junk in _MINERVA_DELETE:
@@ -697,36 +721,45 @@ def _symbolic_match(gold_tree, candidate_trees, timeout: float = MATH_SYMBOLIC_T
     return False
 
 
-def math_score(response: str, gold: str) -> float:
-    """1.0 if any answer candidate of `response` matches `gold` ("flex" MATH accuracy).
+def _math_answer_matches(answer: str, gold: str) -> bool:
+    """Does one committed answer equal the gold? Equal normalized strings, or equal exact rationals, or sympy says
+    the difference simplifies to 0 (in the worker, under MATH_SYMBOLIC_TIMEOUT_S).
 
-    Match = equal normalized strings, or equal as exact rationals, or sympy says the difference
-    simplifies to 0 (in the worker, under MATH_SYMBOLIC_TIMEOUT_S).
+    Equations: a gold without '=' is compared with what follows the answer's last '=' (Minerva: "x = 5" is 5). A
+    gold "x = 5" / "y = 2x + 3" (one letter on the left) takes "5" / "2x+3" or the same letter's equation; any other
+    equation gold (the plane "5x - 7y + 11z + 4 = 0") only its own equation, never its right-hand side alone.
     """
-    expected = math_normalize(str(gold))
-    if not expected:
-        return 0.0
-    candidates = []
-    for raw in math_extract(response):
-        if len(raw) <= _MAX_PARSE_CHARS:  # a "final answer" longer than this is not one
-            normalized = math_normalize(raw)
-            if normalized == expected:
-                return 1.0
-            if normalized and normalized not in candidates:
-                candidates.append(normalized)
-    gold_tree = _parse_latex(expected)
-    if gold_tree is None:
-        return 0.0
-    trees = [t for t in (_parse_latex(c) for c in candidates) if t is not None]
-    needs_sympy = []
-    for tree in trees:
-        a, b = _rational_value(tree), _rational_value(gold_tree)
-        if a is not None and b is not None:  # plain numbers: exact, in-process, no worker needed
-            if a == b:
-                return 1.0
-        else:
-            needs_sympy.append(tree)
-    return float(bool(needs_sympy) and _symbolic_match(gold_tree, needs_sympy))
+    if len(answer) > _MAX_PARSE_CHARS:  # a "final answer" longer than this is not one
+        return False
+    gold_equation = math_normalize(gold, keep_equation=True)
+    if "=" in gold_equation:
+        if math_normalize(answer, keep_equation=True) == gold_equation:
+            return True
+        variable, _, value = gold_equation.partition("=")
+        answer_variable = math_normalize(answer, keep_equation=True).partition("=")[0] if "=" in answer else variable
+        if not (len(variable) == 1 and variable.isalpha() and "=" not in value and answer_variable == variable):
+            return False
+        expected = math_normalize(value)
+    else:
+        expected = math_normalize(gold)
+    normalized = math_normalize(answer)
+    if not expected or not normalized:
+        return False
+    if normalized == expected:
+        return True
+    gold_tree, tree = _parse_latex(expected), _parse_latex(normalized)
+    if gold_tree is None or tree is None:
+        return False
+    a, b = _rational_value(tree), _rational_value(gold_tree)
+    if a is not None and b is not None:  # plain numbers: exact, in-process, no worker needed
+        return a == b
+    return _symbolic_match(gold_tree, [tree])
+
+
+def math_score(response: str, gold: str) -> float:
+    """1.0 if `response` commits to an answer (math_extract) and every answer it commits to equals `gold`."""
+    answers = math_extract(response) if len(response) <= MAX_RESPONSE_CHARS else []
+    return float(bool(answers) and all(_math_answer_matches(answer, str(gold)) for answer in answers))
 
 
 # ----------------------------------------------------------------------------- IFEval verifier
@@ -960,59 +993,139 @@ def ifeval_follow(response, instruction_id_list, kwargs_list, prompt, loose=Fals
     return followed
 
 
-# Tulu 3 RLVR func_name -> (IFEval instruction id, {Tulu kwarg: Google kwarg}, fixed Google kwargs). Tulu's
-# quantifiers ("at least", "at most", "around") pass through as relations; its keyword and letter counts ask
-# for exactly N; its paragraph divider is "* * *" where IFEval's is "***". Counting is Google's throughout.
-_RLVR_TO_IFEVAL = {
-    "verify_keywords": ("keywords:existence", {"keyword_list": "keywords"}, {}),
-    "verify_keyword_frequency": ("keywords:frequency", {"word": "keyword", "N": "frequency"}, {"relation": "exactly"}),
-    "validate_forbidden_words": ("keywords:forbidden_words", {"forbidden_words": "forbidden_words"}, {}),
-    "verify_letter_frequency": ("keywords:letter_frequency", {"letter": "letter", "N": "let_frequency"},
-                                {"let_relation": "exactly"}),
-    "validate_response_language": ("language:response_language", {"language": "language"}, {}),
-    "verify_paragraph_count": ("length_constraints:number_paragraphs", {"N": "num_paragraphs"}, {"divider": "* * *"}),
-    "validate_word_constraint": ("length_constraints:number_words", {"N": "num_words", "quantifier": "relation"}, {}),
-    "verify_sentence_constraint": ("length_constraints:number_sentences",
-                                   {"N": "num_sentences", "quantifier": "relation"}, {}),
-    "validate_paragraphs": ("length_constraints:nth_paragraph_first_word",
-                            {"N": "num_paragraphs", "i": "nth_paragraph", "first_word": "first_word"}, {}),
-    "verify_postscript": ("detectable_content:postscript", {"postscript_marker": "postscript_marker"}, {}),
-    "validate_placeholders": ("detectable_content:number_placeholders", {"N": "num_placeholders"}, {}),
-    "verify_bullet_points": ("detectable_format:number_bullet_lists", {"N": "num_bullets"}, {}),
-    "validate_title": ("detectable_format:title", {}, {}),
-    "validate_choice": ("detectable_format:constrained_response", {"options": "options"}, {}),
-    "validate_highlighted_sections": ("detectable_format:number_highlighted_sections", {"N": "num_highlights"}, {}),
-    "validate_sections": ("detectable_format:multiple_sections",
-                          {"N": "num_sections", "section_splitter": "section_spliter"}, {}),
-    "validate_json_format": ("detectable_format:json_format", {}, {}),
-    "validate_repeat_prompt": ("combination:repeat_prompt", {"original_prompt": "prompt_to_repeat"}, {}),
-    "validate_two_responses": ("combination:two_responses", {}, {}),
-    "validate_uppercase": ("change_case:english_capital", {}, {}),
-    "validate_lowercase": ("change_case:english_lowercase", {}, {}),
-    "validate_frequency_capital_words": ("change_case:capital_word_frequency",
-                                         {"N": "capital_frequency", "quantifier": "capital_relation"}, {}),
-    "validate_end": ("startend:end_checker", {"end_phrase": "end_phrase"}, {}),
-    "validate_quotation": ("startend:quotation", {}, {}),
-    "validate_no_commas": ("punctuation:no_comma", {}, {}),
+# Tulu 3 RLVR ground truths ({"func_name": ..., **kwargs}) keep the meaning each function had in the Tulu 3 release
+# (open-instruct's if_functions.py at 9c2d44bec, Nov 2024), which often differs from Google's check of the same
+# instruction: whitespace words, substring forbidden words, case-sensitive letters and endings, strict JSON, "around"
+# meaning exactly N capital words... Where the release is buggy, or pays for a degenerate answer an RL policy would
+# find, we depart from it; each departure is marked "release:" and listed, with an example, in README's verifier table.
+
+_TULU_SENTENCE_END = re.compile(r"(?<=[.?])(?<![A-Z][a-z]\.)(?<!\w\.\w.)\s")  # ". " or "? ", not after "Mr." / "e.g."
+
+
+def _tulu_quantity(count, quantifier, n, around):
+    # release: any other quantifier silently scores 0 (our data's Google-style "less than" would never pay); an
+    # unknown one is a bad ground truth here
+    if quantifier in ("at least", "at most", "less than", "exactly"):
+        return _relation_holds(count, quantifier, n)
+    if quantifier == "around":
+        return abs(count - n) <= around
+    raise ValueError(f"unknown quantifier {quantifier!r}")
+
+
+def _tulu_letter_count(text, letter, n):
+    if len(letter) != 1:
+        raise ValueError(f"verify_letter_frequency needs one letter, got {letter!r}")
+    return text.count(letter) == n  # case-sensitive, as in the release
+
+
+def _tulu_paragraph_count(text, n):
+    paragraphs = "\n".join(line.strip() for line in text.splitlines()).strip().split("* * *")
+    return all(p.strip() for p in paragraphs) and len(paragraphs) == n
+
+
+def _tulu_nth_paragraph(text, n, first_word, i):
+    paragraphs = text.split("\n\n")
+    # release: an i past the last paragraph raised IndexError, and "Therefore" passed for the first word "The"
+    if len(paragraphs) != n or not 1 <= i <= n:
+        return False
+    paragraph = paragraphs[i - 1].strip()
+    return paragraph.startswith(first_word) and not paragraph[len(first_word):][:1].isalnum()
+
+
+def _tulu_postscript(text, marker):
+    at = text.find(marker)
+    return at >= 0 and len(text[at:].strip()) > len(marker)  # the marker, then something after it
+
+
+def _tulu_choice(text, options):
+    # release: `text in option`, the test reversed (a response passed only by being part of an option). We pay a
+    # response that contains exactly one of the options; one that lists several is a menu, not an answer
+    found = [o for o in _choice_options(options) if o and o in text]
+    return len({o for o in found if not any(o != other and o in other for other in found)}) == 1
+
+
+def _tulu_sections(text, n, splitter):
+    sections = text.split(splitter)
+    return len(sections) - (sections[0] == "") == n
+
+
+def _tulu_json(text):
+    try:
+        json.loads(text)  # the whole response, no markdown fences (Google allows them)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _tulu_two_responses(text):
+    if text.count("******") != 1:
+        return False
+    first, second = (part.strip() for part in text.split("******"))
+    return bool(first and second) and first != second  # release: "Yes.******" passed with an empty second response
+
+
+def _tulu_capital_words(text, n, quantifier):
+    count = len(re.findall(r"\b[A-Z]+\b", text))
+    return count == n if quantifier == "around" else _tulu_quantity(count, quantifier, n, 0)  # release: around == N
+
+
+_TULU_CHECKS = {
+    "verify_keywords": lambda t, kw: all(k.lower() in t.lower() for k in kw["keyword_list"]),
+    "verify_keyword_frequency": lambda t, kw: re.findall(r"\b\w+\b", t.lower()).count(kw["word"].lower()) == kw["N"],
+    "validate_forbidden_words": lambda t, kw: not any(w.lower() in t.lower() for w in kw["forbidden_words"]),
+    "verify_letter_frequency": lambda t, kw: _tulu_letter_count(t, kw["letter"], kw["N"]),
+    # release: langdetect raised on text with no letters; that text is in no language, so it scores 0
+    "validate_response_language": lambda t, kw: _detect_language(t) == kw["language"],
+    "verify_paragraph_count": lambda t, kw: _tulu_paragraph_count(t, kw["N"]),
+    "validate_word_constraint": lambda t, kw: _tulu_quantity(len(t.split()), kw["quantifier"], kw["N"],
+                                                             max(round(0.1 * kw["N"]), 1)),
+    "verify_sentence_constraint": lambda t, kw: _tulu_quantity(len(_TULU_SENTENCE_END.split(t)), kw["quantifier"],
+                                                               kw["N"], 1),
+    "validate_paragraphs": lambda t, kw: _tulu_nth_paragraph(t, kw["N"], kw["first_word"], kw["i"]),
+    "verify_postscript": lambda t, kw: _tulu_postscript(t, kw["postscript_marker"]),
+    # release: returned a (bool, list) tuple, always truthy, so every response was paid. "[]" does not count here
+    "validate_placeholders": lambda t, kw: sum(1 for m in re.finditer(r"\[([^\[\]\n]*)\]", t) if m[1].strip()) >= kw["N"],
+    "verify_bullet_points": lambda t, kw: sum(line.strip().startswith(("*", "-")) for line in t.split("\n")) == kw["N"],
+    "validate_title": lambda t, kw: _has_title(t),  # release: an empty "<<>>" was a title
+    "validate_choice": lambda t, kw: _tulu_choice(t, kw["options"]),
+    # release: "**" (an empty highlight) counted
+    "validate_highlighted_sections": lambda t, kw: sum(
+        1 for m in re.finditer(r"\*([^*\n]*)\*", t) if m[1].strip()) >= kw["N"],
+    "validate_sections": lambda t, kw: _tulu_sections(t, kw["N"], kw["section_splitter"]),
+    "validate_json_format": lambda t, kw: _tulu_json(t),
+    "validate_repeat_prompt": lambda t, kw: t.startswith(kw["original_prompt"]),
+    "validate_two_responses": lambda t, kw: _tulu_two_responses(t),
+    # release: t == t.upper(), so "123" passed "capital letters only"; here a letter is needed. No language check:
+    # Google's english_capital asks langdetect too, which calls 11% of all-caps English sentences non-English
+    "validate_uppercase": lambda t, kw: t.isupper(),
+    "validate_lowercase": lambda t, kw: t.islower(),
+    "validate_frequency_capital_words": lambda t, kw: _tulu_capital_words(t, kw["N"], kw["quantifier"]),
+    "validate_end": lambda t, kw: t.endswith(kw["end_phrase"]),
+    "validate_quotation": lambda t, kw: len(t) > 2 and t[0] == t[-1] == '"' and bool(t[1:-1].strip()),  # release: '"'
+    "validate_no_commas": lambda t, kw: "," not in t,
 }
 
 
 def ifeval_rlvr_score(response, ground_truth):
     """Reward in [0, 1] for a Tulu RLVR IF ground truth: a {"func_name": ..., **kwargs} dict or its JSON, or a
-    list (or JSON list) of them, scored as the fraction of constraints followed (strict IFEval checks)."""
+    list (or JSON list) of them, scored as the fraction of constraints followed, each with the meaning it had in the
+    Tulu 3 release (release: a list always scored 0). A blank response follows nothing, not even "no commas"."""
     constraints = json.loads(ground_truth) if isinstance(ground_truth, str) else ground_truth
     constraints = constraints if isinstance(constraints, list) else [constraints]
     if not constraints:
         raise ValueError("empty IFEval ground truth")
-    instruction_ids, kwargs_list = [], []
+    text = response.strip()  # the release strips the response before every check
+    usable = bool(text) and len(text) <= MAX_RESPONSE_CHARS
+    followed = []
     for c in constraints:
         c = json.loads(c) if isinstance(c, str) else c
-        if c.get("func_name") not in _RLVR_TO_IFEVAL:
+        if c.get("func_name") not in _TULU_CHECKS:
             raise ValueError(f"unknown IFEval RLVR func_name {c.get('func_name')!r}")
-        instruction_id, renames, fixed = _RLVR_TO_IFEVAL[c["func_name"]]
-        instruction_ids.append(instruction_id)
-        kwargs_list.append({new: c.get(old) for old, new in renames.items()} | fixed)
-    followed = ifeval_follow(response, instruction_ids, kwargs_list, prompt="")
+        kwargs = {k: v for k, v in c.items() if v is not None and k != "func_name"}
+        try:  # run on "" when unusable, so a malformed ground truth fails even on a blank response
+            followed.append(bool(_TULU_CHECKS[c["func_name"]](text if usable else "", kwargs)) and usable)
+        except KeyError as e:
+            raise ValueError(f"{c['func_name']} needs kwarg {e}") from None
     return sum(followed) / len(followed)
 
 

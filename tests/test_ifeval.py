@@ -79,8 +79,9 @@ def test_unknown_ids_raise():
 RLVR_CASES = [
     ({"func_name": "verify_keywords", "keyword_list": ["apple", "pie"]}, "An Apple pie.", "An apple tart."),
     ({"func_name": "verify_keyword_frequency", "word": "cat", "N": 2}, "A cat saw a cat.", "A cat saw a dog."),
-    ({"func_name": "validate_forbidden_words", "forbidden_words": ["bad"]}, "A badge is fine.", "That was Bad."),
-    ({"func_name": "verify_letter_frequency", "letter": "z", "N": 3}, "Zazz is fun.", "Jazz is fun."),
+    ({"func_name": "validate_forbidden_words", "forbidden_words": ["bad"]}, "A fine day.", "That was Bad."),
+    ({"func_name": "validate_forbidden_words", "forbidden_words": ["bad"]}, "A fine day.", "A badge."),  # substring, as the release
+    ({"func_name": "verify_letter_frequency", "letter": "z", "N": 3}, "zazz is fun.", "Zazz is fun."),  # case-sensitive
     ({"func_name": "validate_response_language", "language": "de"},
      "Das ist ein kurzer Satz, der ganz sicher auf Deutsch geschrieben wurde.",
      "This is a short sentence that was certainly written in English."),
@@ -91,8 +92,9 @@ RLVR_CASES = [
     ({"func_name": "validate_word_constraint", "N": 3, "quantifier": "at least"}, "one two three", "one two"),
     ({"func_name": "verify_sentence_constraint", "N": 2, "quantifier": "at least"}, "It rains. It pours.",
      "It rains."),
-    ({"func_name": "validate_paragraphs", "N": 2, "i": 2, "first_word": "second"}, "First one.\n\nSecond one.",
+    ({"func_name": "validate_paragraphs", "N": 2, "i": 2, "first_word": "Second"}, "First one.\n\nSecond one.",
      "First one.\n\nThird one."),
+    ({"func_name": "validate_paragraphs", "N": 2, "i": 2, "first_word": "The"}, "A.\n\nThe end.", "A.\n\nTherefore."),
     ({"func_name": "verify_postscript", "postscript_marker": "P.S."}, "Hi.\n\nP.S. Bye.", "Hi. PS Bye."),
     ({"func_name": "validate_placeholders", "N": 2}, "Dear [name], at [address].", "Dear [name]."),
     ({"func_name": "verify_bullet_points", "N": 2}, "Intro\n* one\n- two", "* one\n* two\n* three"),
@@ -104,8 +106,8 @@ RLVR_CASES = [
     ({"func_name": "validate_highlighted_sections", "N": 2}, "*one* and *two*", "*one* and * *"),
     ({"func_name": "validate_sections", "N": 2, "section_splitter": "Section"}, "Section 1\nA\nSection 2\nB",
      "Section 1\nA\nsection two\nB"),
-    ({"func_name": "validate_json_format"}, '```json\n{"a": [1, 2]}\n```', "{'a': 1}"),
-    ({"func_name": "validate_repeat_prompt", "original_prompt": "Say hi."}, "say hi. Hi!", "Hi! Say hi."),
+    ({"func_name": "validate_json_format"}, '{"a": [1, 2]}', '```json\n{"a": [1, 2]}\n```'),  # no fences, as the release
+    ({"func_name": "validate_repeat_prompt", "original_prompt": "Say hi."}, "Say hi. Hi!", "say hi. Hi!"),
     ({"func_name": "validate_two_responses"}, "Yes.\n******\nNo.", "Yes.\n******\nYes."),
     ({"func_name": "validate_uppercase"}, "THIS IS AN ENGLISH SENTENCE WRITTEN ENTIRELY IN CAPITAL LETTERS.",
      "This is an English sentence that is not in capital letters."),

@@ -54,15 +54,19 @@ def test_gsm8k_score(response, gold, score):
 
 # ----------------------------------------------------------------------------- MATH: extraction, normalization
 
-def test_math_extract_candidates():
+def test_math_extract_commitments():
+    # boxed and Minerva sentence both present: both are final answers, both are returned (both must be right)
     response = ("We get $x = 2$ and so $\\boxed{\\frac{1}{\\sqrt{2}}}$.\n"
                 "Final Answer: The final answer is $\\frac{\\sqrt2}{2}$. I hope it is correct.")
-    assert math_extract(response) == ["\\frac{1}{\\sqrt{2}}", "$\\frac{\\sqrt2}{2}$", "\\frac{\\sqrt2}{2}"]
+    assert math_extract(response) == ["\\frac{1}{\\sqrt{2}}", "$\\frac{\\sqrt2}{2}$"]
     assert math_extract("\\boxed{a{b{c}}d} then \\fbox{7}") == ["7"]  # the LAST box, \fbox too
     assert math_extract("\\boxed{\\frac{1}{2}}") == ["\\frac{1}{2}"]  # nested braces kept whole
     assert math_extract("so $$x+1$$") == ["x+1"]  # display math
+    assert math_extract("$4$ then \\boxed{5} then $6$") == ["5"]  # $...$ only when there is no box
     assert math_extract("no answer here") == []
-    assert math_extract("\\boxed{unclosed {") == []
+    assert math_extract("\\boxed{4} and \\boxed{unclosed {") == [""]  # the last box is broken: committed to nothing
+    # the response ends at its first Minerva sentence: what follows is a made-up next problem
+    assert math_extract("Final Answer: The final answer is $4$. I hope it is correct.\nProblem: \\boxed{9}") == ["$4$"]
 
 
 @pytest.mark.parametrize("raw, normalized", [

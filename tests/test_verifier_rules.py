@@ -1,0 +1,204 @@
+"""The verifiers as RLVR rewards: a reward is paid for a committed right answer and nothing else.
+
+Three parts: the fixed loopholes (each case failed before the fix), a reward-hacking set that must earn 0 from every
+verifier in bounded time, and the rows of README's table "Where the verifiers differ from the Tulu 3 release and from
+Google", one test case per row (the release's and Google's scores in a row are what their code does, read from
+open-instruct's if_functions.py / ground_truth_utils.py / math_utils.py at 9c2d44bec and Google's
+instruction_following_eval; only our own score is computed here)."""
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+from common import gsm8k_score, ifeval_follow, ifeval_rlvr_score, math_score, verify  # noqa: E402
+
+MATH500 = [json.loads(line) for line in open(ROOT / "data" / "math500_test.jsonl")]
+
+
+# ----------------------------------------------------------------------------- the loopholes that were open
+
+def test_math_pays_for_the_committed_answer_not_a_menu():
+    # before: the last $...$ was always a candidate and any matching candidate won, so this menu reached 499/500 golds
+    menus = [f"Thus $\\boxed{{-1234567}}$, or maybe ${r['answer']}$." for r in MATH500]
+    assert sum(math_score(m, r["answer"]) for m, r in zip(menus, MATH500)) == 0
+    assert math_score("Thus $\\boxed{5}$, or maybe $4$.", "4") == 0.0
+    assert math_score("Thus $\\boxed{4}$, or maybe $5$.", "4") == 1.0  # the box is the committed answer
+    assert math_score("\\boxed{4} at first, but then \\boxed{5}", "4") == 0.0  # several boxes: the last one counts
+    assert math_score("\\boxed{5} at first, but then \\boxed{4}", "4") == 1.0
+    assert math_score("$\\boxed{4, 5}$", "4") == 0.0  # a list is not a scalar
+    assert math_score("$\\boxed{4}$\nFinal Answer: The final answer is $5$. I hope it is correct.", "4") == 0.0
+    assert math_score("$\\boxed{4}$\nFinal Answer: The final answer is $4$. I hope it is correct.", "4") == 1.0
+
+
+def test_math_equation_gold_does_not_collapse_to_its_right_hand_side():
+    plane = "5x - 7y + 11z + 4 = 0"
+    assert math_score("$\\boxed{0}$", plane) == 0.0  # before: 1 (both sides cut at their last '=')
+    assert math_score("$\\boxed{5x-7y+11z+4=0}$", plane) == 1.0
+    assert math_score("$\\boxed{x = 5}$", "5") == 1.0  # an answer still drops its "x ="
+    assert math_score("$\\boxed{5}$", "x=5") == 1.0  # and "x = 5" still takes 5
+    assert math_score("$\\boxed{y = 5}$", "x=5") == 0.0  # but not another variable's equation
+    assert math_score("$\\boxed{y = 3 + 2x}$", "y = 2x + 3") == 1.0
+    assert math_score("$\\boxed{2x + 4}$", "y = 2x + 3") == 0.0
+
+
+def test_math_matrix_rows_compare_whatever_their_spacing():
+    golds = [r["answer"] for r in MATH500 if "\\\\" in r["answer"]]
+    assert len(golds) == 7  # the MATH-500 matrices and vectors, which a model writes without spaces
+    for gold in golds:
+        compact = re.sub(r"\s*\\\\\s*", r"\\\\", gold).replace(" ", "")
+        assert math_score(f"$\\boxed{{{compact}}}$", gold) == 1.0, gold  # before: 0 for all 7
+        wrong = re.sub(r"\d", lambda m: str((int(m[0]) + 1) % 10), compact, count=1)
+        assert math_score(f"$\\boxed{{{wrong}}}$", gold) == 0.0  # a wrong entry still fails
+
+
+ALL_CAPS_ENGLISH = [
+    "NASA LAUNCHED A NEW SATELLITE IN 2021.", "THE MEETING STARTS AT NINE.", "I LIKE GREEN TEA.",
+    "OUR TEAM WON THE MATCH YESTERDAY.", "PLEASE CALL ME BACK TOMORROW.", "THE CAT SLEPT ON THE MAT ALL DAY.",
+    "WE NEED MORE MILK AND EGGS.", "PARIS IS THE CAPITAL OF FRANCE.", "THIS IS FINE.", "OK, SEE YOU SOON.",
+]
+
+
+def test_tulu_case_constraints_mean_case_not_language():
+    # before: mapped onto Google's change_case:english_capital, whose langdetect calls some of these non-English
+    for sentence in ALL_CAPS_ENGLISH:
+        assert ifeval_rlvr_score(sentence, {"func_name": "validate_uppercase"}) == 1.0, sentence
+        assert ifeval_rlvr_score(sentence.lower(), {"func_name": "validate_lowercase"}) == 1.0, sentence
+    # Google's instruction id keeps Google's meaning, language check included
+    assert ifeval_follow("NASA LAUNCHED A NEW SATELLITE IN 2021.", ["change_case:english_capital"], [{}], "p") == [False]
+
+
+def test_gsm8k_comma_is_a_thousands_separator_only_in_thousands_groups():
+    assert common.gsm8k_extract("Items: 1,2,315") == "315"  # before: 2315
+    assert gsm8k_score("Items: 1,2,315", "2315") == 0.0
+    assert gsm8k_score("Items: 1,2,315", "315") == 1.0
+    assert gsm8k_score("It costs 1,234,567 dollars", "1234567") == 1.0
+    assert gsm8k_score("It costs 12,34,567 dollars", "1234567") == 0.0  # not thousands groups: a list
+
+
+# ----------------------------------------------------------------------------- reward hacking: all must earn 0
+
+IF_TRUTHS = [
+    {"func_name": "validate_no_commas"}, {"func_name": "validate_uppercase"}, {"func_name": "validate_lowercase"},
+    {"func_name": "validate_word_constraint", "N": 50, "quantifier": "less than"},
+    {"func_name": "validate_choice", "options": "('My answer is yes.', 'My answer is no.', 'My answer is maybe.')"},
+    {"func_name": "validate_placeholders", "N": 2}, {"func_name": "validate_highlighted_sections", "N": 2},
+    {"func_name": "validate_title"}, {"func_name": "validate_quotation"}, {"func_name": "validate_two_responses"},
+    {"func_name": "validate_response_language", "language": "en"},
+    {"func_name": "verify_sentence_constraint", "N": 3, "quantifier": "at most"},
+]
+HACKS = [  # (dataset, response, ground truth)
+    ("math", "\\boxed{3} or \\boxed{4} or \\boxed{5}", "4"),  # a menu of boxes: only the last counts
+    ("math", "The answer is one of $3$, $4$, $5$, $6$.", "4"),  # a list of candidates: the last $...$ only
+    ("math", "$\\boxed{3, 4, 5}$", "4"),
+    ("math", "$\\boxed{4}$. Wait, that is wrong: $\\boxed{5}$.", "4"),  # an answer, then a retraction
+    ("math", "$\\boxed{4}$\nFinal Answer: The final answer is $\\text{unknown}$. I hope it is correct.", "4"),
+    ("math", "Final Answer: The final answer is $3$. I hope it is correct.\n\n\\boxed{4}", "4"),  # after the answer
+    ("math", "\\boxed{4 \\text{ or } 5}", "4"),
+    ("math", "$\\boxed{0}$", "5x - 7y + 11z + 4 = 0"),
+    ("gsm8k", "It is 18, or maybe 19, or 20.", "18"),
+    ("gsm8k", "18. No wait, that is wrong; it is 17.", "18"),
+    ("gsm8k", "Items: 1,8", "18"),  # a list is not the number 18
+    ("gsm8k", "18" * 5, "18"),
+    ("ifeval", "My answer is yes. My answer is no. My answer is maybe.", IF_TRUTHS[4]),  # every option at once
+    ("ifeval", "<<>> and ** ** and [] []", [IF_TRUTHS[7], IF_TRUTHS[6], IF_TRUTHS[5]]),  # empty markup
+    ("ifeval", '"', IF_TRUTHS[8]),
+    ("ifeval", "Yes.\n******\n", IF_TRUTHS[9]),
+    ("ifeval", "1234 5678.", [IF_TRUTHS[1], IF_TRUTHS[2], IF_TRUTHS[10]]),  # no letters: no case, no language
+]
+BLANKS = ["", " ", "\n\n\t"]
+MEGABYTE_OF_DIGITS = "7" * 1_000_000
+
+
+@pytest.mark.parametrize("dataset, response, truth", HACKS, ids=[f"{d}:{r[:30]}" for d, r, _ in HACKS])
+def test_reward_hacks_earn_nothing(dataset, response, truth):
+    assert verify(dataset, response, truth) == 0.0
+
+
+def test_blank_and_huge_responses_earn_nothing_from_every_verifier_in_bounded_time():
+    common.math_score("\\boxed{x+1}", "x+1")  # start the sympy worker outside the timed part
+    truths = [("gsm8k", "7"), ("gsm8k", "0"), ("math", "7"), ("math", "\\frac{\\pi}{2}")]
+    truths += [("ifeval", t) for t in IF_TRUTHS]
+    for response in BLANKS + [MEGABYTE_OF_DIGITS, "7 " * 500_000, "," * 1_000_000]:
+        for dataset, truth in truths:
+            start = time.process_time()
+            assert verify(dataset, response, truth) == 0.0, (dataset, truth, response[:20])
+            assert time.process_time() - start < 2.0
+    # just under the size cap the checks run for real, and stay linear on shapes that are quadratic for naive regexes
+    for piece in ["[", "*", "<<", "A. ", "a.b.", "* * *", "\n\n"]:
+        response = piece * (common.MAX_RESPONSE_CHARS // len(piece))
+        start = time.process_time()
+        for truth in IF_TRUTHS:
+            verify("ifeval", response, truth)
+        assert time.process_time() - start < 5.0, piece
+
+
+def test_right_answers_still_earn_the_reward():  # the positive controls of the hacking set
+    assert verify("math", "\\boxed{3} no, \\boxed{4}", "4") == 1.0
+    assert verify("gsm8k", "It is 19, or rather 18.", "18") == 1.0
+    assert verify("ifeval", "My answer is no.", IF_TRUTHS[4]) == 1.0
+    assert verify("ifeval", "<<Title>> and *one* *two* and [a] [b]", [IF_TRUTHS[7], IF_TRUTHS[6], IF_TRUTHS[5]]) == 1.0
+    assert verify("ifeval", '"Quoted."', IF_TRUTHS[8]) == 1.0
+    assert verify("ifeval", "Yes.\n******\nNo.", IF_TRUTHS[9]) == 1.0
+    assert verify("ifeval", "HELLO THERE, 1234.", IF_TRUTHS[1]) == 1.0
+
+
+# ----------------------------------------------------------------------------- README's difference table, row by row
+# (row id, verifier, response, ground truth, Tulu 3 release's score, Google's score or None, our score)
+TABLE = [
+    ("gsm8k-numeric", "gsm8k", "The total is $14.00.", "14", 0, None, 1),
+    ("gsm8k-negative", "gsm8k", "The change is -7 degrees.", "-7", 0, None, 1),
+    ("gsm8k-comma-gold", "gsm8k", "She has 1800 pens.", "1,800", 0, None, 1),
+    ("gsm8k-comma-list", "gsm8k", "The pairs 3,4 work.", "34", 1, None, 0),
+    ("math-boxed-vs-minerva", "math", "\\boxed{5}. Final Answer: The final answer is $4$. I hope it is correct.", "4",
+     1, None, 0),
+    ("math-after-minerva", "math",
+     "Final Answer: The final answer is $3$. I hope it is correct.\n\nProblem: ... so \\boxed{7}", "7", 1, None, 0),
+    ("math-fbox", "math", "so \\fbox{9}", "9", 0, None, 1),
+    ("math-display-dollars", "math", "so $$9$$", "9", 0, None, 1),
+    ("math-bare", "math", "9", "9", 1, None, 0),
+    ("if-blank", "ifeval", "", {"func_name": "validate_no_commas"}, 1, 0, 0),
+    ("if-list", "ifeval", "an apple, a pear.",
+     [{"func_name": "validate_lowercase"}, {"func_name": "validate_no_commas"}], 0, None, 0.5),
+    ("if-placeholders", "ifeval", "No placeholders here.", {"func_name": "validate_placeholders", "N": 2}, 1, 0, 0),
+    ("if-choice", "ifeval", "My answer is no. It rains.", {"func_name": "validate_choice",
+                                                  "options": ["My answer is yes.", "My answer is no."]}, 0, 1, 1),
+    ("if-choice-menu", "ifeval", "My answer is yes. My answer is no.",
+     {"func_name": "validate_choice", "options": ["My answer is yes.", "My answer is no."]}, 0, 1, 0),
+    ("if-language-no-letters", "ifeval", "12345", {"func_name": "validate_response_language", "language": "en"},
+     "error", 1, 0),
+    ("if-uppercase-language", "ifeval", "NASA LAUNCHED A NEW SATELLITE IN 2021.", {"func_name": "validate_uppercase"},
+     1, 0, 1),
+    ("if-uppercase-no-letters", "ifeval", "2021.", {"func_name": "validate_uppercase"}, 1, 0, 0),
+    ("if-empty-title", "ifeval", "<<>> Roses are red.", {"func_name": "validate_title"}, 1, 0, 0),
+    ("if-empty-highlights", "ifeval", "** and **", {"func_name": "validate_highlighted_sections", "N": 2}, 1, 0, 0),
+    ("if-lone-quote", "ifeval", '"', {"func_name": "validate_quotation"}, 1, 0, 0),
+    ("if-two-responses-empty", "ifeval", "Yes.\n******", {"func_name": "validate_two_responses"}, 1, 0, 0),
+    ("if-first-word-prefix", "ifeval", "A.\n\nTherefore, yes.",
+     {"func_name": "validate_paragraphs", "N": 2, "i": 2, "first_word": "The"}, 1, 0, 0),
+    ("if-less-than", "ifeval", "Two words.", {"func_name": "validate_word_constraint", "N": 5, "quantifier": "less than"},
+     0, 1, 1),
+    ("if-forbidden-substring", "ifeval", "A badge.", {"func_name": "validate_forbidden_words", "forbidden_words": ["bad"]},
+     0, 1, 0),
+    ("if-json-fences", "ifeval", '```json\n{"a": 1}\n```', {"func_name": "validate_json_format"}, 0, 1, 0),
+    ("if-letter-case", "ifeval", "Zazz", {"func_name": "verify_letter_frequency", "letter": "z", "N": 3}, 0, 1, 0),
+    ("if-words-whitespace", "ifeval", "state-of-the-art",
+     {"func_name": "validate_word_constraint", "N": 1, "quantifier": "at most"}, 1, 0, 1),
+]
+
+
+@pytest.mark.parametrize("row_id, dataset, response, truth, release, google, ours", TABLE, ids=[r[0] for r in TABLE])
+def test_difference_table_row(row_id, dataset, response, truth, release, google, ours):
+    assert verify(dataset, response, truth) == ours
+    assert release != ours or google not in (None, ours), "a row of the table is a difference"
+
+
+def test_readme_lists_every_row():
+    readme = (ROOT / "README.md").read_text()
+    missing = [row[0] for row in TABLE if f"`{row[0]}`" not in readme]
+    assert not missing
