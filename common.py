@@ -3,20 +3,26 @@ What every stage shares, and nothing else: reading conversations, chat templatin
 packing (with the attention that keeps packed documents apart), and the verifiers that score model answers.
 """
 import collections
+import datetime
+import hashlib
 import inspect
+import itertools
 import json
+import multiprocessing
 import os
 import re
 import select
 import subprocess
 import sys
 import threading
+import time
 from fractions import Fraction
 
 import langdetect
 import punkt
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from nltk.tokenize.destructive import NLTKWordTokenizer
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
@@ -25,14 +31,13 @@ from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 ROLES = ("system", "user", "assistant")
 
 
-def load_rows(source):
-    """Rows of one dataset source as (where, row) pairs; `where` names file and line (or dataset and row) for errors.
-
-    A source is a local .jsonl / .json / .parquet file or a Hugging Face hub dataset name ("name" or "name:split")."""
+def iter_rows(source):
+    """Rows of one dataset source as (where, row) pairs, streamed; `where` names file and line (or dataset and row) for
+    errors. A source is a local .jsonl / .json / .parquet file or a Hugging Face hub dataset name ("name" or
+    "name:split")."""
     if source.endswith(".jsonl"):
         if not os.path.exists(source):
             raise FileNotFoundError(f"{source}: no such file")
-        rows = []
         with open(source, encoding="utf-8") as f:
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
@@ -43,36 +48,210 @@ def load_rows(source):
                     raise ValueError(f"{source}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{source}:{line_number}: expected a JSON object, got {type(row).__name__}")
-                rows.append((f"{source}:{line_number}", row))
-        return rows
+                yield f"{source}:{line_number}", row
+        return
     if source.endswith(".json"):
         with open(source, encoding="utf-8") as f:
             data = json.load(f)
         if not isinstance(data, list):
             raise ValueError(f"{source}: expected a JSON list of objects")
-        return [(f"{source}[{i}]", row) for i, row in enumerate(data)]
+        yield from ((f"{source}[{i}]", row) for i, row in enumerate(data))
+        return
+    for i, row in enumerate(_arrow_table(source)):  # memory-mapped by datasets: rows are read as they are needed
+        yield f"{source}[row {i}]", row
+
+
+def _arrow_table(source):
     import datasets  # only needed for parquet and the hub; keeps `python sft.py` on jsonl light
+
     if source.endswith(".parquet"):
-        table = datasets.load_dataset("parquet", data_files=source, split="train")
-    else:
-        name, _, split = source.partition(":")
-        table = datasets.load_dataset(name, split=split or "train")
-    return [(f"{source}[row {i}]", row) for i, row in enumerate(table)]
+        return datasets.load_dataset("parquet", data_files=source, split="train")
+    name, _, split = source.partition(":")
+    return datasets.load_dataset(name, split=split or "train")
+
+
+def count_rows(source):
+    """How many rows iter_rows(source) yields, without parsing them."""
+    if source.endswith(".jsonl"):
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"{source}: no such file")
+        with open(source, "rb") as f:
+            return sum(1 for line in f if line.strip())
+    if source.endswith(".json"):
+        return sum(1 for _ in iter_rows(source))
+    return len(_arrow_table(source))
+
+
+def load_rows(source):
+    return list(iter_rows(source))
+
+
+def iter_mixture(dataset_mixer_list):
+    """--dataset_mixer_list SOURCE WEIGHT [SOURCE WEIGHT ...], as in open-instruct: a weight <= 1 takes that fraction of
+    the source's rows, a weight > 1 that many rows (the first ones, so a mixture is reproducible without a seed).
+    Streamed: (where, row) pairs, source after source."""
+    if len(dataset_mixer_list) % 2:
+        raise ValueError(f"--dataset_mixer_list takes SOURCE WEIGHT pairs, got {dataset_mixer_list}")
+    counts = []
+    for source, weight in zip(dataset_mixer_list[::2], dataset_mixer_list[1::2]):  # every count checked before reading
+        total, weight = count_rows(source), float(weight)
+        count = round(weight * total) if weight <= 1 else int(weight)
+        if count > total:
+            raise ValueError(f"{source}: asked for {count} rows, it has {total}")
+        counts.append(count)
+    for source, count in zip(dataset_mixer_list[::2], counts):
+        yield from itertools.islice(iter_rows(source), count)
 
 
 def load_mixture(dataset_mixer_list):
-    """--dataset_mixer_list SOURCE WEIGHT [SOURCE WEIGHT ...], as in open-instruct: a weight <= 1 takes that fraction of
-    the source's rows, a weight > 1 that many rows (the first ones, so a mixture is reproducible without a seed)."""
-    if len(dataset_mixer_list) % 2:
-        raise ValueError(f"--dataset_mixer_list takes SOURCE WEIGHT pairs, got {dataset_mixer_list}")
-    mixture = []
+    return list(iter_mixture(dataset_mixer_list))
+
+
+def source_fingerprint(dataset_mixer_list):
+    """What identifies the mixture's data without reading it: each local file's path, size and mtime (a hub dataset by
+    its name: delete the cache if that repository changes), and the weights."""
+    parts = []
     for source, weight in zip(dataset_mixer_list[::2], dataset_mixer_list[1::2]):
-        rows, weight = load_rows(source), float(weight)
-        count = round(weight * len(rows)) if weight <= 1 else int(weight)
-        if count > len(rows):
-            raise ValueError(f"{source}: asked for {count} rows, it has {len(rows)}")
-        mixture += rows[:count]
-    return mixture
+        stat = os.stat(source) if os.path.exists(source) else None
+        parts.append([os.path.abspath(source) if stat else source, str(weight), stat and stat.st_size,
+                      stat and stat.st_mtime_ns])
+    return parts
+
+
+# ----------------------------------------------------------------------------- Tokenize once, on disk
+# Tulu's SFT mixture is 939k conversations, ~0.7B tokens: as Python lists that is ~25 GB per rank, and tokenizing it
+# takes every rank 10-20 minutes at every start. So the first run tokenizes it once per machine into an Arrow file
+# (memory-mapped: the pages are shared by every rank of the machine and read only when touched), under a key of
+# everything the tokens depend on, and every later run, rank and --resume opens that file.
+
+
+def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num_workers):
+    """The mixture's rows, each turned into `columns` (lists of int32) by `make_example(where, row)` and stored in an
+    Arrow file (datasets' format: datasets.Dataset.from_file opens it), built on the first run and reused after.
+    Returns read(ids) -> {column: [one list per id]}, the (N,) lengths, and stats (rows, kept, counts, how, path).
+
+    make_example returns (reasons, example): example a dict of columns or None (the row is dropped), reasons None, a
+    string or a tuple of strings counted in the stats ("truncated", "overlong", ...); or it raises ValueError: a bad row,
+    and every bad row is reported, not only the first. A row's `length` is the sum of its *input_ids columns. `key` is JSON of what the tokens depend on besides the data
+    (tokenizer, chat template, max length, overlong policy, stage). The local rank 0 of every machine builds the file
+    (a lock makes a shared filesystem build it once); every other rank waits at a barrier of a gloo group of its own
+    whose timeout is a day, not at the next NCCL collective (10 minutes): a rank never dies on a collective timeout
+    however long tokenizing takes. Collective: every rank calls it."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+    digest = hashlib.sha256(json.dumps([source_fingerprint(dataset_mixer_list), key, columns]).encode()).hexdigest()[:20]
+    path = os.path.join(cache_dir, f"{digest}.arrow")
+    long_wait_group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(path + ".json"):
+        os.makedirs(cache_dir, exist_ok=True)
+        lock = path + ".lock"
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # whoever creates the lock builds the file
+        except FileExistsError:
+            fd = None
+        if fd is None:
+            while not os.path.exists(path + ".json"):  # another machine (shared filesystem) or a dead run holds it
+                print(f"waiting for {lock} (delete it if the run that made it died)", flush=True)
+                time.sleep(10)
+        else:
+            try:
+                _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets)
+            finally:
+                os.close(fd)
+                os.remove(lock)
+    built = int(os.environ.get("LOCAL_RANK", 0)) == 0 and os.path.exists(path + ".built_by") and \
+        open(path + ".built_by").read() == str(os.getpid())
+    torch.distributed.barrier(group=long_wait_group)
+    torch.distributed.destroy_process_group(long_wait_group)
+    with open(path + ".json") as f:
+        stats = json.load(f)
+    how = f"tokenized in {stats['seconds']:.0f} s into" if built else "reused the tokenization in"
+    return *_memory_mapped_reader(path, columns), stats | {"path": path, "how": how}
+
+
+def _memory_mapped_reader(path, columns):
+    """read(ids) and lengths from numpy views of the Arrow file's memory map (list<int32> columns as offsets + values),
+    so reading an example is a slice: no Arrow compute, no Arrow thread pool (whose threads can abort the interpreter
+    at exit), and no page read until an example is used."""
+    import numpy as np
+    import pyarrow as pa
+
+    table = pa.ipc.open_stream(pa.memory_map(path), options=pa.ipc.IpcReadOptions(use_threads=False)).read_all()
+    starts = np.cumsum([0] + [len(chunk) for chunk in table.column(columns[0]).chunks])  # first row of each batch
+    views = {name: [(chunk.offsets.to_numpy(), chunk.values.to_numpy()) for chunk in table.column(name).chunks]
+             for name in columns}
+    lengths = np.concatenate([chunk.to_numpy() for chunk in table.column("length").chunks] or [np.zeros(0, np.int32)])
+
+    def read(ids):
+        out = {name: [] for name in columns}
+        for i in ids:
+            batch = int(np.searchsorted(starts, i, side="right")) - 1
+            row = i - starts[batch]
+            for name in columns:
+                offsets, values = views[name][batch]
+                out[name].append(values[offsets[row]:offsets[row + 1]].tolist())
+        return out
+
+    return read, lengths
+
+
+def _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets):
+    start = time.time()
+    features = datasets.Features({name: datasets.Sequence(datasets.Value("int32")) for name in columns}
+                                 | {"length": datasets.Value("int32")})
+    counts, bad_rows, kept, rows_read = collections.Counter(), [], 0, 0
+    rows = iter_mixture(dataset_mixer_list)
+    pool = multiprocessing.Pool(num_workers) if num_workers > 1 else None
+    results = pool.imap(_make_example_star, ((make_example, where, row) for where, row in rows), chunksize=64) if pool \
+        else (_make_example_star((make_example, where, row)) for where, row in rows)
+    writer = ArrowWriter(features=features, path=path + ".tmp")
+    batch = {name: [] for name in [*columns, "length"]}
+    try:
+        for where, result in results:
+            rows_read += 1
+            if isinstance(result, ValueError):
+                bad_rows.append(str(result))
+                continue
+            reasons, example = result
+            counts.update([reasons] if isinstance(reasons, str) else reasons or [])
+            if example is not None and not bad_rows:  # after a bad row nothing is written: the run stops at the end
+                for name in columns:
+                    batch[name].append(example[name])
+                batch["length"].append(sum(len(example[name]) for name in columns if name.endswith("input_ids")))
+                kept += 1
+                if len(batch["length"]) == 1000:
+                    writer.write_batch(batch)
+                    batch = {name: [] for name in batch}
+        if bad_rows:
+            with open(path + ".bad_rows.txt", "w") as f:
+                f.write("\n".join(bad_rows) + "\n")
+            raise ValueError(f"{len(bad_rows)} bad rows:\n" + "\n".join(bad_rows[:20]) + ("\n..." if len(bad_rows) > 20 else "")
+                             + f"\n(all of them in {path}.bad_rows.txt)")
+        if batch["length"]:
+            writer.write_batch(batch)
+        writer.finalize()
+    finally:
+        writer.close()
+        if pool:
+            pool.terminate()
+    os.replace(path + ".tmp", path)
+    with open(path + ".built_by", "w") as f:  # so the builder can say it built it (and a test can tell)
+        f.write(str(os.getpid()))
+    stats = {"rows": rows_read, "kept": kept, "counts": dict(counts), "seconds": time.time() - start}
+    with open(path + ".json.tmp", "w") as f:  # written last: its presence means the file is complete
+        json.dump(stats, f)
+    os.replace(path + ".json.tmp", path + ".json")
+
+
+def _make_example_star(task):
+    make_example, where, row = task
+    try:
+        return where, make_example(where, row)
+    except ValueError as error:
+        return where, ValueError(str(error) if str(error).startswith(where) else f"{where}: {error}")
 
 
 def check_messages(messages, where, field="messages"):
@@ -115,6 +294,17 @@ def set_chat_template(tokenizer, chat_template):
         raise ValueError("the tokenizer has no chat template of its own: pass --chat_template tulu")
     if tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no eos token: the end of an assistant turn cannot be trained")
+
+
+def tokenizer_fingerprint(tokenizer):
+    """What a tokenizer's output depends on (vocabulary, merges, normalization, special tokens), as a hash."""
+    key = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode() if tokenizer.is_fast else
+                         json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    key.update(json.dumps([tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token, TOKENIZED_FORMAT]).encode())
+    return key.hexdigest()
+
+
+TOKENIZED_FORMAT = 1  # bump when tokenize_conversation's output changes, so stored tokenizations are not reused
 
 
 def render(tokenizer, messages, add_generation_prompt=False):
@@ -214,16 +404,18 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     """Causal attention within each packed document (registered with transformers as attn_implementation="packed").
 
     query: (1, H, T, D), key/value: (1, H_kv, T, D); documents are given by cu_seq_lens_q: (n_docs + 1,).
-    Returns (1, T, H, D). CUDA: torch's varlen flash attention, no T x T mask at all. Elsewhere: SDPA with a
-    block-diagonal causal mask, (T, T) booleans (reset position_ids alone do NOT keep documents apart in SDPA)."""
+    Returns (1, T, H, D). CUDA: torch's varlen flash attention. Elsewhere: causal SDPA on each document alone, so
+    memory grows with each document's length, never with the (T, T) of the whole packed row (a block-diagonal mask
+    over 16k packed tokens would be 256M booleans, and the math kernel's attention weights 9 heads x 4 bytes x that
+    per layer). (Reset position_ids alone would NOT keep documents apart in SDPA.)"""
     cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
     if query.is_cuda:
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D), (T, H_kv, D)
         return varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, scaling)[None], None  # (1, T, H, D)
-    T = query.shape[2]
-    document = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=query.device), cu_seqlens.diff(), output_size=T)
-    mask = (document[:, None] == document[None, :]).tril()  # (T, T): same document and not in the future
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+    bounds = cu_seqlens.tolist()
+    out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                                    scale=scaling, enable_gqa=True)
+                     for a, b in zip(bounds[:-1], bounds[1:])], dim=2)  # (1, H, T, D)
     return out.transpose(1, 2), None  # (1, T, H, D)
 
 
@@ -233,14 +425,78 @@ def register_packed_attention():
     AttentionInterface.register("packed", packed_attention)
 
 
-def document_logps(logits, targets, cu_seqlens):
-    """Summed log-probs of each packed document's target tokens: logits (1, T, V), targets (1, T) from collate (already
-    shifted, -100 where nothing is scored), cu_seqlens (n_docs + 1,) -> (n_docs,). A sequence's log-likelihood
+def token_losses(model, inputs, targets, chunk_elements=2 ** 26):
+    """Per-token cross-entropy -log p(target), (N,) for the N positions of `targets` ((1, T) packed or (B, L) padded,
+    flattened; 0 where the target is -100), without the full (N, V) logits: the decoder's hidden states, then the LM
+    head and the loss a chunk of positions at a time, each chunk recomputed in the backward (activation checkpointing),
+    so only one chunk's logits exist at any moment (a full fp32 copy is 4 bytes x V per token: 3 GB for 16k tokens of
+    a 49k vocabulary, 8 GB for Llama 3's 128k). Call it as model.token_losses (see wrap_token_losses) under FSDP."""
+    config = model.config
+    if any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        logits = model(**inputs).logits  # a head that rescales its logits: the plain path
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+    hidden = model.model(**inputs).last_hidden_state.flatten(0, 1)  # (N, H)
+    flat_targets = targets.flatten()  # (N,)
+    weight = model.lm_head.weight  # (V, H)
+    chunk = max(1, chunk_elements // weight.shape[0])  # positions per chunk: ~256 MB of fp32 logits by default
+
+    def chunk_losses(h, t):  # (n, H), (n,) -> (n,)
+        return F.cross_entropy(F.linear(h, weight).float(), t, ignore_index=-100, reduction="none")
+
+    return torch.cat([torch.utils.checkpoint.checkpoint(chunk_losses, hidden[a:a + chunk], flat_targets[a:a + chunk],
+                                                        use_reentrant=False)
+                      for a in range(0, len(flat_targets), chunk)])
+
+
+def wrap_token_losses(model):
+    """model.token_losses(inputs, targets): token_losses as a forward method of the FSDP root, so FSDP gathers the
+    root's weights (embeddings, final norm, LM head) around it as it does around forward()."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    model.token_losses = lambda inputs, targets: token_losses(model, inputs, targets)
+    register_fsdp_forward_method(model, "token_losses")
+
+
+def document_logps(token_logps, cu_seqlens):
+    """Summed log-probs of each packed document's target tokens: token_logps (T,) (0 where nothing is scored, as
+    -token_losses gives them), cu_seqlens (n_docs + 1,) -> (n_docs,). A sequence's log-likelihood
     log pi(y|x) = sum_t log pi(y_t | x, y_<t), over the labelled (response) tokens only."""
-    token_logps = -F.cross_entropy(logits[0].float(), targets[0], ignore_index=-100, reduction="none")  # (T,), 0 at -100
-    document = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=logits.device), cu_seqlens.diff(),
-                                       output_size=targets.shape[1])  # (T,) which document each position belongs to
-    return torch.zeros(len(cu_seqlens) - 1, device=logits.device).index_add(0, document, token_logps)
+    document = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=token_logps.device), cu_seqlens.diff(),
+                                       output_size=len(token_logps))  # (T,) which document each position belongs to
+    return torch.zeros(len(cu_seqlens) - 1, device=token_logps.device).index_add(0, document, token_logps)
+
+
+def balanced_micro_batches(lengths, world_size, max_tokens):
+    """One global batch's examples (their token counts) -> each rank's micro-batches, as lists of positions in the batch.
+
+    Ranks get balanced token counts (longest example first, to the rank with the fewest tokens so far), then each
+    rank packs its share first-fit-decreasing into micro-batches of at most `max_tokens` (an example longer than that
+    goes alone). FSDP needs every rank in every forward, so all ranks get the same number of micro-batches: a rank
+    with fewer splits its fullest ones, and one with too few examples gets empty micro-batches ([]) to run as no-ops.
+    Deterministic, so every rank computes every rank's share."""
+    loads, shares = [0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        shares[r].append(i)
+        loads[r] += lengths[i]
+    per_rank = []
+    for share in shares:
+        bins, room = [], []
+        for i in share:  # longest first
+            b = next((b for b in range(len(bins)) if room[b] >= lengths[i]), None)
+            if b is None:
+                bins, room, b = bins + [[]], room + [max_tokens], len(bins)
+            bins[b].append(i)
+            room[b] -= lengths[i]
+        per_rank.append(bins)
+    count = max(len(bins) for bins in per_rank)
+    for bins in per_rank:
+        while len(bins) < count and any(len(b) > 1 for b in bins):  # split the fullest splittable micro-batch in two
+            fullest = max((b for b in bins if len(b) > 1), key=lambda b: sum(lengths[i] for i in b))
+            bins.remove(fullest)
+            bins += [fullest[::2], fullest[1::2]]
+        bins += [[] for _ in range(count - len(bins))]
+    return per_rank
 
 
 # ----------------------------------------------------------------------------- GSM8K and MATH verifiers

@@ -18,14 +18,13 @@ One node of 8 GPUs, Tulu 3 8B hyperparameters (effective batch 8 x 1 x 16 = 128 
 Several nodes: as in sft.py. The reference cache is written by rank 0 only, so it needs no shared filesystem.
 """
 import argparse
+import collections
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
-from array import array
-from multiprocessing import Pool
 
 import torch
 import torch.distributed as dist
@@ -52,6 +51,8 @@ parser.add_argument("--dataset_mixer_list", nargs="+", default=[os.path.join(ROO
 parser.add_argument("--max_seq_length", type=int, default=2048, help="per side (prompt + response)")
 parser.add_argument("--overlong", default="drop", choices=["drop", "truncate"], help="pairs with a side past --max_seq_length")
 parser.add_argument("--preprocessing_num_workers", type=int, default=min(8, os.cpu_count()))
+parser.add_argument("--dataset_local_cache_dir", default=os.path.join(ROOT, "cache", "tokenized"),
+                    help="the tokenized pairs are stored here once and reused by later runs, ranks and --resume")
 # the preference loss (the second names are open-instruct's)
 parser.add_argument("--loss_type", "--dpo_loss_type", default="dpo_norm", choices=["dpo_norm", "dpo", "simpo"])
 parser.add_argument("--beta", "--dpo_beta", type=float, default=None,
@@ -65,7 +66,11 @@ parser.add_argument("--ref_cache_dir", default=os.path.join(ROOT, "cache", "ref_
                     help="one file per (initial weights, tokenized pairs, chat template, max length, dtype)")
 # optimization (flag names of the published Tulu 3 commands)
 parser.add_argument("--per_device_train_batch_size", type=int, default=2, help="pairs per micro-batch")
-parser.add_argument("--gradient_accumulation_steps", type=int, default=4)
+parser.add_argument("--gradient_accumulation_steps", type=int, default=4,
+                    help="global batch = per_device_train_batch_size x gradient_accumulation_steps x world size pairs")
+parser.add_argument("--max_tokens_per_micro_batch", type=int, default=0,
+                    help="> 0: balance each global batch's tokens over ranks and pack each rank's share into micro-batches "
+                         "of at most this many tokens (both sides of a pair count; the global batch keeps its pairs)")
 # Tulu 3 8B used 5e-7 for ~2,100 steps of 128 pairs. The embedded run is 6 steps of 8 pairs on a 135M model: at 5e-6
 # its loss goes from ln 2 to 0.62 (reward accuracy 1.0 from step 2; 8 steps of 16 pairs reach ~0.49), no collapse;
 # 5e-7 would barely move it.
@@ -111,7 +116,6 @@ torch.manual_seed(args.seed)
 
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
 common.set_chat_template(tokenizer, args.chat_template)
-rows = common.load_mixture(args.dataset_mixer_list)
 
 
 def preference_pair(where, row):
@@ -160,49 +164,65 @@ def tokenize(pair):
     return sides
 
 
-conversations, bad_rows = [], []
-for where, row in rows:  # report every bad row at once: one fix-and-rerun cycle, not one per row
-    try:
-        conversations.append(preference_pair(where, row))
-    except ValueError as error:
-        bad_rows.append(str(error))
-if bad_rows:
-    raise ValueError(f"{len(bad_rows)} bad rows:\n" + "\n".join(bad_rows[:20]) + ("\n..." if len(bad_rows) > 20 else ""))
-if args.preprocessing_num_workers > 1:
-    with Pool(args.preprocessing_num_workers) as pool:
-        tokenized = pool.map(tokenize, conversations, chunksize=64)
-else:
-    tokenized = [tokenize(pair) for pair in conversations]
-pairs, dropped_overlong, truncated, dropped_untrained = [], 0, 0, 0  # pairs[i] = ((ids, labels) chosen, (ids, labels) rejected)
-for chosen, rejected in tokenized:
+def dpo_example(where, row):
+    """(reason, columns) of one preference row for common.tokenize_once: a bad row raises ValueError naming the field."""
+    (chosen, rejected), reasons = tokenize(preference_pair(where, row)), ()
     if max(len(chosen[0]), len(rejected[0])) > args.max_seq_length:
         if args.overlong == "drop":
-            dropped_overlong += 1
-            continue
+            return "overlong", None
         chosen, rejected = [(ids[: args.max_seq_length], labels[: args.max_seq_length]) for ids, labels in (chosen, rejected)]
-        truncated += 1
+        reasons = ("truncated",)
     if any(all(label == -100 for label in labels[1:]) for _, labels in (chosen, rejected)):  # a response truncated away
-        dropped_untrained += 1
-        continue
-    pairs.append((chosen, rejected))
-# |y|: the scored tokens of each response, (N, 2) for chosen and rejected
-response_lengths = torch.tensor([[sum(label != -100 for label in labels[1:]) for _, labels in pair] for pair in pairs],
-                                dtype=torch.float32, device=device)
+        return reasons + ("untrained",), None
+    return reasons, {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
+                    "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}
+
+
+# Tokenized once per machine into a memory-mapped Arrow file, which every later run, rank and --resume reads:
+# read_pair_rows(ids) reads pairs from it; lengths (N,) int32 (tokens of both sides) is all that is held in memory.
+read_pair_rows, lengths, data_stats = common.tokenize_once(
+    args.dataset_mixer_list, dpo_example, ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"],
+    key=["dpo", common.tokenizer_fingerprint(tokenizer), tokenizer.chat_template, args.max_seq_length, args.overlong],
+    cache_dir=args.dataset_local_cache_dir, num_workers=args.preprocessing_num_workers)
+
+
+def read_pairs(ids):
+    """[((chosen ids, labels), (rejected ids, labels))] of pair ids, read from the memory-mapped file."""
+    rows = read_pair_rows(ids)
+    return [((ci, cl), (ri, rl)) for ci, cl, ri, rl in zip(rows["chosen_input_ids"], rows["chosen_labels"],
+                                                          rows["rejected_input_ids"], rows["rejected_labels"])]
+
+
 global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-steps_per_epoch = len(pairs) // global_batch_size
+steps_per_epoch = len(lengths) // global_batch_size
 if steps_per_epoch == 0:
-    raise ValueError(f"{len(pairs)} usable pairs do not fill one global batch of {global_batch_size}")
+    raise ValueError(f"{len(lengths)} usable pairs do not fill one global batch of {global_batch_size}")
+if 0 < args.max_tokens_per_micro_batch < 2 * args.max_seq_length:
+    raise ValueError(f"--max_tokens_per_micro_batch {args.max_tokens_per_micro_batch} < 2 x --max_seq_length (a pair)")
 total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
-print0(f"{len(rows)} rows -> {len(pairs)} pairs ({dropped_overlong} dropped with a side longer than {args.max_seq_length} "
-       f"tokens, {truncated} truncated, {dropped_untrained} dropped with a response truncated away); global batch "
-       f"{global_batch_size} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; {args.loss_type}, beta {beta}")
+counts = collections.Counter(data_stats["counts"])
+print0(f"{data_stats['rows']} rows -> {len(lengths)} pairs ({counts['overlong']} dropped with a side longer than "
+       f"{args.max_seq_length} tokens, {counts['truncated']} truncated, {counts['untrained']} dropped with a response "
+       f"truncated away); {data_stats['how']} {data_stats['path']}; global batch {global_batch_size} pairs, "
+       f"{steps_per_epoch} steps per epoch, {total_steps} steps; {args.loss_type}, beta {beta}")
 
 
 def global_batch(step):
     """The pair ids of optimizer step `step`: a fresh seeded shuffle every epoch, so a resumed run sees the same data."""
     epoch, index = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
     return order[index * global_batch_size : (index + 1) * global_batch_size]
+
+
+def micro_batches(batch):
+    """Every rank's micro-batches of the global batch `batch` (pair ids): consecutive slices of
+    --per_device_train_batch_size pairs, or by tokens with --max_tokens_per_micro_batch (balanced over ranks)."""
+    if args.max_tokens_per_micro_batch:
+        shares = common.balanced_micro_batches([int(lengths[i]) for i in batch], world_size, args.max_tokens_per_micro_batch)
+        return [[[batch[j] for j in micro_batch] for micro_batch in share] for share in shares]
+    size = args.per_device_train_batch_size
+    return [[batch[(m * world_size + r) * size:][:size] for m in range(args.gradient_accumulation_steps)]
+            for r in range(world_size)]
 
 
 # ----------------------------------------------------------------------------- Model
@@ -240,28 +260,32 @@ model = sharded_model(args.gradient_checkpointing)
 use_reference = args.loss_type != "simpo"  # SimPO needs no reference model at all
 live_reference = args.no_cache_ref and use_reference
 reference_model = sharded_model(False).eval().requires_grad_(False) if live_reference else None
+for m in (model, reference_model):
+    if m is not None:
+        common.wrap_token_losses(m)
 n_params = sum(p.numel() for p in model.parameters())
 print0(f"{args.model_name_or_path}: {n_params / 1e6:.1f}M parameters, world size {world_size}, reference: "
        f"{'none' if not use_reference else 'live (frozen copy)' if live_reference else 'cached log-probs'}")
 
 
-def response_logps(model, pair_ids):
-    """Summed log-probs log pi(y|x) of the chosen and the rejected responses of `pair_ids`, (B,) each, from ONE
-    padding-free forward: the B chosen and B rejected documents packed into a single row."""
-    documents = [pairs[i][0] for i in pair_ids] + [pairs[i][1] for i in pair_ids]  # 2B (input_ids, labels)
+def response_logps(model, batch_pairs):
+    """Summed log-probs log pi(y|x) of the chosen and the rejected responses of `batch_pairs` (read_pairs), (B,) each,
+    from ONE padding-free forward: the B chosen and B rejected documents packed into a single row."""
+    documents = [chosen for chosen, _ in batch_pairs] + [rejected for _, rejected in batch_pairs]  # 2B (ids, labels)
     inputs, targets = common.collate(documents, True, tokenizer.pad_token_id or 0, device)  # (1, T) each
-    logits = model(**inputs).logits  # (1, T, V)
-    return common.document_logps(logits, targets, inputs["cu_seq_lens_q"]).chunk(2)  # (B,), (B,)
+    token_logps = -model.token_losses(inputs, targets)  # (T,), never the whole (T, V) fp32 logits
+    return common.document_logps(token_logps, inputs["cu_seq_lens_q"]).chunk(2)  # (B,), (B,)
 
 
 # ----------------------------------------------------------------------------- Reference log-probs
 
 
 def reference_cache_key():
-    """What the reference log-probs depend on: the initial weights, the tokenized pairs (which pin the data, chat
-    template, tokenizer, max length and truncation) and the compute dtype; not the loss, batch size or world size."""
-    key = hashlib.sha256(json.dumps([args.model_name_or_path, args.chat_template, tokenizer.chat_template,
-                                     args.max_seq_length, args.overlong, str(mp_policy.param_dtype)]).encode())
+    """What the reference log-probs depend on: the initial weights, the tokenized pairs (their file's name is a key of
+    the data, chat template, tokenizer, max length and truncation) and the compute dtype; not the loss, batch size or
+    world size."""
+    key = hashlib.sha256(json.dumps([args.model_name_or_path, os.path.basename(data_stats["path"]),
+                                     str(mp_policy.param_dtype)]).encode())
     if os.path.isdir(args.model_name_or_path):  # the weights' identity without reading them: config + files' size, mtime
         for name in sorted(os.listdir(args.model_name_or_path)):
             path = os.path.join(args.model_name_or_path, name)
@@ -270,9 +294,6 @@ def reference_cache_key():
             elif name.endswith((".safetensors", ".bin", ".safetensors.index.json")):
                 key.update(f"{name} {os.path.getsize(path)} {os.stat(path).st_mtime_ns}".encode())
     # (a hub name is keyed by the name alone: delete the cache if that repository changes)
-    for pair in pairs:
-        for input_ids, labels in pair:
-            key.update(array("q", [len(input_ids), *input_ids, *labels]).tobytes())
     return key.hexdigest()[:20]
 
 
@@ -280,14 +301,14 @@ def compute_reference_logps():
     """(N, 2) summed log-probs of every pair's chosen and rejected response under the initial model. Each rank scores
     a contiguous slice of the pairs and all_gather joins them; FSDP needs every rank in every forward (each one
     all-gathers the weights), so short slices are padded with repeats of pair 0 and the extra rows dropped."""
-    per_rank = math.ceil(len(pairs) / world_size)
-    mine = list(range(rank * per_rank, min(len(pairs), (rank + 1) * per_rank)))
+    per_rank = math.ceil(len(lengths) / world_size)
+    mine = list(range(rank * per_rank, min(len(lengths), (rank + 1) * per_rank)))
     mine += [0] * (per_rank - len(mine))
     slice_logps = torch.zeros(per_rank, 2, device=device)
     model.eval()
     with torch.no_grad():
         for b in tqdm(range(0, per_rank, args.per_device_train_batch_size), disable=rank != 0, desc="reference log-probs"):
-            chosen, rejected = response_logps(model, mine[b : b + args.per_device_train_batch_size])
+            chosen, rejected = response_logps(model, read_pairs(mine[b : b + args.per_device_train_batch_size]))
             slice_logps[b : b + len(chosen)] = torch.stack([chosen, rejected], 1)
     # FSDP2 keeps the root's parameters unsharded after a forward until the backward reshards them; with no backward
     # they would stay that way, and the optimizer (built next) would be handed the unsharded tensors.
@@ -295,7 +316,7 @@ def compute_reference_logps():
     model.train()
     gathered = [torch.zeros_like(slice_logps) for _ in range(world_size)]
     dist.all_gather(gathered, slice_logps)
-    return torch.cat(gathered)[: len(pairs)]  # (N, 2), row i = pair i on every rank
+    return torch.cat(gathered)[: len(lengths)]  # (N, 2), row i = pair i on every rank
 
 
 # Before any checkpoint is loaded, so the model here is the initial one even when resuming. Rank 0 alone reads and
@@ -306,7 +327,7 @@ if use_reference and not live_reference:
     hit = torch.tensor(int(rank == 0 and os.path.exists(cache_path)), device=device)
     dist.broadcast(hit, 0)
     if hit:
-        ref_logps = torch.load(cache_path)["ref_logps"].to(device) if rank == 0 else torch.empty(len(pairs), 2, device=device)
+        ref_logps = torch.load(cache_path)["ref_logps"].to(device) if rank == 0 else torch.empty(len(lengths), 2, device=device)
         dist.broadcast(ref_logps, 0)
         print0(f"reference log-probs: cache hit, {cache_path}")
     else:
@@ -316,7 +337,7 @@ if use_reference and not live_reference:
             os.makedirs(args.ref_cache_dir, exist_ok=True)
             torch.save({"ref_logps": ref_logps.cpu(), "model": args.model_name_or_path}, cache_path + ".tmp")
             os.replace(cache_path + ".tmp", cache_path)  # never a half-written cache, even if killed here
-        print0(f"reference log-probs: computed for {len(pairs)} pairs in {time.time() - start_time:.1f} s, "
+        print0(f"reference log-probs: computed for {len(lengths)} pairs in {time.time() - start_time:.1f} s, "
                f"cached in {cache_path}")
 
 # ----------------------------------------------------------------------------- Loss
@@ -420,30 +441,38 @@ for step in progress:
     # The loss is the mean over the pairs of the global batch: each rank's sum over its pairs / global batch size,
     # times world_size because FSDP averages gradients over ranks.
     loss_scale = world_size / len(batch)
-    micro_batches = [batch[(m * world_size + rank) * args.per_device_train_batch_size:][: args.per_device_train_batch_size]
-                     for m in range(args.gradient_accumulation_steps)]
+    shares = micro_batches(batch)
+    mine = shares[rank]
+    rank_tokens = [sum(int(lengths[i]) for micro_batch in share for i in micro_batch) for share in shares]
     # sums over this rank's pairs: loss, rewards chosen / rejected, accuracy, logps chosen / rejected; then tokens
     sums, input_tokens, attended = torch.zeros(6, dtype=torch.float64, device=device), 0, 0
-    for m, micro_batch in enumerate(micro_batches):
-        model.set_requires_gradient_sync(m == len(micro_batches) - 1)  # reduce-scatter once per step, not per micro-step
+    for m, micro_batch in enumerate(mine):
+        model.set_requires_gradient_sync(m == len(mine) - 1)  # reduce-scatter once per step, not per micro-step
+        # an empty micro-batch (a rank with fewer pairs than micro-steps) runs the first pair of the batch with a zero
+        # loss weight: FSDP needs every rank in every forward and backward
+        weight = 1.0 if micro_batch else 0.0
+        micro_batch = micro_batch or batch[:1]
+        batch_pairs = read_pairs(micro_batch)
         pair_ids = torch.tensor(micro_batch, device=device)  # (B,)
-        policy_chosen, policy_rejected = response_logps(model, micro_batch)  # (B,), (B,)
+        policy_chosen, policy_rejected = response_logps(model, batch_pairs)  # (B,), (B,)
         if not use_reference:
             ref_chosen = ref_rejected = None
         elif live_reference:
             with torch.no_grad():
-                ref_chosen, ref_rejected = response_logps(reference_model, micro_batch)
+                ref_chosen, ref_rejected = response_logps(reference_model, batch_pairs)
         else:
             ref_chosen, ref_rejected = ref_logps[pair_ids].unbind(1)  # looked up by pair id, never by step
-        lengths = response_lengths[pair_ids]  # (B, 2)
+        # |y|: the scored tokens of each response, (B, 2) for chosen and rejected
+        response_lengths = torch.tensor([[sum(label != -100 for label in labels[1:]) for _, labels in pair]
+                                         for pair in batch_pairs], dtype=torch.float32, device=device)
         losses, chosen_rewards, rejected_rewards = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-                                                                   lengths[:, 0], lengths[:, 1])
-        (losses.sum() * loss_scale).backward()
-        sums += torch.stack([losses.sum().detach(), chosen_rewards.sum(), rejected_rewards.sum(),
-                             (chosen_rewards > rejected_rewards).sum(), policy_chosen.sum().detach(),
-                             policy_rejected.sum().detach()]).double()
-        input_tokens += sum(len(pairs[i][side][0]) for i in micro_batch for side in (0, 1))
-        attended += sum(len(pairs[i][side][0]) ** 2 for i in micro_batch for side in (0, 1))
+                                                                   response_lengths[:, 0], response_lengths[:, 1])
+        (losses.sum() * loss_scale * weight).backward()
+        sums += weight * torch.stack([losses.sum().detach(), chosen_rewards.sum(), rejected_rewards.sum(),
+                                      (chosen_rewards > rejected_rewards).sum(), policy_chosen.sum().detach(),
+                                      policy_rejected.sum().detach()]).double()
+        input_tokens += weight * sum(len(side[0]) for pair in batch_pairs for side in pair)
+        attended += weight * sum(len(side[0]) ** 2 for pair in batch_pairs for side in pair)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf"))
     lr = learning_rate(step)
     for group in optimizer.param_groups:
@@ -461,7 +490,8 @@ for step in progress:
                    grad_norm=grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item(),
                    **{"rewards/chosen": means[1], "rewards/rejected": means[2], "rewards/accuracy": means[3],
                       "rewards/margin": means[1] - means[2], "logps/chosen": means[4], "logps/rejected": means[5]},
-                   tokens=int(totals[6].item()), tokens_per_sec=totals[6].item() / elapsed)
+                   tokens=int(totals[6].item()), tokens_per_sec=totals[6].item() / elapsed, micro_steps=len(mine),
+                   rank_token_imbalance=max(rank_tokens) / (sum(rank_tokens) / world_size))  # 1.0: every rank as busy
     if peak_flops:
         flops = 6 * (n_params - n_embedding) * totals[6].item() + attention_flops_factor * totals[7].item()
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)

@@ -15,17 +15,16 @@ Several nodes: the same with `torchrun --nnodes 8 --node_rank $NODE_RANK --nproc
     --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 sft.py ...`
 """
 import argparse
+import collections
 import json
 import math
 import os
 import shutil
 import time
-from multiprocessing import Pool
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_model_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
@@ -44,9 +43,15 @@ parser.add_argument("--dataset_mixer_list", nargs="+", default=[os.path.join(ROO
 parser.add_argument("--max_seq_length", type=int, default=4096)
 parser.add_argument("--overlong", default="drop", choices=["drop", "truncate"], help="examples past --max_seq_length")
 parser.add_argument("--preprocessing_num_workers", type=int, default=min(8, os.cpu_count()))
+parser.add_argument("--dataset_local_cache_dir", default=os.path.join(ROOT, "cache", "tokenized"),
+                    help="the tokenized mixture is stored here once and reused by later runs, ranks and --resume")
 # optimization (flag names of the published Tulu 3 command)
 parser.add_argument("--per_device_train_batch_size", type=int, default=4, help="examples per micro-batch")
-parser.add_argument("--gradient_accumulation_steps", type=int, default=4)
+parser.add_argument("--gradient_accumulation_steps", type=int, default=4,
+                    help="global batch = per_device_train_batch_size x gradient_accumulation_steps x world size examples")
+parser.add_argument("--max_tokens_per_micro_batch", type=int, default=0,
+                    help="> 0: balance each global batch's tokens over ranks and pack each rank's share into micro-batches "
+                         "of at most this many tokens (the global batch keeps its number of examples)")
 parser.add_argument("--learning_rate", type=float, default=2e-5)
 parser.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant"])
 parser.add_argument("--warmup_ratio", type=float, default=0.03)
@@ -91,50 +96,67 @@ torch.manual_seed(args.seed)
 
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
 common.set_chat_template(tokenizer, args.chat_template)
-rows = common.load_mixture(args.dataset_mixer_list)
-for where, row in rows:
+
+
+def sft_example(where, row):
+    """(reason, {input_ids, labels}) of one row; the reason counts a dropped or truncated example (common.tokenize_once)."""
     common.check_messages(row.get("messages"), where)
     if not any(m["role"] == "assistant" for m in row["messages"]):
         raise ValueError(f"{where}: field 'messages' has no assistant turn to train on")
-
-
-def tokenize(messages):
-    return common.tokenize_conversation(tokenizer, messages)
-
-
-conversations = [row["messages"] for _, row in rows]
-if args.preprocessing_num_workers > 1:
-    with Pool(args.preprocessing_num_workers) as pool:
-        tokenized = pool.map(tokenize, conversations, chunksize=64)
-else:
-    tokenized = [tokenize(messages) for messages in conversations]
-examples, dropped_overlong, truncated, dropped_untrained = [], 0, 0, 0
-for input_ids, labels in tokenized:
+    input_ids, labels = common.tokenize_conversation(tokenizer, row["messages"])
+    reasons = ()
     if len(input_ids) > args.max_seq_length:
         if args.overlong == "drop":
-            dropped_overlong += 1
-            continue
-        input_ids, labels, truncated = input_ids[: args.max_seq_length], labels[: args.max_seq_length], truncated + 1
+            return "overlong", None
+        input_ids, labels, reasons = input_ids[: args.max_seq_length], labels[: args.max_seq_length], ("truncated",)
     if all(label == -100 for label in labels[1:]):  # the first label is never a target (nothing predicts it)
-        dropped_untrained += 1
-        continue
-    examples.append((input_ids, labels))
+        return reasons + ("untrained",), None
+    return reasons, {"input_ids": input_ids, "labels": labels}
+
+
+# Tokenized once per machine into a memory-mapped Arrow file, which every later run, rank and --resume reads:
+# read_rows(ids) reads examples from it; lengths (N,) int32 is all that is held in memory per example.
+read_rows, lengths, data_stats = common.tokenize_once(
+    args.dataset_mixer_list, sft_example, ["input_ids", "labels"],
+    key=["sft", common.tokenizer_fingerprint(tokenizer), tokenizer.chat_template, args.max_seq_length, args.overlong],
+    cache_dir=args.dataset_local_cache_dir, num_workers=args.preprocessing_num_workers)
 global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-steps_per_epoch = len(examples) // global_batch_size
+steps_per_epoch = len(lengths) // global_batch_size
 if steps_per_epoch == 0:
-    raise ValueError(f"{len(examples)} usable examples do not fill one global batch of {global_batch_size}")
+    raise ValueError(f"{len(lengths)} usable examples do not fill one global batch of {global_batch_size}")
+if 0 < args.max_tokens_per_micro_batch < args.max_seq_length:
+    raise ValueError(f"--max_tokens_per_micro_batch {args.max_tokens_per_micro_batch} < --max_seq_length {args.max_seq_length}")
 total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_train_epochs
-print0(f"{len(rows)} rows -> {len(examples)} examples ({dropped_overlong} dropped as longer than {args.max_seq_length} "
-       f"tokens, {truncated} truncated, {dropped_untrained} dropped with no trained token); global batch "
-       f"{global_batch_size}, {steps_per_epoch} steps per epoch ({len(examples) % global_batch_size} examples of each "
-       f"epoch's shuffle left over), {total_steps} steps")
+counts = collections.Counter(data_stats["counts"])
+print0(f"{data_stats['rows']} rows -> {len(lengths)} examples ({counts['overlong']} dropped as longer than "
+       f"{args.max_seq_length} tokens, {counts['truncated']} truncated, {counts['untrained']} dropped with no trained "
+       f"token); {data_stats['how']} {data_stats['path']}; global batch {global_batch_size}, "
+       f"{steps_per_epoch} steps per epoch ({len(lengths) % global_batch_size} examples of each epoch's shuffle left "
+       f"over), {total_steps} steps")
 
 
 def global_batch(step):
-    """The examples of optimizer step `step`: a fresh seeded shuffle every epoch, so a resumed run sees the same data."""
+    """The example ids of optimizer step `step`: a fresh seeded shuffle every epoch, so a resumed run sees the same data."""
     epoch, index = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-    return [examples[i] for i in order[index * global_batch_size : (index + 1) * global_batch_size]]
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+    return order[index * global_batch_size : (index + 1) * global_batch_size]
+
+
+def micro_batches(batch):
+    """Every rank's micro-batches of the global batch `batch` (example ids): consecutive slices of
+    --per_device_train_batch_size examples, or by tokens with --max_tokens_per_micro_batch (balanced over ranks)."""
+    if args.max_tokens_per_micro_batch:
+        shares = common.balanced_micro_batches([int(lengths[i]) for i in batch], world_size, args.max_tokens_per_micro_batch)
+        return [[[batch[j] for j in micro_batch] for micro_batch in share] for share in shares]
+    size = args.per_device_train_batch_size
+    return [[batch[(m * world_size + r) * size:][:size] for m in range(args.gradient_accumulation_steps)]
+            for r in range(world_size)]
+
+
+def read_examples(ids):
+    """[(input_ids, labels)] of example ids, read from the memory-mapped file."""
+    rows = read_rows(ids)
+    return list(zip(rows["input_ids"], rows["labels"]))
 
 
 # ----------------------------------------------------------------------------- Model
@@ -163,6 +185,7 @@ for module in model.modules():  # rotary embeddings hold non-persistent buffers 
 full_state_dict = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).state_dict() if rank == 0 else {}
 set_model_state_dict(model, full_state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 del full_state_dict
+common.wrap_token_losses(model)
 n_params = sum(p.numel() for p in model.parameters())
 print0(f"{args.model_name_or_path}: {n_params / 1e6:.1f}M parameters, attention {attn_implementation}, world size {world_size}")
 
@@ -244,20 +267,23 @@ for step in progress:
     batch = global_batch(step)
     # Every rank knows the whole global batch, so the normalizer for --reduce_loss mean needs no communication:
     # the trained tokens of all ranks and all accumulation steps together.
-    global_tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in batch)
+    global_tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in read_examples(batch))
     loss_scale = world_size / (global_tokens if args.reduce_loss == "mean" else 1)  # FSDP averages over ranks: undo it
-    micro_batches = [batch[(m * world_size + rank) * args.per_device_train_batch_size:][: args.per_device_train_batch_size]
-                     for m in range(args.gradient_accumulation_steps)]
+    shares = micro_batches(batch)
+    mine = shares[rank]
+    rank_tokens = [sum(int(lengths[i]) for micro_batch in share for i in micro_batch) for share in shares]
     loss_sum, input_tokens, attended = torch.zeros((), device=device), 0, 0
-    for m, micro_batch in enumerate(micro_batches):
-        model.set_requires_gradient_sync(m == len(micro_batches) - 1)  # reduce-scatter once per step, not per micro-step
-        inputs, targets = common.collate(micro_batch, not args.no_padding_free, tokenizer.pad_token_id or 0, device)
-        logits = model(**inputs).logits  # (1, T, V) packed or (B, L, V) padded
-        token_losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
+    for m, micro_batch in enumerate(mine):
+        model.set_requires_gradient_sync(m == len(mine) - 1)  # reduce-scatter once per step, not per micro-step
+        # an empty micro-batch (a rank with fewer examples than micro-steps) runs one untrained token: FSDP needs
+        # every rank in every forward and backward
+        micro_examples = read_examples(micro_batch) or [(read_examples(batch[:1])[0][0][:1], [-100])]
+        inputs, targets = common.collate(micro_examples, not args.no_padding_free, tokenizer.pad_token_id or 0, device)
+        token_losses = model.token_losses(inputs, targets)  # (T,) never the whole (T, V) fp32 logits
         (token_losses.sum() * loss_scale).backward()
         loss_sum += token_losses.sum().detach()
-        input_tokens += sum(len(ids) for ids, _ in micro_batch)
-        attended += sum(len(ids) ** 2 for ids, _ in micro_batch)
+        input_tokens += sum(len(ids) for ids, _ in micro_examples)
+        attended += sum(len(ids) ** 2 for ids, _ in micro_examples)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf"))
     lr = learning_rate(step)
     for group in optimizer.param_groups:
@@ -270,7 +296,8 @@ for step in progress:
     elapsed = time.time() - step_start
     metrics = dict(step=step + 1, epoch=step // steps_per_epoch, loss=totals[0].item() / global_tokens, lr=lr,
                    grad_norm=grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item(),
-                   tokens=global_tokens, tokens_per_sec=totals[1].item() / elapsed)
+                   tokens=global_tokens, tokens_per_sec=totals[1].item() / elapsed, micro_steps=len(mine),
+                   rank_token_imbalance=max(rank_tokens) / (sum(rank_tokens) / world_size))  # 1.0: every rank as busy
     if peak_flops:
         flops = 6 * (n_params - n_embedding) * totals[1].item() + attention_flops_factor * totals[2].item()
         metrics["mfu"] = flops / elapsed / (peak_flops * world_size)

@@ -1,0 +1,170 @@
+"""The data path at Tulu scale: tokenized once into a memory-mapped Arrow file and reused, micro-batches by tokens
+balanced over ranks, and a loss that never holds the full (T, V) logits."""
+import json
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+
+import common
+from conftest import conversation, read_metrics, run_script, write_jsonl
+
+FAST = ["--preprocessing_num_workers", "1", "--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--learning_rate", "1e-3"]
+
+
+def stored_path(stdout):
+    """The Arrow file a stage run says it tokenized into or reused."""
+    line = next(line for line in stdout.splitlines() if " rows -> " in line)
+    return next(word for word in line.replace(";", " ").split() if word.endswith(".arrow"))
+
+
+def varied_rows(n):
+    """Conversations of very different lengths (1-3 turns, 1 to ~150 words), so balancing has something to do."""
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        turns = [m for m in conversation(i) if m]
+        ends = [t + 1 for t, m in enumerate(turns) if m["role"] == "assistant"]  # a conversation ends on an answer
+        turns = turns[: rng.choice(ends)]
+        turns[-1]["content"] += " more" * rng.choice([0, 3, 40, 150])
+        rows.append({"messages": turns})
+    return rows
+
+
+def test_stored_tokens_and_labels_equal_direct_tokenization_and_are_reused(tiny_model_dir, tokenizer, tmp_path):
+    rows = varied_rows(23) + [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x " * 400}]}]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    cache = tmp_path / "cache"
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0", "--max_seq_length", 256,
+            "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--max_steps", 2,
+            "--checkpointing_steps", 1, "--dataset_local_cache_dir", cache, *FAST]
+    first = run_script("sft.py", *args, "--output_dir", tmp_path / "a")
+    path = stored_path(first.stdout)
+    assert "tokenized in" in first.stdout and "1 dropped as longer than 256 tokens" in first.stdout
+    stored = Dataset.from_file(path)
+    expected = [common.tokenize_conversation(tokenizer, row["messages"]) for row in rows]
+    expected = [(ids, labels) for ids, labels in expected if len(ids) <= 256]  # the one overlong row is dropped
+    assert [(r["input_ids"], r["labels"]) for r in stored] == expected  # every row, in file order
+    assert stored["length"] == [len(ids) for ids, _ in expected]
+
+    mtime = os.stat(path).st_mtime_ns
+    again = run_script("sft.py", *args, "--output_dir", tmp_path / "b")  # another run: reads the file, tokenizes nothing
+    assert "reused the tokenization in" in again.stdout and stored_path(again.stdout) == path
+    resumed = run_script("sft.py", *args[:-12], "--max_steps", 3, *args[-10:], "--output_dir", tmp_path / "a", "--resume")
+    assert "reused the tokenization in" in resumed.stdout and stored_path(resumed.stdout) == path
+    assert os.stat(path).st_mtime_ns == mtime and sorted(os.listdir(cache)) == sorted(
+        os.path.basename(path) + suffix for suffix in ("", ".json", ".built_by"))
+    # a different max length is a different tokenization
+    other = run_script("sft.py", *[a if a != 256 else 512 for a in args], "--output_dir", tmp_path / "c")
+    assert "tokenized in" in other.stdout and stored_path(other.stdout) != path
+
+
+def test_dpo_pairs_are_stored_with_labels_on_the_final_response_only(tiny_model_dir, tokenizer, tmp_path):
+    rows = []
+    for i in range(8):
+        chosen = [m for m in conversation(i) if m]
+        rejected = chosen[:-1] + [{"role": "assistant", "content": f"Maybe {i}."}]
+        rows.append({"chosen": chosen, "rejected": rejected})
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    result = run_script("dpo.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0",
+                        "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--max_steps", 1,
+                        "--dataset_local_cache_dir", tmp_path / "cache", "--ref_cache_dir", tmp_path / "ref",
+                        "--output_dir", tmp_path / "out", *FAST)
+    stored = Dataset.from_file(stored_path(result.stdout))
+    for row, pair in zip(rows, stored, strict=True):
+        for side in ("chosen", "rejected"):
+            messages = row[side]
+            # independently: the prompt is everything up to the generation prompt; the response runs to the last eos
+            prompt = tokenizer(tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"]
+            ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+            end = max(t for t, token in enumerate(ids) if token == tokenizer.eos_token_id)
+            labels = [token if len(prompt) <= t <= end else -100 for t, token in enumerate(ids)]
+            assert pair[f"{side}_input_ids"] == ids and pair[f"{side}_labels"] == labels
+
+
+def test_every_bad_row_is_reported_with_file_line_and_field(tiny_model_dir, tmp_path):
+    rows = [{"messages": [m for m in conversation(i) if m]} for i in range(6)]
+    rows[1] = {"messages": [{"role": "robot", "content": "hi"}]}
+    rows[3] = {"conversation": []}
+    rows[5] = {"messages": [{"role": "user", "content": "no answer"}]}
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    result = run_script("sft.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0",
+                        "--dataset_local_cache_dir", tmp_path / "cache", "--output_dir", tmp_path / "out", *FAST,
+                        check=False)
+    assert result.returncode != 0
+    assert "3 bad rows" in result.stderr
+    assert f"{data}:2: field 'messages[0].role'" in result.stderr
+    assert f"{data}:4: field 'messages'" in result.stderr
+    assert f"{data}:6: field 'messages' has no assistant turn" in result.stderr
+    assert not [f for f in os.listdir(tmp_path / "cache") if f.endswith(".arrow")]  # nothing half-made is kept
+
+
+def test_balanced_micro_batches():
+    rng = random.Random(0)
+    for trial in range(200):
+        world_size, max_tokens = rng.choice([1, 2, 3, 8]), rng.choice([64, 300, 1000])
+        lengths = [rng.randint(1, max_tokens) for _ in range(rng.randint(1, 40))]
+        shares = common.balanced_micro_batches(lengths, world_size, max_tokens)
+        assert len(shares) == world_size and len({len(share) for share in shares}) == 1  # same micro-steps everywhere
+        every = sorted(i for share in shares for micro_batch in share for i in micro_batch)
+        assert every == list(range(len(lengths)))  # each example exactly once
+        assert all(sum(lengths[i] for i in mb) <= max_tokens for share in shares for mb in share)
+        loads = [sum(lengths[i] for mb in share for i in mb) for share in shares]
+        assert max(loads) - min(loads) <= max(lengths)  # longest-first greedy: within one example of balanced
+        # a micro-batch is empty only where the rank has fewer examples than micro-steps (splitting came first)
+        assert all(sum(map(len, share)) < len(share) for share in shares if [] in share)
+    # rank 0 gets 10 + 1 tokens in two micro-batches; rank 1's one example cannot be split: an empty micro-batch
+    assert common.balanced_micro_batches([10, 10, 1], 2, 10) == [[[0], [2]], [[1], []]]
+
+
+def test_token_balanced_micro_batches_match_the_fixed_split_on_one_and_two_ranks(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "varied.jsonl", varied_rows(32))
+    for reduce_loss in ("sum", "mean"):
+        base = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0", "--max_seq_length", 256,
+                "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 4, "--max_steps", 2,
+                "--reduce_loss", reduce_loss, "--dataset_local_cache_dir", tmp_path / "cache", *FAST]
+        fixed = tmp_path / f"fixed_{reduce_loss}"
+        run_script("sft.py", *base, "--output_dir", fixed)  # 1 process: 8 micro-steps of 2 examples
+        one, two = tmp_path / f"one_{reduce_loss}", tmp_path / f"two_{reduce_loss}"
+        run_script("sft.py", *base, "--max_tokens_per_micro_batch", 512, "--output_dir", one)
+        # 2 ranks, half the accumulation: the same global batch of 16 examples
+        two_args = [a if a != 4 else 2 for a in base]
+        run_script("sft.py", *two_args, "--max_tokens_per_micro_batch", 512, "--output_dir", two, nproc=2)
+        reference = read_metrics(fixed)
+        for run in (read_metrics(one), read_metrics(two)):
+            assert [m["tokens"] for m in run] == [m["tokens"] for m in reference]
+            assert [m["loss"] for m in run] == pytest.approx([m["loss"] for m in reference], rel=1e-5)
+            assert [m["grad_norm"] for m in run] == pytest.approx([m["grad_norm"] for m in reference], rel=1e-4)
+        assert all(m["micro_steps"] < 8 for m in read_metrics(one))  # packed by tokens: fewer, fuller micro-batches
+        fixed_two = tmp_path / f"fixed_two_{reduce_loss}"
+        if reduce_loss == "sum":
+            run_script("sft.py", *two_args, "--output_dir", fixed_two, nproc=2)
+            balanced, unbalanced = read_metrics(two), read_metrics(fixed_two)
+            assert all(b["rank_token_imbalance"] <= u["rank_token_imbalance"] for b, u in zip(balanced, unbalanced))
+            assert all(b["rank_token_imbalance"] < 1.05 for b in balanced)
+
+
+def test_token_losses_equal_full_logits_losses_and_gradients(tiny_model_dir, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    common.register_packed_attention()
+    examples = [common.tokenize_conversation(tokenizer, [m for m in conversation(i) if m]) for i in range(1, 6)]
+    inputs, targets = common.collate(examples, True, 0, "cpu")  # (1, T) packed, T ~ 150
+    results = []
+    for chunk_elements in (None, 7 * len(tokenizer)):  # the full logits; then 7-position chunks, recomputed in backward
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="packed")
+        if chunk_elements is None:
+            losses = F.cross_entropy(model(**inputs).logits[0].float(), targets[0], ignore_index=-100, reduction="none")
+        else:
+            losses = common.token_losses(model, inputs, targets, chunk_elements)
+        losses.sum().backward()
+        results.append((losses.detach(), [p.grad.clone() for p in model.parameters()]))
+    (full, full_grads), (chunked, chunked_grads) = results
+    assert full.shape == chunked.shape and (full == 0).sum() == (chunked == 0).sum() > 0  # -100 targets: 0 loss
+    assert torch.allclose(full, chunked, atol=1e-6)
+    # float sums in another order: equal to ~1e-6 of each gradient's scale
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item()) for a, b in zip(full_grads, chunked_grads))
