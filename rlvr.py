@@ -74,10 +74,11 @@ parser.add_argument("--max_steps", type=int, default=6, help="rollout steps")
 parser.add_argument("--seed", type=int, default=1)
 # generation backend
 parser.add_argument("--generator", default="auto", choices=["auto", "vllm", "hf"], help="auto: vllm if it imports and CUDA is up")
+parser.add_argument("--generator_dtype", default=None, choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
 parser.add_argument("--vllm_tensor_parallel_size", type=int, default=1)
 parser.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3)
 parser.add_argument("--self_check_tolerance", type=float, default=None,
-                    help="max |generator - policy| log-prob on a sampled sequence; default 1e-4 fp32 (CPU), 0.5 bf16 (GPU)")
+                    help="max |generator - policy| log-prob on a sampled sequence; default 1e-4 fp32, 0.5 bf16 generator")
 parser.add_argument("--debug_skip_weight_sync", action="store_true", help="TESTING ONLY: never update the generator")
 parser.add_argument("--save_rollouts", action="store_true", help="write every sample with its per-token tensors to rollouts.jsonl")
 # outputs
@@ -241,24 +242,29 @@ if backend == "auto":
     except ImportError:
         backend = "hf"
 gen_tp = args.vllm_tensor_parallel_size if backend == "vllm" else 1
-tolerance = args.self_check_tolerance or (0.5 if use_cuda else 1e-4)
+gen_dtype = getattr(torch, args.generator_dtype or ("bfloat16" if use_cuda else "float32"))
+tolerance = args.self_check_tolerance or (0.5 if gen_dtype == torch.bfloat16 else 1e-4)
 if backend == "vllm":
-    # UNTESTED HERE (no vLLM on the development machines): written against vLLM's documented offline API.
+    # Written against vLLM 0.32.0's source, and tested on CPU against tests/fake_vllm (a stand-in); never run on a real vLLM.
     import vllm
 
+    # external_launcher reads the torchrun variables even in one process (vllm/v1/executor/uniproc_executor.py:186-197);
+    # it then joins our process group, which exists already, so MASTER_ADDR/PORT are only read, never used
+    for key, value in dict(RANK=rank, LOCAL_RANK=local_rank, WORLD_SIZE=world_size, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+        os.environ.setdefault(key, str(value))
     # Ranks of one tensor-parallel group form one engine: they must send it identical requests (see group_share).
     llm = vllm.LLM(model=args.model_name_or_path, tensor_parallel_size=gen_tp, distributed_executor_backend="external_launcher",
                    gpu_memory_utilization=args.vllm_gpu_memory_utilization, enable_sleep_mode=True, seed=args.seed + rank // gen_tp,
-                   max_model_len=args.max_prompt_length + args.response_length, dtype="bfloat16")
-    # The model object that takes load_weights([(hf_name, full_tensor)]); the chain has moved across vLLM releases: V1's
-    # in-process engine (external_launcher) wraps the worker once more than V0's. Pin vLLM; the self-check catches the rest.
-    worker = llm.llm_engine.model_executor.driver_worker
-    engine_model, vllm_asleep = getattr(worker, "worker", worker).model_runner.model, False
+                   max_model_len=args.max_prompt_length + args.response_length, dtype=str(gen_dtype).removeprefix("torch."))
+    # The in-process engine's model, unwrapped from CUDA graphs (vllm/v1/worker/gpu_model_runner.py:3112-3120); it takes
+    # load_weights([(hf_name, full_tensor)]) and stacks q/k/v and gate/up itself (vllm/model_executor/models/llama.py:348-357)
+    generator = llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
+    vllm_asleep = False
 else:
-    generator_dtype = torch.bfloat16 if use_cuda else torch.float32
-    generator = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=generator_dtype).to(device).eval()
-    generator.requires_grad_(False)
-    generator_params = dict(generator.named_parameters())
+    generator = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=gen_dtype).to(device).eval().requires_grad_(False)
+generator_params = dict(generator.named_parameters())
+# HF names -> the engine's stacked parameters (vllm/model_executor/models/llama.py:348-357), for the checksums
+STACKS = [(".q_proj", ".qkv_proj"), (".k_proj", ".qkv_proj"), (".v_proj", ".qkv_proj"), (".gate_proj", ".gate_up_proj"), (".up_proj", ".gate_up_proj")]
 
 
 def generate(prompts_token_ids, samples_per_prompt=1, seeds=None):
@@ -299,29 +305,56 @@ def generate(prompts_token_ids, samples_per_prompt=1, seeds=None):
     return results
 
 
+def checksum(tensor):
+    """An exact fingerprint of a tensor's values that does not depend on their order: the sum over elements of a
+    nonlinear hash of each element's bits, in int64 without overflow. A stack's checksum is then the sum of its parts'
+    (vLLM's qkv_proj holds q, k, v; gate_up_proj gate, up; the zero rows padding its vocabulary hash to 0), and one element
+    one ulp off changes it, where a float sum could round the difference away or cancel it against another."""
+    total, p = 0, 2147483647
+    for part in tensor.detach().flatten().split(1 << 24):  # int64 temporaries, 8 bytes per element: a chunk at a time
+        bits = part.view(torch.int16 if part.element_size() == 2 else torch.int32).long() % p
+        total += ((bits * 2654435761 % p) ** 2 % p).sum().item()
+    return total
+
+
 def sync_generator():
-    """Push the policy's full weights into the generator: gather each FSDP shard (DTensor.full_tensor, a collective every
-    rank joins in the same order) and load it. Same protocol for both backends."""
+    """Push the policy's full weights into the generator, one tensor at a time: gather the FSDP shards (DTensor.full_tensor,
+    a collective every rank joins in the same order), cast to the generator's dtype (vLLM would convert it itself, with
+    a warning per tensor: vllm/model_executor/models/utils.py:324-339, and an fp32 copy is twice the size), load. Then the
+    exact half of the self-check: tensor by tensor, the generator must hold the checksum of what was sent."""
     global vllm_asleep
-    if backend == "vllm" and vllm_asleep:
-        llm.wake_up()  # level-1 sleep kept the old weights on the CPU; they are overwritten right away
-        vllm_asleep = False
+    if backend == "vllm" and vllm_asleep:  # the weights first, the KV cache after the load: the two never peak together
+        llm.wake_up(tags=["weights"])
+    sent = {}
     for name, param in policy.named_parameters():
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param
-        if args.debug_skip_weight_sync:
-            continue
-        if backend == "vllm":
-            engine_model.load_weights([(name, full.detach())])
-        else:
-            generator_params[name].data.copy_(full.detach())
+        full = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().to(gen_dtype)
+        if not args.debug_skip_weight_sync:
+            generator.load_weights([(name, full)]) if backend == "vllm" else generator_params[name].data.copy_(full)
+        for part, stack in (STACKS if backend == "vllm" else ()):
+            name = name.replace(part, stack)
+        sent[name] = sent.get(name, 0) + checksum(full)
     if backend == "vllm":
+        if vllm_asleep:
+            llm.wake_up(tags=["kv_cache"])
         llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        vllm_asleep = False
+    if gen_tp > 1:  # each engine rank holds a shard of every stack: not compared (not implemented)
+        return
+    held = {name: checksum(p) for name, p in generator.named_parameters()}
+    wrong = sorted(name for name in sent.keys() | held.keys() if sent.get(name) != held.get(name))
+    count = torch.tensor(len(wrong), device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)  # every rank stops, not only the one whose engine is wrong
+    if count.item():
+        raise RuntimeError(f"generator self-check failed: after the weight sync, {count.item()} generator tensors do not hold "
+                           f"what was sent (checksums differ: {', '.join(wrong[:3]) or 'on another rank'}): the sync is "
+                           f"broken or was skipped ({backend} backend)")
 
 
 def self_check(sample):
-    """After a sync: the generator and the policy must give the same log-probs to a sampled sequence (temperature 1,
-    raw logits). fp32 on CPU agrees to ~1e-5 (the default tolerance is 1e-4); bf16 vLLM vs bf16 FSDP differs by up to
-    ~0.1-0.3 on single tokens from kernel differences, hence 0.5 there; stale or misloaded weights are far beyond both."""
+    """The generator and the policy must give the same log-probs to a sampled sequence (temperature 1, raw logits). fp32
+    agrees to ~1e-5 (the default tolerance is 1e-4); a bf16 generator vs the policy differs by up to ~0.1-0.3 on single
+    tokens from kernel differences, hence 0.5 there. That misses small updates (one step at lr 5e-7 moves a bf16 weight by
+    far less than its rounding); the checksums in sync_generator catch those, this catches a generator that computes wrong."""
     with torch.no_grad():
         policy_logps = forward(policy, [sample], temperature=1.0)[0]
     if backend == "vllm":
@@ -628,4 +661,7 @@ if rank == 0:
     tokenizer.save_pretrained(args.output_dir)
     print0(f"saved the model to {args.output_dir}")
 dist.barrier()
-dist.destroy_process_group()
+if backend == "vllm":  # the engine's shutdown destroys its groups, then torch's default one (vllm/v1/engine/core.py:824-839)
+    llm.llm_engine.engine_core.shutdown()
+else:
+    dist.destroy_process_group()
