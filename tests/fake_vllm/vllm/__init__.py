@@ -243,7 +243,8 @@ class LLM:
         model_runner = SimpleNamespace(model=engine_model, get_model=lambda: engine_model)
         driver_worker = SimpleNamespace(worker=SimpleNamespace(model_runner=model_runner), model_runner=model_runner)
         self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=driver_worker),
-                                          engine_core=SimpleNamespace(shutdown=self._shutdown))  # core_client.py:401
+                                          engine_core=SimpleNamespace(shutdown=self._shutdown),  # core_client.py:401
+                                          is_sleeping=lambda: bool(self.sleeping_tags))  # llm_engine.py:443, core.py:1041
 
     def _engine_model(self):
         return self.llm_engine.model_executor.driver_worker.worker.model_runner.model
