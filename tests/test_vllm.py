@@ -112,12 +112,16 @@ def test_rlvr_vllm_grpo_one_process_bf16(tiny_model_dir, rlvr_data, tmp_path):
     assert "Attempted to load weight" not in result.stdout + result.stderr
 
 
-def test_rlvr_vllm_ppo_two_processes(tiny_model_dir, rlvr_data, tmp_path):
-    run_script("rlvr.py", *rlvr_args(tiny_model_dir, rlvr_data, tmp_path, "--algo", "ppo", "--eval_every", 0),
-               nproc=2, env=VLLM_ENV)
-    metrics = read_metrics(tmp_path)
-    assert [m["step"] for m in metrics] == [1, 2]
-    assert all(m["self_check_max_diff"] < 1e-4 for m in metrics) and metrics[1]["kl"] > 0  # fp32 on CPU
+def test_rlvr_vllm_ppo_two_processes_match_one(tiny_model_dir, rlvr_data, tmp_path):
+    """Under torchrun every rank hosts its own engine; per-request seeds make the samples independent of the rank."""
+    args = rlvr_args(tiny_model_dir, rlvr_data, tmp_path / "two", "--algo", "ppo", "--eval_every", 0)
+    run_script("rlvr.py", *args, nproc=2, env=VLLM_ENV)
+    run_script("rlvr.py", *args, "--output_dir", tmp_path / "one", env=VLLM_ENV)
+    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert [m["step"] for m in two] == [1, 2]
+    assert all(m["self_check_max_diff"] < 1e-4 for m in two) and two[1]["kl"] > 0  # fp32 on CPU
+    for key in ["reward", "response_length", "kl", "pg_loss", "vf_loss", "grad_norm"]:
+        assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("generator", ["vllm", "hf"])
