@@ -40,6 +40,7 @@ parser.add_argument("--task", action="append", required=True, choices=["gsm8k", 
 parser.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
 parser.add_argument("--max_new_tokens", type=int, default=1024)
 parser.add_argument("--batch_size", type=int, default=32, help="prompts per HF generate call (vLLM batches itself)")
+parser.add_argument("--generator", default="auto", choices=["auto", "vllm", "hf"], help="auto: vLLM if it imports and CUDA is up")
 parser.add_argument("--no_prefix_cache", action="store_true", help="HF path: prefill every prompt whole (for comparison)")
 parser.add_argument("--output_dir", default="out/eval")
 parser.add_argument("--chat_template", default="default", choices=["default", "tulu"],
@@ -152,6 +153,9 @@ examples = {task: load_task(task) for task in tasks}
 
 
 # ----------------------------------------------------------------------------- generation
+engines = []  # the vLLM engines started so far
+
+
 def generate(model_path):
     """Greedy responses of one model to every example -> ({task: [(example, response)]}, seconds, generated tokens).
     Every rank answers a strided share of the prompts; every rank returns all of them."""
@@ -171,22 +175,42 @@ def generate(model_path):
     mine = list(range(rank, len(jobs), world_size))  # strided, so every rank gets a mix of lengths
     texts, counts = {}, {}  # job index -> response text / number of generated tokens
 
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (as external_launcher wants)
     try:
         import vllm
     except ImportError:
         vllm = None
     start = time.time()
-    if vllm is not None and torch.cuda.is_available():
-        # Under torchrun each rank is its own engine (tensor_parallel_size=1) on its own GPU.
-        llm = vllm.LLM(model=model_path, seed=0, **({"distributed_executor_backend": "external_launcher"} if ddp else {}))
+    if args.generator == "vllm" or (args.generator == "auto" and vllm is not None and torch.cuda.is_available()):
+        # Each rank is its own engine (tensor_parallel_size=1) on its own GPU, in this process (external_launcher, tested
+        # against tests/fake_vllm only). The executor reads the torchrun variables even in one process
+        # (vllm/v1/executor/uniproc_executor.py:186-197) and joins torch's default process group: one process makes a
+        # group of one first, as rlvr.py does, so vLLM never rendezvous on MASTER_PORT.
+        for key, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+            os.environ.setdefault(key, str(value))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not ddp:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        llm = vllm.LLM(model=model_path, seed=0, distributed_executor_backend="external_launcher")
+        engines.append(model_path)
         params = vllm.SamplingParams(temperature=0, max_tokens=args.max_new_tokens, stop_token_ids=eos_ids)
         outputs = llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in mine], params, use_tqdm=rank == 0)
         for i, out in zip(mine, outputs):
             texts[i], counts[i] = out.outputs[0].text, len(out.outputs[0].token_ids)
-        # Free the engine before the next model (UNTESTED here: no vLLM on the development machines).
-        del llm
+        # Shut the engine down before the next model: `del llm` is not enough, since EngineCore.__init__ freezes the gc
+        # heap (vllm/v1/engine/core.py:253), so its weights, KV cache and parallel groups can outlive it. The shutdown
+        # (vllm/v1/engine/core_client.py:401 -> core.py:824-839) unfreezes the heap and runs cleanup_dist_env_and_memory:
+        # destroy_model_parallel(), destroy_distributed_environment() -- which destroys torch's default process group
+        # too (vllm/distributed/parallel_state.py:2506-2513) -- gc and the device cache.
+        llm.llm_engine.engine_core.shutdown()
+        del llm, outputs
         gc.collect()
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if ddp:  # the gather below and the next engine need torchrun's group back, under a prefix of its own: from the
+            # old keys, a rank that gets here first would read the other ranks' last addresses (it hung so on CPU)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"after_engine{len(engines)}", store), rank=rank, world_size=world_size)
     else:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device != "cpu" else torch.float32

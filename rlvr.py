@@ -18,9 +18,11 @@ and step count here are illustrative):
 Tulu 3 PPO: the same with --algo ppo --beta 0.05 --learning_rate 3e-7 --num_epochs 4 (gamma 1.0, lam 0.95, clip 0.2).
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import time
 
@@ -74,10 +76,11 @@ parser.add_argument("--max_steps", type=int, default=6, help="rollout steps")
 parser.add_argument("--seed", type=int, default=1)
 # generation backend
 parser.add_argument("--generator", default="auto", choices=["auto", "vllm", "hf"], help="auto: vllm if it imports and CUDA is up")
+parser.add_argument("--generator_dtype", default=None, choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
 parser.add_argument("--vllm_tensor_parallel_size", type=int, default=1)
 parser.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3)
 parser.add_argument("--self_check_tolerance", type=float, default=None,
-                    help="max |generator - policy| log-prob on a sampled sequence; default 1e-4 fp32 (CPU), 0.5 bf16 (GPU)")
+                    help="max |generator - policy| log-prob on a sampled sequence; default 1e-4 fp32, 0.5 bf16 generator")
 parser.add_argument("--debug_skip_weight_sync", action="store_true", help="TESTING ONLY: never update the generator")
 parser.add_argument("--save_rollouts", action="store_true", help="write every sample with its per-token tensors to rollouts.jsonl")
 # outputs
@@ -90,10 +93,8 @@ args = parser.parse_args()
 # ----------------------------------------------------------------------------- Distributed setup
 
 use_cuda = torch.cuda.is_available()
-if "RANK" in os.environ:  # launched by torchrun
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-else:  # plain `python rlvr.py`: a process group of one, so the FSDP code below is the same everywhere
-    dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+# torchrun's group, or for a plain `python rlvr.py` a group of one, so the FSDP code below is the same everywhere
+dist.init_process_group("nccl" if use_cuda else "gloo", **({} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)))
 rank, world_size = dist.get_rank(), dist.get_world_size()
 local_rank = int(os.environ.get("LOCAL_RANK", 0))
 device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -185,30 +186,23 @@ def build_fsdp_model(auto_class, config, zero_head=False):
         if zero_head:  # the value head starts at 0: V = 0 everywhere, so the first advantages are the rewards-to-go
             state["score.weight"].zero_(), state["score.bias"].zero_()
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    return model
+    # eval mode = no dropout anywhere (e.g. the token-classification head's): dropout would make the policy's log-probs
+    # (and the values) differ between the old-logps pass and the update, so the ratio would not start at 1.
+    return model.eval()
 
 
 config = AutoConfig.from_pretrained(args.model_name_or_path)
 policy = build_fsdp_model(AutoModelForCausalLM, config)
 optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=use_cuda)
 # The frozen reference only serves the KL term: with --beta 0 it is not even built.
-reference = build_fsdp_model(AutoModelForCausalLM, config).eval().requires_grad_(False) if args.beta > 0 else None
+reference = build_fsdp_model(AutoModelForCausalLM, config).requires_grad_(False) if args.beta > 0 else None
 value_model = value_optimizer = None
 if args.algo == "ppo":  # Tulu 3 initializes the value model from a reward model; we start from the policy's backbone
     value_config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1)
     value_model = build_fsdp_model(AutoModelForTokenClassification, value_config, zero_head=True)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=use_cuda)
-# eval mode = no dropout anywhere (e.g. the token-classification head's): dropout would make the policy's log-probs
-# (and the values) differ between the old-logps pass and the update, so the ratio would not start at 1.
-for model in (policy, value_model):
-    if model is not None:
-        model.eval()
 print0(f"{args.model_name_or_path}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, world size "
        f"{world_size}, algo {args.algo}, reference {'yes' if reference else 'no (beta 0)'}")
-
-
-def learning_rate(step):
-    return args.learning_rate * (1 - step / args.max_steps if args.lr_scheduler_type == "linear" else 1.0)
 
 
 def forward(model, samples, temperature=args.temperature):
@@ -235,30 +229,27 @@ def forward(model, samples, temperature=args.temperature):
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 backend = args.generator
 if backend == "auto":
-    try:
-        import vllm  # noqa: F401
-        backend = "vllm" if use_cuda else "hf"
-    except ImportError:
-        backend = "hf"
+    backend = "vllm" if use_cuda and importlib.util.find_spec("vllm") else "hf"
 gen_tp = args.vllm_tensor_parallel_size if backend == "vllm" else 1
-tolerance = args.self_check_tolerance or (0.5 if use_cuda else 1e-4)
+gen_dtype = getattr(torch, args.generator_dtype or ("bfloat16" if use_cuda else "float32"))
+tolerance = args.self_check_tolerance or (0.5 if gen_dtype == torch.bfloat16 else 1e-4)
 if backend == "vllm":
-    # UNTESTED HERE (no vLLM on the development machines): written against vLLM's documented offline API.
+    # Written against vLLM 0.32.0's source, and tested on CPU against tests/fake_vllm (a stand-in); never run on a real vLLM.
     import vllm
 
+    # external_launcher reads the torchrun variables even in one process (vllm/v1/executor/uniproc_executor.py:186-197);
+    # it then joins our process group, which exists already, so MASTER_ADDR/PORT are only read, never used
+    for key, value in dict(RANK=rank, LOCAL_RANK=local_rank, WORLD_SIZE=world_size, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
+        os.environ.setdefault(key, str(value))
     # Ranks of one tensor-parallel group form one engine: they must send it identical requests (see group_share).
     llm = vllm.LLM(model=args.model_name_or_path, tensor_parallel_size=gen_tp, distributed_executor_backend="external_launcher",
                    gpu_memory_utilization=args.vllm_gpu_memory_utilization, enable_sleep_mode=True, seed=args.seed + rank // gen_tp,
-                   max_model_len=args.max_prompt_length + args.response_length, dtype="bfloat16")
-    # The model object that takes load_weights([(hf_name, full_tensor)]); the chain has moved across vLLM releases: V1's
-    # in-process engine (external_launcher) wraps the worker once more than V0's. Pin vLLM; the self-check catches the rest.
-    worker = llm.llm_engine.model_executor.driver_worker
-    engine_model, vllm_asleep = getattr(worker, "worker", worker).model_runner.model, False
+                   max_model_len=args.max_prompt_length + args.response_length, dtype=str(gen_dtype).removeprefix("torch."))
+    # The in-process engine's model, unwrapped from CUDA graphs (vllm/v1/worker/gpu_model_runner.py:3112-3120); it takes
+    # load_weights([(hf_name, full_tensor)]) and stacks q/k/v and gate/up itself (vllm/model_executor/models/llama.py:348-357)
+    generator = llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
 else:
-    generator_dtype = torch.bfloat16 if use_cuda else torch.float32
-    generator = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=generator_dtype).to(device).eval()
-    generator.requires_grad_(False)
-    generator_params = dict(generator.named_parameters())
+    generator = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=gen_dtype).to(device).eval().requires_grad_(False)
 
 
 def generate(prompts_token_ids, samples_per_prompt=1, seeds=None):
@@ -271,12 +262,9 @@ def generate(prompts_token_ids, samples_per_prompt=1, seeds=None):
                                       top_p=1.0, max_tokens=args.response_length, logprobs=0, stop_token_ids=eos_ids,
                                       seed=None if seeds is None else seeds[i]) for i in range(len(prompts_token_ids))]
         outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts_token_ids], params, use_tqdm=False)
-        results = []
-        for output in outputs:
-            for c in output.outputs:  # logprobs: per position, {token id: Logprob} incl. the sampled token
-                logps = [position[t].logprob for position, t in zip(c.logprobs, c.token_ids)] if c.logprobs else None
-                results.append((list(c.token_ids), c.finish_reason == "stop", logps))
-        return results
+        # c.logprobs: per position, {token id: Logprob} with the sampled token's raw (temperature 1) log-prob
+        return [(list(c.token_ids), c.finish_reason == "stop", [position[t].logprob for position, t in zip(c.logprobs, c.token_ids)])
+                for output in outputs for c in output.outputs]
     sampling = GenerationConfig(do_sample=seeds is not None, temperature=args.temperature, top_p=1.0, top_k=None,
                                 max_new_tokens=args.response_length, eos_token_id=eos_ids, pad_token_id=pad_id)
     if seeds is None:  # greedy: batch prompts, padded on the left so every row continues from its last prompt token
@@ -299,39 +287,60 @@ def generate(prompts_token_ids, samples_per_prompt=1, seeds=None):
     return results
 
 
+def checksum(tensor):
+    """An exact fingerprint of a tensor's values that does not depend on their order: the sum over elements of a
+    nonlinear hash of each element's bits, in int64 without overflow. A stack's checksum is then the sum of its parts'
+    (vLLM's qkv_proj holds q, k, v; gate_up_proj gate, up; the zero rows padding its vocabulary hash to 0), and one element
+    one ulp off changes it, where a float sum could round the difference away or cancel it against another."""
+    total, p = 0, 2147483647
+    for part in tensor.detach().flatten().split(1 << 24):  # int64 temporaries, 8 bytes per element: a chunk at a time
+        bits = part.view(torch.int16 if part.element_size() == 2 else torch.int32).long() % p
+        total += ((bits * 2654435761 % p) ** 2 % p).sum().item()
+    return total
+
+
 def sync_generator():
-    """Push the policy's full weights into the generator: gather each FSDP shard (DTensor.full_tensor, a collective every
-    rank joins in the same order) and load it. Same protocol for both backends."""
-    global vllm_asleep
-    if backend == "vllm" and vllm_asleep:
-        llm.wake_up()  # level-1 sleep kept the old weights on the CPU; they are overwritten right away
-        vllm_asleep = False
+    """Push the policy's full weights into the generator, one tensor at a time: gather the FSDP shards (DTensor.full_tensor,
+    a collective every rank joins in the same order), cast to the generator's dtype (vLLM would convert it itself, with
+    a warning per tensor: vllm/model_executor/models/utils.py:324-339, and an fp32 copy is twice the size), load. Then the
+    exact half of the self-check: tensor by tensor, the generator must hold the checksum of what was sent."""
+    asleep = backend == "vllm" and llm.llm_engine.is_sleeping()
+    if asleep:  # the weights first, the KV cache after the load: the two never peak together
+        llm.wake_up(tags=["weights"])
+    sent = {}
     for name, param in policy.named_parameters():
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param
-        if args.debug_skip_weight_sync:
-            continue
-        if backend == "vllm":
-            engine_model.load_weights([(name, full.detach())])
-        else:
-            generator_params[name].data.copy_(full.detach())
-    if backend == "vllm":
-        llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        full = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach().to(gen_dtype)
+        if not args.debug_skip_weight_sync:
+            generator.load_weights([(name, full)]) if backend == "vllm" else generator.get_parameter(name).data.copy_(full)
+        if backend == "vllm":  # the engine's name for it: q/k/v and gate/up are stacked (vllm/model_executor/models/llama.py:348-357)
+            name = re.sub(r"\.(gate|up)_proj\.", ".gate_up_proj.", re.sub(r"\.[qkv]_proj\.", ".qkv_proj.", name))
+        sent[name] = sent.get(name, 0) + checksum(full)
+    if asleep:  # sleeping dropped the prefix cache, whose blocks hold the old weights' keys (vllm/v1/engine/core.py:972)
+        llm.wake_up(tags=["kv_cache"])
+    if gen_tp > 1:  # each engine rank holds a shard of every stack: not compared (not implemented)
+        return
+    held = {name: checksum(p) for name, p in generator.named_parameters()}
+    wrong = sorted(name for name in sent.keys() | held.keys() if sent.get(name) != held.get(name))
+    count = torch.tensor(len(wrong), device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)  # every rank stops, not only the one whose engine is wrong
+    if count.item():
+        raise RuntimeError(f"generator self-check failed: after the weight sync, {count.item()} {backend} generator tensors do not "
+                           f"hold what was sent (checksums differ: {', '.join(wrong[:3]) or 'on another rank'}): broken or skipped sync")
 
 
 def self_check(sample):
-    """After a sync: the generator and the policy must give the same log-probs to a sampled sequence (temperature 1,
-    raw logits). fp32 on CPU agrees to ~1e-5 (the default tolerance is 1e-4); bf16 vLLM vs bf16 FSDP differs by up to
-    ~0.1-0.3 on single tokens from kernel differences, hence 0.5 there; stale or misloaded weights are far beyond both."""
+    """The generator and the policy must give the same log-probs to a sampled sequence (temperature 1, raw logits). fp32
+    agrees to ~1e-5 (the default tolerance is 1e-4); a bf16 generator vs the policy differs by up to ~0.1-0.3 on single
+    tokens from kernel differences, hence 0.5 there. That misses small updates (one step at lr 5e-7 moves a bf16 weight by
+    far less than its rounding); the checksums in sync_generator catch those, this catches a generator that computes wrong."""
     with torch.no_grad():
         policy_logps = forward(policy, [sample], temperature=1.0)[0]
     if backend == "vllm":
         generator_logps = torch.tensor(sample["generator_logps"], device=device)
     else:
-        with torch.no_grad():
-            logits = generator(input_ids=torch.tensor([sample["input_ids"]], device=device)).logits[0].float()
-        n = len(sample["response"])
-        logits = logits[-n - 1 : -1]  # (n, V): the positions that predict the response tokens
-        generator_logps = logits.log_softmax(-1).gather(-1, torch.tensor(sample["response"], device=device)[:, None])[:, 0]
+        with torch.no_grad():  # (n, V): the positions that predict the n response tokens
+            logits = generator(input_ids=torch.tensor([sample["input_ids"]], device=device)).logits[0, -len(sample["response"]) - 1 : -1]
+        generator_logps = logits.float().log_softmax(-1).gather(-1, torch.tensor(sample["response"], device=device)[:, None])[:, 0]
     difference = (policy_logps - generator_logps.to(policy_logps)).abs().max()
     dist.all_reduce(difference, op=dist.ReduceOp.MAX)
     if difference.item() > tolerance:
@@ -359,10 +368,7 @@ def evaluate():
         p = eval_prompts[i]
         score = common.verify(p["dataset"], tokenizer.decode(response, skip_special_tokens=True), p["ground_truth"])
         k = names.index(p["dataset"])
-        totals[2 * k] += score
-        totals[2 * k + 1] += 1
-        totals[-2] += score == 1
-        totals[-1] += len(response)
+        totals[[2 * k, 2 * k + 1, -2, -1]] += torch.tensor([score, 1, score == 1, len(response)], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     metrics = {"eval/reward": args.verification_reward * totals[0:-2:2].sum().item() / len(eval_prompts),
                "eval/accuracy": totals[-2].item() / len(eval_prompts), "eval/response_length": totals[-1].item() / len(eval_prompts)}
@@ -415,14 +421,13 @@ if args.resume:
     torch.set_rng_state(trainer_state["cpu_rng"])
     print0(f"resumed from {path} at step {start_step}")
 # Start the logs, or on --resume drop the lines logged after the checkpoint, so they read like one uninterrupted run.
-for log_path in [metrics_path] + ([rollouts_path] if args.save_rollouts else []):
-    if rank == 0:
-        kept = []
-        if args.resume and os.path.exists(log_path):
-            with open(log_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(log_path, "w") as f:
-            f.writelines(kept)
+for log_path in ([metrics_path] + ([rollouts_path] if args.save_rollouts else [])) if rank == 0 else []:
+    kept = []
+    if args.resume and os.path.exists(log_path):
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= start_step]
+    with open(log_path, "w") as f:
+        f.writelines(kept)
 
 
 def log(metrics):
@@ -446,7 +451,6 @@ for step in progress:
     seeds = [(args.seed * 1_000_003 + step) * 1_000_003 + batch[j] for j in positions]  # per prompt, not per rank
     generated = generate([train_prompts[batch[j]]["prompt_ids"] for j in positions], G, [s % 2**31 for s in seeds])
     if backend == "vllm":
-        vllm_asleep = True
         llm.sleep(level=1)  # free the KV cache and move weights to the CPU: the GPU now belongs to training
     metrics["time/generate"] = time.time() - step_start
     samples = []  # this rank's samples, prompt-major: samples[k * G : (k + 1) * G] share a prompt
@@ -458,31 +462,24 @@ for step in progress:
             samples.append(dict(position=j, prompt_index=batch[j], dataset=prompt["dataset"], ground_truth=prompt["ground_truth"],
                                 response=response, finished=finished, generator_logps=generator_logps,
                                 input_ids=prompt["prompt_ids"] + response, labels=[-100] * len(prompt["prompt_ids"]) + response))
-    score_start = time.time()
     for s in samples:
-        text = tokenizer.decode(s["response"], skip_special_tokens=True)
-        s["score"] = common.verify(s["dataset"], text, s["ground_truth"])
+        s["score"] = common.verify(s["dataset"], tokenizer.decode(s["response"], skip_special_tokens=True), s["ground_truth"])
         s["reward"] = args.verification_reward * s["score"]
         if args.non_stop_penalty and not s["finished"]:  # Tulu: the penalty replaces the reward
             s["reward"] = args.penalty_reward_value
-    metrics["time/score"] = time.time() - score_start
 
     # --- old log-probs, reference log-probs, old values: one no-grad pass before any update ---------------------------
-    train_start = time.time()
     # old_logps come from the TRAINING model, not the generator: vLLM's bf16 kernels, batching and sampler differ
     # numerically from the FSDP forward, so generator log-probs in the ratio would make it != 1 before any update and
     # the clip would act on numerical noise (a bias, not a trust region). The PPO ratio compares two parameter versions
     # of ONE implementation. (The generator's numbers are only used by the self-check.)
     micro = args.per_device_train_batch_size
-    with torch.no_grad():
-        for b in range(0, len(samples), micro):
-            chunk = samples[b : b + micro]
-            lengths = [len(s["response"]) for s in chunk]
-            old = forward(policy, chunk)[0].split(lengths)
-            ref = forward(reference, chunk)[0].split(lengths) if reference else [torch.zeros(n, device=device) for n in lengths]
-            vals = forward(value_model, chunk)[0].split(lengths) if value_model else [None] * len(chunk)
-            for s, o, r, v in zip(chunk, old, ref, vals):
-                s["old_logps"], s["ref_logps"], s["old_values"] = o, r, v
+    with torch.no_grad():  # without a reference (beta 0), ref_logps = old_logps: a KL of 0
+        for chunk in (samples[b : b + micro] for b in range(0, len(samples), micro)):
+            for key, model in (("old_logps", policy), ("ref_logps", policy if reference is None else reference), ("old_values", value_model)):
+                outs = forward(model, chunk)[0].split([len(s["response"]) for s in chunk]) if model else [None] * len(chunk)
+                for s, out in zip(chunk, outs):
+                    s[key] = out
     metrics["self_check_max_diff"] = self_check(samples[0])
     for model in (policy, reference, value_model):  # FSDP2 reshards the root only in backward: after a no-grad forward, do it
         if model is not None:
@@ -521,7 +518,7 @@ for step in progress:
             s["advantages"] = ((s["gae"] - mean) / (std + 1e-8)).float()
 
     # --- policy (and value) updates: num_epochs x num_mini_batches optimizer steps ---------------------------------------
-    lr = learning_rate(step)
+    lr = args.learning_rate * (1 - step / args.max_steps if args.lr_scheduler_type == "linear" else 1.0)
     for opt in (optimizer, value_optimizer):
         for group in (opt.param_groups if opt else []):
             group["lr"] = lr
@@ -576,13 +573,11 @@ for step in progress:
                 opt.zero_grad(set_to_none=True)
 
     # KL of the policy that sampled to the reference, k3, mean per response token of the whole rollout batch
-    if reference is not None:
-        d = torch.cat([s["ref_logps"] - s["old_logps"] for s in samples])
-        sums[5] += (d.exp() - d - 1).sum()
+    d = torch.cat([s["ref_logps"] - s["old_logps"] for s in samples])
+    sums[5] += (d.exp() - d - 1).sum()
     sums[6] += sum(len(s["response"]) for s in samples)
     sums[7] += sum(s["finished"] for s in samples)
     dist.all_reduce(sums)
-    metrics["time/train"] = time.time() - train_start
     sync_generator()  # after the last optimizer step: the next rollout samples from the new policy
 
     # --- metrics ---------------------------------------------------------------------------------------------------------
@@ -604,8 +599,8 @@ for step in progress:
         metrics |= {"vf_loss": sums[1].item() / n_tokens, "value_grad_norm": sum(value_grad_norms) / len(value_grad_norms)}
     metrics["tokens_per_sec"] = sums[6].item() / (time.time() - step_start)
     if args.save_rollouts:
-        rows = [{"step": step + 1, "rank": rank, **{k: v for k, v in s.items() if k not in ("input_ids", "labels")}} for s in samples]
-        rows = [{k: v.tolist() if torch.is_tensor(v) else v for k, v in row.items()} for row in rows]
+        rows = [{"step": step + 1, "rank": rank, **{k: v.tolist() if torch.is_tensor(v) else v for k, v in s.items()
+                                                    if k not in ("input_ids", "labels")}} for s in samples]
         gathered = [None] * world_size
         dist.all_gather_object(gathered, rows)
         if rank == 0:
@@ -628,4 +623,7 @@ if rank == 0:
     tokenizer.save_pretrained(args.output_dir)
     print0(f"saved the model to {args.output_dir}")
 dist.barrier()
-dist.destroy_process_group()
+if backend == "vllm":  # the engine's shutdown destroys its groups, then torch's default one (vllm/v1/engine/core.py:824-839)
+    llm.llm_engine.engine_core.shutdown()
+else:
+    dist.destroy_process_group()

@@ -59,9 +59,12 @@ def sft_data(tmp_path_factory):
 
 # One thread per process: the test machine is small and shared, and several processes train at once.
 SCRIPT_ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+# The same, with tests/fake_vllm (a CPU stand-in of vLLM 0.32's offline API) importable as `vllm`
+FAKE_VLLM = os.path.join(ROOT, "tests", "fake_vllm")
+VLLM_ENV = dict(SCRIPT_ENV, PYTHONPATH=os.pathsep.join([FAKE_VLLM] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
 
 
-def run_script(script, *args, nproc=1, check=True):
+def run_script(script, *args, nproc=1, check=True, env=None):
     """Run a stage script as a user would: `python script.py` for one process, torchrun for more (one node; the
     several-node launch is spelled out in test_sft.py's test_two_nodes_match_one_process)."""
     if nproc == 1:
@@ -69,7 +72,7 @@ def run_script(script, *args, nproc=1, check=True):
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
                    os.path.join(ROOT, script)]
-    result = subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=SCRIPT_ENV, cwd=ROOT)
+    result = subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=env or SCRIPT_ENV, cwd=ROOT)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result

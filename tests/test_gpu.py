@@ -4,7 +4,7 @@
 - a tiny Llama's packed forward == its per-document forward on CUDA in bf16;
 - sft.py, dpo.py and rlvr.py (HF generator) for a few steps under torchrun on one GPU (nccl, bf16 compute): losses
   finite and falling, DPO's first loss ln 2, the RLVR self-check passing; save -> reload -> the trainer's next loss;
-- when vLLM imports: rlvr.py with vLLM generating."""
+- when vLLM imports: rlvr.py with vLLM generating (torchrun and plain python), eval.py with two vLLM engines in a row."""
 import json
 import math
 import os
@@ -136,8 +136,28 @@ def test_rlvr_hf_generator_on_one_gpu(tiny_model_dir, tmp_path, algo):
     assert metrics[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-2)  # before any update, new policy == old policy
 
 
-def test_vllm_generator_on_one_gpu(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "python"])
+def test_vllm_generator_on_one_gpu(tiny_model_dir, tmp_path, launcher):
+    """Real vLLM (never run so far; tests/test_vllm.py runs the same branch against a CPU stand-in): under torchrun and
+    from a plain `python rlvr.py` (external_launcher reads RANK etc., which rlvr.py then sets); the checksum half of the
+    self-check passes or the run stops; bf16 tensors go in, so vLLM's loader logs no dtype mismatch."""
     pytest.importorskip("vllm")
-    torchrun("rlvr.py", *rlvr_args(tiny_model_dir, tmp_path, "vllm"))
+    if launcher == "torchrun":
+        result = torchrun("rlvr.py", *rlvr_args(tiny_model_dir, tmp_path, "vllm"))
+    else:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "rlvr.py"), *map(str, rlvr_args(tiny_model_dir, tmp_path, "vllm"))],
+                                capture_output=True, text=True, env=SCRIPT_ENV, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-6000:]
     metrics = [m for m in read_metrics(tmp_path / "vllm") if m["step"] > 0]
-    assert len(metrics) == 3 and all(math.isfinite(m["reward"]) for m in metrics)
+    assert len(metrics) == 3 and all(math.isfinite(m["reward"]) and m["self_check_max_diff"] < 0.5 for m in metrics)
+    assert "Attempted to load weight" not in result.stdout + result.stderr
+
+
+def test_eval_vllm_several_models_on_one_gpu(tiny_model_dir, tmp_path):
+    """Two vLLM engines one after the other in one process: the first must be shut down for the second to start."""
+    pytest.importorskip("vllm")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model_name_or_path", tiny_model_dir, tiny_model_dir,
+                             "--task", "gsm8k", "--limit", "4", "--max_new_tokens", "16", "--generator", "vllm",
+                             "--output_dir", str(tmp_path)], capture_output=True, text=True, env=SCRIPT_ENV, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert os.path.exists(tmp_path / "table.md")

@@ -148,8 +148,13 @@ def test_self_check_fires_when_the_generator_is_stale(tiny_model_dir, rlvr_data,
                         "--eval_every", 0, "--max_steps", 2, "--debug_skip_weight_sync", "--output_dir", tmp_path, *FAST,
                         check=False)
     assert result.returncode != 0
-    assert "generator self-check failed" in result.stderr
-    assert len(read_metrics(tmp_path)) == 1  # step 1 sampled from synced weights (initial load); step 2 did not
+    assert "generator self-check failed: after the weight sync" in result.stderr  # the checksums, right after the sync
+    assert read_metrics(tmp_path) == []  # the initial sync had nothing to change; the one after step 1 did
+    # the log-prob half, live: fp32 agrees to ~1e-6, not to 1e-12
+    result = run_script("rlvr.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", rlvr_data, "1.0",
+                        "--eval_every", 0, "--max_steps", 1, "--self_check_tolerance", 1e-12, "--output_dir", tmp_path / "tight",
+                        *FAST, check=False)
+    assert result.returncode != 0 and "generator self-check failed: its log-probs differ" in result.stderr
 
 
 @pytest.mark.parametrize("row, message", [
