@@ -20,8 +20,9 @@ def run(script_dir, script, *args, cwd):
 def fresh_clone(tmp_path_factory):
     """The scripts in a directory without models/, as in a fresh clone before the conversion."""
     path = tmp_path_factory.mktemp("clone")
-    for name in ("sft.py", "dpo.py", "rlvr.py", "eval.py", "common.py"):
-        shutil.copy(os.path.join(ROOT, name), path)
+    for name in os.listdir(ROOT):  # the scripts and the modules they import
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(ROOT, name), path)
     shutil.copytree(os.path.join(ROOT, "data"), path / "data", ignore=shutil.ignore_patterns("curves"))
     return path
 
