@@ -418,7 +418,8 @@ if args.resume:
 elif rank == 0:
     open(metrics_path, "w").close()
 # --with_tracking: the same metrics also to TensorBoard / W&B (tracking.py)
-track = tracking.start(args.report_to, args.output_dir, "dpo", vars(args)) if args.with_tracking and rank == 0 else None
+track = (tracking.start(args.report_to, args.output_dir, "dpo", vars(args), start_step)
+         if args.with_tracking and rank == 0 else None)
 if args.checkpointing_steps == "epoch":
     checkpoint_every = steps_per_epoch
 else:

@@ -438,7 +438,8 @@ for log_path in [metrics_path] + ([rollouts_path] if args.save_rollouts else [])
 
 
 # --with_tracking: the same metrics also to TensorBoard / W&B (tracking.py)
-track = tracking.start(args.report_to, args.output_dir, "rlvr", vars(args)) if args.with_tracking and rank == 0 else None
+track = (tracking.start(args.report_to, args.output_dir, "rlvr", vars(args), start_step)
+         if args.with_tracking and rank == 0 else None)
 
 
 def log(metrics):

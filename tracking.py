@@ -9,15 +9,17 @@ import atexit
 import os
 
 
-def start(report_to, output_dir, run_name, config):
-    """-> log(metrics): sends one metrics.jsonl line (a dict with "step") to every tracker report_to names."""
+def start(report_to, output_dir, run_name, config, start_step=0):
+    """-> log(metrics): sends one metrics.jsonl line (a dict with "step") to every tracker report_to names. start_step:
+    where a --resume run continues; TensorBoard then hides what the interrupted run logged after it, as metrics.jsonl
+    drops those lines (W&B starts a new offline run)."""
     loggers = []
     if report_to in ("tensorboard", "all"):
         try:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
         except ImportError:
             raise SystemExit("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
-        writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
         atexit.register(writer.close)
 
         def log_tensorboard(metrics):

@@ -111,3 +111,19 @@ def test_without_with_tracking_nothing_is_written(tiny_model_dir, tmp_path):
     run_script("sft.py", "--model_name_or_path", tiny_model_dir, *stage_args("sft.py", tiny_model_dir, tmp_path),
                "--output_dir", out, "--report_to", "all")
     assert not os.path.exists(out / "tensorboard") and not os.path.exists(out / "wandb")
+
+
+@pytest.mark.skipif("tensorboard" not in HAVE, reason="tensorboard is not installed")
+def test_resume_replaces_the_redone_steps_in_tensorboard(tiny_model_dir, tmp_path):
+    """3 steps, checkpoints after 1 and 2, then --resume from checkpoint-2: step 3 is logged twice, and TensorBoard
+    shows it once, with the resumed run's value, as metrics.jsonl does."""
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", tiny_model_dir, *stage_args("sft.py", tiny_model_dir, tmp_path), "--max_steps", 3,
+            "--checkpointing_steps", 1, "--output_dir", out, "--with_tracking", "--report_to", "tensorboard"]
+    run_script("sft.py", *args)
+    run_script("sft.py", *args, "--resume")
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    logged = read_tensorboard(out)
+    assert [step for step, _ in logged["loss"]] == [1, 2, 3]
+    assert [v for _, v in logged["loss"]] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
