@@ -177,11 +177,11 @@ def source_fingerprint(dataset_mixer_list):
 
 
 def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num_workers):
-    """The mixture's rows, each turned into `columns` (lists of int32) by `make_example(where, row)` and stored in an
+    """The mixture's rows, each turned into `columns` (lists of int32, or strings) by `make_example(where, row)` and stored in an
     Arrow file (datasets' format: datasets.Dataset.from_file opens it), built on the first run and reused after.
-    Returns read(ids) -> {column: [one list per id]}, the (N,) lengths, and stats (rows, kept, counts, how, path).
+    Returns read(ids) -> [{column: value} per id], the (N,) lengths, and stats (rows, kept, counts, how, path).
 
-    make_example returns (reasons, example): example a dict of columns or None (the row is dropped), reasons None, a
+    make_example returns (reasons, example): example a dict of columns (lists of ints, or strings) or None (the row is dropped), reasons None, a
     string or a tuple of strings counted in the stats ("truncated", "overlong", ...); or it raises ValueError: a bad row,
     and every bad row is reported, not only the first. A row's `length` is the sum of its *input_ids columns. `key` is JSON of what the tokens depend on besides the data
     (tokenizer, chat template, max length, overlong policy, stage). The local rank 0 of every machine builds the file
@@ -232,33 +232,35 @@ def _memory_mapped_reader(path, columns):
 
     table = pa.ipc.open_stream(pa.memory_map(path), options=pa.ipc.IpcReadOptions(use_threads=False)).read_all()
     starts = np.cumsum([0] + [len(chunk) for chunk in table.column(columns[0]).chunks])  # first row of each batch
-    views = {name: [(chunk.offsets.to_numpy(), chunk.values.to_numpy()) for chunk in table.column(name).chunks]
-             for name in columns}
+    views = {name: [(chunk.offsets.to_numpy(), chunk.values.to_numpy()) if pa.types.is_list(chunk.type) else chunk
+                    for chunk in table.column(name).chunks] for name in columns}
     lengths = np.concatenate([chunk.to_numpy() for chunk in table.column("length").chunks] or [np.zeros(0, np.int32)])
 
     def read(ids):
-        out = {name: [] for name in columns}
+        rows = []
         for i in ids:
             batch = int(np.searchsorted(starts, i, side="right")) - 1
-            row = i - starts[batch]
+            row, example = i - starts[batch], {}
             for name in columns:
-                offsets, values = views[name][batch]
-                out[name].append(values[offsets[row]:offsets[row + 1]].tolist())
-        return out
+                view = views[name][batch]
+                if isinstance(view, tuple):  # list<int32>: a slice of the values
+                    example[name] = view[1][view[0][row]:view[0][row + 1]].tolist()
+                else:  # string
+                    example[name] = view[int(row)].as_py()
+            rows.append(example)
+        return rows
 
     return read, lengths
 
 
 def _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets):
     start = time.time()
-    features = datasets.Features({name: datasets.Sequence(datasets.Value("int32")) for name in columns}
-                                 | {"length": datasets.Value("int32")})
     counts, bad_rows, kept, rows_read = collections.Counter(), [], 0, 0
     rows = iter_mixture(dataset_mixer_list)
     pool = multiprocessing.Pool(num_workers) if num_workers > 1 else None
     results = pool.imap(_make_example_star, ((make_example, where, row) for where, row in rows), chunksize=64) if pool \
         else (_make_example_star((make_example, where, row)) for where, row in rows)
-    writer = ArrowWriter(features=features, path=path + ".tmp")
+    writer = None  # made at the first example, whose columns give the types: list of ints -> int32s, str -> string
     batch = {name: [] for name in [*columns, "length"]}
     try:
         for where, result in results:
@@ -273,6 +275,11 @@ def _build_tokenized(path, dataset_mixer_list, make_example, columns, num_worker
                     batch[name].append(example[name])
                 batch["length"].append(sum(len(example[name]) for name in columns if name.endswith("input_ids")))
                 kept += 1
+                if writer is None:
+                    features = datasets.Features({name: datasets.Value("string") if isinstance(example[name], str) else
+                                                  datasets.Sequence(datasets.Value("int32")) for name in columns}
+                                                 | {"length": datasets.Value("int32")})
+                    writer = ArrowWriter(features=features, path=path + ".tmp")
                 if len(batch["length"]) == 1000:
                     writer.write_batch(batch)
                     batch = {name: [] for name in batch}
@@ -281,11 +288,14 @@ def _build_tokenized(path, dataset_mixer_list, make_example, columns, num_worker
                 f.write("\n".join(bad_rows) + "\n")
             raise ValueError(f"{len(bad_rows)} bad rows:\n" + "\n".join(bad_rows[:20]) + ("\n..." if len(bad_rows) > 20 else "")
                              + f"\n(all of them in {path}.bad_rows.txt)")
+        if writer is None:
+            raise ValueError(f"no usable example in {' '.join(dataset_mixer_list[::2])} ({dict(counts)})")
         if batch["length"]:
             writer.write_batch(batch)
         writer.finalize()
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         if pool:
             pool.terminate()
     os.replace(path + ".tmp", path)
@@ -470,47 +480,69 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.transpose(1, 2), None  # (1, T, H, D)
 
 
+def materialize(model, device):
+    """A model built on the meta device (and sharded) gets real, uninitialized storage on `device`; the rotary
+    embeddings' non-persistent buffers, which no checkpoint stores, are rebuilt, since loading weights never fills them."""
+    model.to_empty(device=device)
+    for module in model.modules():
+        if hasattr(module, "inv_freq"):
+            with torch.device(device):
+                rebuilt = type(module)(module.config)
+            for name, buffer in rebuilt.named_buffers():
+                setattr(module, name, buffer)
+
+
 def register_packed_attention():
     from transformers import AttentionInterface
 
     AttentionInterface.register("packed", packed_attention)
 
 
-def token_losses(model, inputs, targets, chunk_elements=2 ** 26):
-    """Per-token cross-entropy -log p(target), (N,) for the N positions of `targets` ((1, T) packed or (B, L) padded,
-    flattened; 0 where the target is -100), without the full (N, V) logits: the decoder's hidden states, then the LM
-    head and the loss a chunk of positions at a time, each chunk recomputed in the backward (activation checkpointing),
-    so only one chunk's logits exist at any moment (a full fp32 copy is 4 bytes x V per token: 3 GB for 16k tokens of
-    a 49k vocabulary, 8 GB for Llama 3's 128k). Call it as model.token_losses (see wrap_token_losses) under FSDP."""
-    config = model.config
-    if any(getattr(config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
-        logits = model(**inputs).logits  # a head that rescales its logits: the plain path
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none")
-    hidden = model.model(**inputs).last_hidden_state.flatten(0, 1)  # (N, H)
+def token_logps(model, inputs, targets, temperature=1.0, chunk_elements=2 ** 26):
+    """(log-probs of the target tokens under softmax(logits / temperature), entropies of those distributions), each
+    (N,) over the flattened positions of `targets` ((1, T) packed or (B, L) padded; 0 where the target is -100, entropies
+    without gradient), without the full (N, V) logits: the decoder's hidden states, then the LM head at the target
+    positions only, a chunk at a time, each chunk recomputed in the backward (activation checkpointing), so one
+    chunk's logits exist at any moment (a full fp32 copy is 4 bytes x V per token: 3 GB for 16k tokens of a 49k
+    vocabulary, 8 GB for Llama 3's 128k). Call it as model.token_logps (see wrap_token_logps) under FSDP."""
     flat_targets = targets.flatten()  # (N,)
-    weight = model.lm_head.weight  # (V, H)
-    chunk = max(1, chunk_elements // weight.shape[0])  # positions per chunk: ~256 MB of fp32 logits by default
+    keep = (flat_targets != -100).nonzero()[:, 0]  # (K,) positions that predict a token
+    if any(getattr(model.config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        hidden, weight = model(**inputs).logits.flatten(0, 1)[keep], None  # a head that rescales logits: plain path
+    else:
+        hidden, weight = model.model(**inputs).last_hidden_state.flatten(0, 1)[keep], model.lm_head.weight  # (K, H)
+    chunk = max(1, chunk_elements // model.config.vocab_size)  # positions per chunk: ~256 MB of fp32 logits
 
-    def chunk_losses(h, t):  # (n, H), (n,) -> (n,)
-        return F.cross_entropy(F.linear(h, weight).float(), t, ignore_index=-100, reduction="none")
+    def chunk_logps(h, t):  # (n, H), (n,) -> (n,), (n,)
+        logits = (h if weight is None else F.linear(h, weight)).float() / temperature
+        log_norm = logits.logsumexp(-1)
+        with torch.no_grad():
+            entropy = log_norm - (logits.softmax(-1) * logits).sum(-1)  # H = log Z - E[logit]
+        return logits.gather(-1, t[:, None])[:, 0] - log_norm, entropy
 
-    return torch.cat([torch.utils.checkpoint.checkpoint(chunk_losses, hidden[a:a + chunk], flat_targets[a:a + chunk],
-                                                        use_reentrant=False)
-                      for a in range(0, len(flat_targets), chunk)])
+    target_ids = flat_targets[keep]
+    pieces = [torch.utils.checkpoint.checkpoint(chunk_logps, hidden[a:a + chunk], target_ids[a:a + chunk],
+                                                use_reentrant=False) for a in range(0, len(keep), chunk)]
+    full = lambda parts: torch.zeros(len(flat_targets), device=flat_targets.device).index_put(
+        (keep,), torch.cat(parts) if parts else torch.zeros(0, device=flat_targets.device))  # (N,), 0 at -100
+    logps = full([logps for logps, _ in pieces])
+    if not pieces:  # nothing to score (a no-op micro-batch): still a graph through every weight, for FSDP's backward
+        logps = logps + 0 * (hidden.sum() + (0 if weight is None else weight.sum()))
+    return logps, full([entropy for _, entropy in pieces])
 
 
-def wrap_token_losses(model):
-    """model.token_losses(inputs, targets): token_losses as a forward method of the FSDP root, so FSDP gathers the
-    root's weights (embeddings, final norm, LM head) around it as it does around forward()."""
+def wrap_token_logps(model):
+    """model.token_logps(inputs, targets, temperature=1.0): token_logps as a forward method of the FSDP root, so FSDP
+    gathers the root's weights (embeddings, final norm, LM head) around it as it does around forward()."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
-    model.token_losses = lambda inputs, targets: token_losses(model, inputs, targets)
-    register_fsdp_forward_method(model, "token_losses")
+    model.token_logps = lambda inputs, targets, temperature=1.0: token_logps(model, inputs, targets, temperature)
+    register_fsdp_forward_method(model, "token_logps")
 
 
 def document_logps(token_logps, cu_seqlens):
     """Summed log-probs of each packed document's target tokens: token_logps (T,) (0 where nothing is scored, as
-    -token_losses gives them), cu_seqlens (n_docs + 1,) -> (n_docs,). A sequence's log-likelihood
+    token_logps gives them), cu_seqlens (n_docs + 1,) -> (n_docs,). A sequence's log-likelihood
     log pi(y|x) = sum_t log pi(y_t | x, y_<t), over the labelled (response) tokens only."""
     document = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=token_logps.device), cu_seqlens.diff(),
                                        output_size=len(token_logps))  # (T,) which document each position belongs to

@@ -191,9 +191,8 @@ read_pair_rows, lengths, data_stats = common.tokenize_once(
 
 def read_pairs(ids):
     """[((chosen ids, labels), (rejected ids, labels))] of pair ids, read from the memory-mapped file."""
-    rows = read_pair_rows(ids)
-    return [((ci, cl), (ri, rl)) for ci, cl, ri, rl in zip(rows["chosen_input_ids"], rows["chosen_labels"],
-                                                          rows["rejected_input_ids"], rows["rejected_labels"])]
+    return [((r["chosen_input_ids"], r["chosen_labels"]), (r["rejected_input_ids"], r["rejected_labels"]))
+            for r in read_pair_rows(ids)]
 
 
 global_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
@@ -246,13 +245,7 @@ def sharded_model(gradient_checkpointing):
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
-    model.to_empty(device=device)
-    for module in model.modules():  # rotary embeddings hold non-persistent buffers that no checkpoint stores: rebuild them
-        if hasattr(module, "inv_freq"):
-            with torch.device(device):
-                rebuilt = type(module)(module.config)
-            for name, buffer in rebuilt.named_buffers():
-                setattr(module, name, buffer)
+    common.materialize(model, device)  # real storage for this rank's shards; rotary buffers rebuilt
     full_state_dict = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).state_dict() if rank == 0 else {}
     set_model_state_dict(model, full_state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
@@ -265,7 +258,7 @@ live_reference = args.no_cache_ref and use_reference
 reference_model = sharded_model(False).eval().requires_grad_(False) if live_reference else None
 for m in (model, reference_model):
     if m is not None:
-        common.wrap_token_losses(m)
+        common.wrap_token_logps(m)
 n_params = sum(p.numel() for p in model.parameters())
 print0(f"{args.model_name_or_path}: {n_params / 1e6:.1f}M parameters, world size {world_size}, reference: "
        f"{'none' if not use_reference else 'live (frozen copy)' if live_reference else 'cached log-probs'}")
@@ -276,7 +269,7 @@ def response_logps(model, batch_pairs):
     from ONE padding-free forward: the B chosen and B rejected documents packed into a single row."""
     documents = [chosen for chosen, _ in batch_pairs] + [rejected for _, rejected in batch_pairs]  # 2B (ids, labels)
     inputs, targets = common.collate(documents, True, tokenizer.pad_token_id or 0, device)  # (1, T) each
-    token_logps = -model.token_losses(inputs, targets)  # (T,), never the whole (T, V) fp32 logits
+    token_logps = model.token_logps(inputs, targets)[0]  # (T,), never the whole (T, V) fp32 logits
     return common.document_logps(token_logps, inputs["cu_seq_lens_q"]).chunk(2)  # (B,), (B,)
 
 

@@ -48,6 +48,8 @@ parser.add_argument("--eval_dataset", default=os.path.join(ROOT, "data", "rlvr_h
 parser.add_argument("--eval_every", type=int, default=0, help="greedy held-out reward at step 0, every N steps and at the end; 0: off")
 parser.add_argument("--eval_batch_size", type=int, default=32)
 parser.add_argument("--max_prompt_length", "--max_prompt_token_length", type=int, default=512, help="longer prompts are dropped")
+parser.add_argument("--preprocessing_num_workers", type=int, default=min(8, os.cpu_count()))
+parser.add_argument("--dataset_local_cache_dir", default=os.path.join(ROOT, "cache", "tokenized"), help="prompts, tokenized once")
 # RL (Tulu / open-instruct flag names)
 parser.add_argument("--algo", default="grpo", choices=["grpo", "ppo"])
 parser.add_argument("--num_unique_prompts_rollout", type=int, default=2, help="prompts per step (all ranks together; Tulu: 64)")
@@ -123,43 +125,49 @@ eos_ids = sorted({tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, l
 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
+def prompt_example(where, row):
+    """A Tulu RLVR row -> (reasons, {prompt_ids, ground_truth, dataset}); a bad row: ValueError naming file:line, field."""
+    common.check_messages(row.get("messages"), where)
+    dataset = row.get("dataset")
+    if not isinstance(dataset, str) or dataset.lower() not in ("gsm8k", "math", "ifeval"):
+        raise ValueError(f"{where}: field 'dataset' must be one of gsm8k, math, ifeval (it picks the verifier), got {dataset!r}")
+    truth = row.get("ground_truth")
+    if truth in (None, "", []):
+        raise ValueError(f"{where}: field 'ground_truth' is missing or empty")
+    truth = truth if isinstance(truth, str) else str(truth) if isinstance(truth, (int, float)) else json.dumps(truth)
+    try:
+        common.verify(dataset, "", truth)  # a malformed IFEval JSON ground truth fails here, not mid-run
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{where}: field 'ground_truth' is not valid for dataset {dataset!r}: {e}") from None
+    messages = row["messages"][:-1] if len(row["messages"]) > 1 else row["messages"]
+    ids = tokenizer(common.render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False).input_ids
+    if len(ids) > args.max_prompt_length:
+        return "overlong", None
+    return (), dict(prompt_ids=ids, ground_truth=truth, dataset=dataset.lower())
+
+
 def load_prompts(sources):
-    """Tulu RLVR rows -> [{prompt_ids, ground_truth, dataset}]; a bad row is a ValueError naming file:line and field."""
-    prompts, too_long = [], 0
-    for where, row in common.load_mixture(sources):
-        common.check_messages(row.get("messages"), where)
-        dataset = row.get("dataset")
-        if not isinstance(dataset, str) or dataset.lower() not in ("gsm8k", "math", "ifeval"):
-            raise ValueError(f"{where}: field 'dataset' must be one of gsm8k, math, ifeval (it picks the verifier), got {dataset!r}")
-        truth = row.get("ground_truth")
-        if truth is None or truth == "" or truth == []:
-            raise ValueError(f"{where}: field 'ground_truth' is missing or empty")
-        truth = str(truth) if isinstance(truth, (int, float)) else truth
-        try:
-            common.verify(dataset, "", truth)  # a malformed IFEval JSON ground truth fails here, not mid-run
-        except (ValueError, TypeError, AttributeError) as e:
-            raise ValueError(f"{where}: field 'ground_truth' is not valid for dataset {dataset!r}: {e}") from None
-        messages = row["messages"][:-1] if len(row["messages"]) > 1 else row["messages"]
-        ids = tokenizer(common.render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False).input_ids
-        if len(ids) > args.max_prompt_length:
-            too_long += 1
-            continue
-        prompts.append(dict(prompt_ids=ids, ground_truth=truth, dataset=dataset.lower()))
-    print0(f"{sources[0]}...: {len(prompts)} prompts ({too_long} dropped as longer than {args.max_prompt_length} tokens)")
-    return prompts
+    """-> read(ids) -> [{prompt_ids, ground_truth, dataset}], and the count: tokenized once into an Arrow file."""
+    read, lengths, stats = common.tokenize_once(
+        sources, prompt_example, ["prompt_ids", "ground_truth", "dataset"],
+        key=["rlvr", common.tokenizer_fingerprint(tokenizer), tokenizer.chat_template, args.max_prompt_length],
+        cache_dir=args.dataset_local_cache_dir, num_workers=args.preprocessing_num_workers)
+    print0(f"{sources[0]}...: {len(lengths)} prompts ({stats['counts'].get('overlong', 0)} dropped as too long); {stats['how']} {stats['path']}")
+    return read, len(lengths)
 
 
-train_prompts = load_prompts(args.dataset_mixer_list)
-eval_prompts = load_prompts([args.eval_dataset, "1.0"]) if args.eval_every > 0 else []
-if len(train_prompts) < P:
-    raise ValueError(f"{len(train_prompts)} prompts do not fill one rollout of {P}")
-steps_per_epoch = len(train_prompts) // P
+read_train_prompts, n_train_prompts = load_prompts(args.dataset_mixer_list)  # read_train_prompts(ids) -> [prompt dict]
+read_eval_prompts, n_eval = load_prompts([args.eval_dataset, "1.0"]) if args.eval_every > 0 else (lambda ids: [], 0)
+eval_prompts = read_eval_prompts(range(n_eval))  # a small held-out set, read once
+if n_train_prompts < P:
+    raise ValueError(f"{n_train_prompts} prompts do not fill one rollout of {P}")
+steps_per_epoch = n_train_prompts // P
 
 
 def rollout_prompts(step):
     """Global prompt indices of step `step`: a fresh seeded shuffle per epoch, so a resumed run sees the same prompts."""
     epoch, index = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+    order = torch.randperm(n_train_prompts, generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
     return order[index * P : (index + 1) * P]
 
 
@@ -176,21 +184,16 @@ def build_fsdp_model(auto_class, config, zero_head=False):
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
-    model.to_empty(device=device)
-    for module in model.modules():  # rotary embeddings hold non-persistent buffers that no checkpoint stores: rebuild
-        if hasattr(module, "inv_freq"):
-            with torch.device(device):
-                rebuilt = type(module)(module.config)
-            for name, buffer in rebuilt.named_buffers():
-                setattr(module, name, buffer)
+    common.materialize(model, device)  # real storage for this rank's shards; rotary buffers rebuilt
     state = {}
     if rank == 0:
         state = auto_class.from_pretrained(args.model_name_or_path, config=config, dtype=torch.float32).state_dict()
         if zero_head:  # the value head starts at 0: V = 0 everywhere, so the first advantages are the rewards-to-go
             state["score.weight"].zero_(), state["score.bias"].zero_()
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    # eval mode = no dropout anywhere (e.g. the token-classification head's): dropout would make the policy's log-probs
-    # (and the values) differ between the old-logps pass and the update, so the ratio would not start at 1.
+    if auto_class is AutoModelForCausalLM:
+        common.wrap_token_logps(model)  # model.token_logps: log-probs and entropies without the full (T, V) logits
+    # eval mode: no dropout (e.g. in the value head), which would make the first ratio (and values) differ from 1
     return model.eval()
 
 
@@ -209,21 +212,14 @@ print0(f"{args.model_name_or_path}: {sum(p.numel() for p in policy.parameters())
 
 
 def forward(model, samples, temperature=args.temperature):
-    """One packed forward over samples -> flat per-response-token tensors (N,) in sample order.
-
-    Causal LM: (log-probs of the sampled tokens at `temperature`, entropies, detached). Value model: (values, None).
-    Log-probs use logits / temperature because that is the distribution the generator sampled from."""
+    """One packed forward over samples -> per-response-token tensors (N,), in sample order. Causal LM: (log-probs under
+    logits / temperature, what the generator sampled from; entropies) via common.token_logps. Value model: (values, None)."""
     inputs, targets = common.collate([(s["input_ids"], s["labels"]) for s in samples], True, pad_id, device)
     mask = targets[0] != -100  # (T,) positions that predict a response token
-    out = model(**inputs).logits[0][mask].float()  # (N, V) or (N, 1) for the value model
-    if out.shape[-1] == 1:
-        return out[:, 0], None
-    out = out / temperature
-    log_norm = out.logsumexp(-1)  # (N,)
-    logps = out.gather(-1, targets[0][mask][:, None])[:, 0] - log_norm
-    with torch.no_grad():
-        entropy = log_norm - (out.softmax(-1) * out).sum(-1)  # H = logZ - E[logit]
-    return logps, entropy
+    if model is value_model:
+        return model(**inputs).logits[0][mask][:, 0].float(), None  # (N,)
+    logps, entropy = model.token_logps(inputs, targets, temperature)  # (T,) each
+    return logps[mask], entropy[mask]
 
 
 # ----------------------------------------------------------------------------- Generation
@@ -291,10 +287,9 @@ def generate(prompts_token_ids, samples_per_prompt=1, seeds=None):
 
 
 def checksum(tensor):
-    """An exact fingerprint of a tensor's values that does not depend on their order: the sum over elements of a
-    nonlinear hash of each element's bits, in int64 without overflow. A stack's checksum is then the sum of its parts'
-    (vLLM's qkv_proj holds q, k, v; gate_up_proj gate, up; the zero rows padding its vocabulary hash to 0), and one element
-    one ulp off changes it, where a float sum could round the difference away or cancel it against another."""
+    """An exact, order-free fingerprint of a tensor's values: the sum of a nonlinear hash of each element's bits, in int64
+    without overflow. A stack's checksum is the sum of its parts' (vLLM's qkv_proj, gate_up_proj; zero padding rows hash to
+    0), and one element one ulp off changes it, where a float sum could round the difference away or cancel it."""
     total, p = 0, 2147483647
     for part in tensor.detach().flatten().split(1 << 24):  # int64 temporaries, 8 bytes per element: a chunk at a time
         bits = part.view(torch.int16 if part.element_size() == 2 else torch.int32).long() % p
@@ -303,10 +298,9 @@ def checksum(tensor):
 
 
 def sync_generator():
-    """Push the policy's full weights into the generator, one tensor at a time: gather the FSDP shards (DTensor.full_tensor,
-    a collective every rank joins in the same order), cast to the generator's dtype (vLLM would convert it itself, with
-    a warning per tensor: vllm/model_executor/models/utils.py:324-339, and an fp32 copy is twice the size), load. Then the
-    exact half of the self-check: tensor by tensor, the generator must hold the checksum of what was sent."""
+    """Push the policy's full weights into the generator, one tensor at a time: gather the FSDP shards (full_tensor, a
+    collective), cast to the generator's dtype (else vLLM casts with a warning per tensor, vllm/model_executor/models/
+    utils.py:324-339, from a copy twice the size), load. Then the exact self-check: every tensor's checksum must match."""
     asleep = backend == "vllm" and llm.llm_engine.is_sleeping()
     if asleep:  # the weights first, the KV cache after the load: the two never peak together
         llm.wake_up(tags=["weights"])
@@ -332,18 +326,16 @@ def sync_generator():
 
 
 def self_check(sample):
-    """The generator and the policy must give the same log-probs to a sampled sequence (temperature 1, raw logits). fp32
-    agrees to ~1e-5 (the default tolerance is 1e-4); a bf16 generator vs the policy differs by up to ~0.1-0.3 on single
-    tokens from kernel differences, hence 0.5 there. That misses small updates (one step at lr 5e-7 moves a bf16 weight by
-    far less than its rounding); the checksums in sync_generator catch those, this catches a generator that computes wrong."""
+    """Generator and policy must give a sampled sequence the same log-probs (temperature 1). fp32 agrees to ~1e-5 (tolerance
+    1e-4); bf16 kernels differ by up to ~0.1-0.3 on single tokens (tolerance 0.5), which hides a small update or a skipped
+    sync: sync_generator's checksums catch those; this catches a generator that computes wrong."""
     with torch.no_grad():
         policy_logps = forward(policy, [sample], temperature=1.0)[0]
-    if backend == "vllm":
-        generator_logps = torch.tensor(sample["generator_logps"], device=device)
-    else:
-        with torch.no_grad():  # (n, V): the positions that predict the n response tokens
+        if backend == "vllm":
+            generator_logps = torch.tensor(sample["generator_logps"], device=device)
+        else:  # (n, V): the positions that predict the n response tokens
             logits = generator(input_ids=torch.tensor([sample["input_ids"]], device=device)).logits[0, -len(sample["response"]) - 1 : -1]
-        generator_logps = logits.float().log_softmax(-1).gather(-1, torch.tensor(sample["response"], device=device)[:, None])[:, 0]
+            generator_logps = logits.float().log_softmax(-1).gather(-1, torch.tensor(sample["response"], device=device)[:, None])[:, 0]
     difference = (policy_logps - generator_logps.to(policy_logps)).abs().max()
     dist.all_reduce(difference, op=dist.ReduceOp.MAX)
     if difference.item() > tolerance:
@@ -433,17 +425,15 @@ for log_path in ([metrics_path] + ([rollouts_path] if args.save_rollouts else []
         f.writelines(kept)
 
 
-# --with_tracking: the same metrics also to TensorBoard / W&B
-track = (common.start_tracking(args.report_to, args.output_dir, "rlvr", vars(args), start_step)
-         if args.with_tracking and rank == 0 else None)
+track = common.start_tracking(args.report_to, args.output_dir, "rlvr", vars(args), start_step) \
+    if args.with_tracking and rank == 0 else None  # --with_tracking: the same metrics also to TensorBoard / W&B
 
 
 def log(metrics):
     if rank == 0:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if track:
-            track(metrics)
+        track and track(metrics)
 
 
 # ----------------------------------------------------------------------------- Training loop
@@ -459,7 +449,8 @@ for step in progress:
     batch = rollout_prompts(step)  # P global prompt indices; prompt j of the batch belongs to rank j % world_size
     positions = group_share(range(P))
     seeds = [(args.seed * 1_000_003 + step) * 1_000_003 + batch[j] for j in positions]  # per prompt, not per rank
-    generated = generate([train_prompts[batch[j]]["prompt_ids"] for j in positions], G, [s % 2**31 for s in seeds])
+    prompts = dict(zip(positions, read_train_prompts([batch[j] for j in positions])))  # from the memory-mapped file
+    generated = generate([prompts[j]["prompt_ids"] for j in positions], G, [s % 2**31 for s in seeds])
     if backend == "vllm":
         llm.sleep(level=1)  # free the KV cache and move weights to the CPU: the GPU now belongs to training
     metrics["time/generate"] = time.time() - step_start
@@ -467,7 +458,7 @@ for step in progress:
     for k, j in enumerate(positions):
         if j % world_size != rank:
             continue
-        prompt = train_prompts[batch[j]]
+        prompt = prompts[j]
         for response, finished, generator_logps in generated[k * G : (k + 1) * G]:
             samples.append(dict(position=j, prompt_index=batch[j], dataset=prompt["dataset"], ground_truth=prompt["ground_truth"],
                                 response=response, finished=finished, generator_logps=generator_logps,
@@ -628,8 +619,8 @@ for step in progress:
 # Gather the full policy on rank 0 and write an ordinary HF directory with the tokenizer, as sft.py does.
 full_state_dict = get_state_dict(policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
 if rank == 0:
-    save_dtype = torch.bfloat16 if use_cuda else torch.float32
-    policy.save_pretrained(args.output_dir, state_dict={k: v.to(save_dtype) for k, v in full_state_dict.items()})
+    policy.save_pretrained(args.output_dir, state_dict={k: v.to(torch.bfloat16 if use_cuda else torch.float32)
+                                                        for k, v in full_state_dict.items()})
     tokenizer.save_pretrained(args.output_dir)
     print0(f"saved the model to {args.output_dir}")
 dist.barrier()

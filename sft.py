@@ -158,8 +158,7 @@ def micro_batches(batch):
 
 def read_examples(ids):
     """[(input_ids, labels)] of example ids, read from the memory-mapped file."""
-    rows = read_rows(ids)
-    return list(zip(rows["input_ids"], rows["labels"]))
+    return [(row["input_ids"], row["labels"]) for row in read_rows(ids)]
 
 
 # ----------------------------------------------------------------------------- Model
@@ -178,17 +177,11 @@ mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.
 for block in model.model.layers:
     fully_shard(block, mp_policy=mp_policy)
 fully_shard(model, mp_policy=mp_policy)
-model.to_empty(device=device)
-for module in model.modules():  # rotary embeddings hold non-persistent buffers that no checkpoint stores: rebuild them
-    if hasattr(module, "inv_freq"):
-        with torch.device(device):
-            rebuilt = type(module)(module.config)
-        for name, buffer in rebuilt.named_buffers():
-            setattr(module, name, buffer)
+common.materialize(model, device)  # real storage for this rank's shards; rotary buffers rebuilt
 full_state_dict = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).state_dict() if rank == 0 else {}
 set_model_state_dict(model, full_state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 del full_state_dict
-common.wrap_token_losses(model)
+common.wrap_token_logps(model)
 n_params = sum(p.numel() for p in model.parameters())
 print0(f"{args.model_name_or_path}: {n_params / 1e6:.1f}M parameters, attention {attn_implementation}, world size {world_size}")
 
@@ -285,7 +278,7 @@ for step in progress:
         # every rank in every forward and backward
         micro_examples = read_examples(micro_batch) or [(read_examples(batch[:1])[0][0][:1], [-100])]
         inputs, targets = common.collate(micro_examples, not args.no_padding_free, tokenizer.pad_token_id or 0, device)
-        token_losses = model.token_losses(inputs, targets)  # (T,) never the whole (T, V) fp32 logits
+        token_losses = -model.token_logps(inputs, targets)[0]  # (T,), never the whole (T, V) fp32 logits
         (token_losses.sum() * loss_scale).backward()
         loss_sum += token_losses.sum().detach()
         input_tokens += sum(len(ids) for ids, _ in micro_examples)

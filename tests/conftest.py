@@ -58,7 +58,8 @@ def sft_data(tmp_path_factory):
 
 
 # One thread per process: the test machine is small and shared, and several processes train at once.
-SCRIPT_ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+SCRIPT_ENV = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+                  PYTHONFAULTHANDLER="1")  # a crash prints every thread's Python stack
 # The same, with tests/fake_vllm (a CPU stand-in of vLLM 0.32's offline API) importable as `vllm`
 FAKE_VLLM = os.path.join(ROOT, "tests", "fake_vllm")
 VLLM_ENV = dict(SCRIPT_ENV, PYTHONPATH=os.pathsep.join([FAKE_VLLM] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
