@@ -3,9 +3,11 @@
     python tests/bench_memory.py                                  # this checkout
     python tests/bench_memory.py --repo /path/to/older/checkout   # the same measurement of another version
 
-Each size is a fresh `python sft.py --max_steps 1` (and dpo.py) on synthetic conversations that pack into one
-micro-batch of about that many tokens (one document up to 4,035 tokens; 16,000 = four documents of 4,000), embedded
-SmolLM2-135M-Instruct, fp32. Prints the child's peak RSS (getrusage) and the step's loss, so two versions can be
+Each size is a fresh `python sft.py --max_steps 1 --gradient_checkpointing` (and dpo.py) on synthetic conversations
+that pack into one micro-batch of about that many tokens (one document up to 4,035 tokens; 16,000 = four documents of
+4,000), embedded SmolLM2-135M-Instruct, fp32. Activation checkpointing keeps the layers' activations out of the picture
+(without it they cost ~1.3 MB per token here, linear in tokens, the same before and after), so what remains is what
+grows differently: the logits and their fp32 copies, and the attention over the packed row. Prints the child's peak RSS (getrusage) and the step's loss, so two versions can be
 checked for the same loss at lower memory. A benchmark, not a test: it takes minutes and measures this machine.
 """
 import argparse
@@ -20,6 +22,8 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--repo", default=ROOT, help="the checkout whose sft.py / dpo.py to measure")
 parser.add_argument("--sizes", type=int, nargs="+", default=[535, 4035, 16000])
 parser.add_argument("--stages", nargs="+", default=["sft", "dpo"])
+parser.add_argument("--no_gradient_checkpointing", action="store_true",
+                    help="keep every layer's activations (~1.3 MB per token for this model, which then dominate)")
 args = parser.parse_args()
 sys.path.insert(0, ROOT)
 from transformers import AutoTokenizer  # noqa: E402
@@ -62,7 +66,7 @@ def run(stage, size, work):
     command = [sys.executable, script, "--model_name_or_path", MODEL, "--dataset_mixer_list", data, str(len(documents)),
                "--per_device_train_batch_size", str(len(documents)), "--gradient_accumulation_steps", "1",
                "--max_seq_length", "4096", "--max_steps", "1", "--preprocessing_num_workers", "1", "--output_dir", out,
-               *extra]
+               *extra, *([] if args.no_gradient_checkpointing else ["--gradient_checkpointing"])]
     # a wrapper process per run, so the peak (ru_maxrss of its one child) is this run's alone
     wrapper = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")

@@ -168,3 +168,21 @@ def test_token_losses_equal_full_logits_losses_and_gradients(tiny_model_dir, tok
     assert torch.allclose(full, chunked, atol=1e-6)
     # float sums in another order: equal to ~1e-6 of each gradient's scale
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5 * a.abs().max().item()) for a, b in zip(full_grads, chunked_grads))
+
+
+def test_token_logps_at_a_temperature_with_entropies(tiny_model_dir, tokenizer):
+    """What RLVR uses: log-probs under logits / temperature and the entropies of those distributions, at the target
+    positions, from chunks; against the full logits computed directly."""
+    from transformers import AutoModelForCausalLM
+
+    common.register_packed_attention()
+    examples = [common.tokenize_conversation(tokenizer, [m for m in conversation(i) if m]) for i in range(1, 4)]
+    inputs, targets = common.collate(examples, True, 0, "cpu")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="packed")
+    with torch.no_grad():
+        logps, entropies = common.token_logps(model, inputs, targets, 0.7, 5 * len(tokenizer))
+        logprobs = (model(**inputs).logits[0].float() / 0.7).log_softmax(-1)  # (T, V)
+    scored = targets[0] != -100
+    expected = logprobs[scored].gather(-1, targets[0][scored][:, None])[:, 0]
+    assert torch.allclose(logps[scored], expected, atol=1e-5) and (logps[~scored] == 0).all()
+    assert torch.allclose(entropies[scored], -(logprobs.exp() * logprobs).sum(-1)[scored], atol=1e-4)
