@@ -293,11 +293,15 @@ def _build_tokenized(path, dataset_mixer_list, make_example, columns, num_worker
         if batch["length"]:
             writer.write_batch(batch)
         writer.finalize()
-    finally:
+    except BaseException:
         if writer is not None:
             writer.close()
+            os.remove(path + ".tmp")  # nothing half-made is left behind
+        raise
+    finally:
         if pool:
             pool.terminate()
+    writer.close()
     os.replace(path + ".tmp", path)
     with open(path + ".built_by", "w") as f:  # so the builder can say it built it (and a test can tell)
         f.write(str(os.getpid()))
