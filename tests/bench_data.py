@@ -101,7 +101,7 @@ with tempfile.TemporaryDirectory() as work:
         if name.startswith("2 ranks, first") and "--dataset_local_cache_dir" in HELP:
             subprocess.run(["rm", "-rf", os.path.join(work, "cache")])
         wall, cpu, peak, metrics = run(work, f"out{i}", nproc, extra)
-        micro = sum(m.get("micro_steps", 4 * 8 // nproc) for m in metrics) / len(metrics)
+        micro = sum(m.get("micro_steps", 8 // nproc) for m in metrics) / len(metrics)  # old code: the fixed split
         imbalance = [m["rank_token_imbalance"] for m in metrics if "rank_token_imbalance" in m]
         imbalance = f"{sum(imbalance) / len(imbalance):.3f}" if imbalance else "(not logged)"
         rows[name] = (wall, cpu, peak)
