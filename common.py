@@ -525,8 +525,11 @@ def token_logps(model, inputs, targets, temperature=1.0, chunk_elements=2 ** 26)
         return logits.gather(-1, t[:, None])[:, 0] - log_norm, entropy
 
     target_ids = flat_targets[keep]
-    pieces = [torch.utils.checkpoint.checkpoint(chunk_logps, hidden[a:a + chunk], target_ids[a:a + chunk],
-                                                use_reentrant=False) for a in range(0, len(keep), chunk)]
+    if len(keep) <= chunk:  # one chunk's logits fit: keep them for the backward rather than computing them twice
+        pieces = [chunk_logps(hidden, target_ids)] if len(keep) else []
+    else:
+        pieces = [torch.utils.checkpoint.checkpoint(chunk_logps, hidden[a:a + chunk], target_ids[a:a + chunk],
+                                                    use_reentrant=False) for a in range(0, len(keep), chunk)]
     full = lambda parts: torch.zeros(len(flat_targets), device=flat_targets.device).index_put(
         (keep,), torch.cat(parts) if parts else torch.zeros(0, device=flat_targets.device))  # (N,), 0 at -100
     logps = full([logps for logps, _ in pieces])
