@@ -556,6 +556,15 @@ def document_logps(token_logps, cu_seqlens):
     return torch.zeros(len(cu_seqlens) - 1, device=token_logps.device).index_add(0, document, token_logps)
 
 
+def micro_batch_shares(batch, lengths, world_size, per_device, accumulation, max_tokens):
+    """Every rank's micro-batches of the global batch `batch` (example ids): consecutive slices of `per_device`
+    examples, `accumulation` per rank, or by tokens (balanced over ranks) when max_tokens > 0."""
+    if max_tokens:
+        shares = balanced_micro_batches([int(lengths[i]) for i in batch], world_size, max_tokens)
+        return [[[batch[j] for j in micro_batch] for micro_batch in share] for share in shares]
+    return [[batch[(m * world_size + r) * per_device:][:per_device] for m in range(accumulation)] for r in range(world_size)]
+
+
 def balanced_micro_batches(lengths, world_size, max_tokens):
     """One global batch's examples (their token counts) -> each rank's micro-batches, as lists of positions in the batch.
 

@@ -216,16 +216,6 @@ def global_batch(step):
     return order[index * global_batch_size : (index + 1) * global_batch_size]
 
 
-def micro_batches(batch):
-    """Every rank's micro-batches of the global batch `batch` (pair ids): consecutive slices of
-    --per_device_train_batch_size pairs, or by tokens with --max_tokens_per_micro_batch (balanced over ranks)."""
-    if args.max_tokens_per_micro_batch:
-        shares = common.balanced_micro_batches([int(lengths[i]) for i in batch], world_size, args.max_tokens_per_micro_batch)
-        return [[[batch[j] for j in micro_batch] for micro_batch in share] for share in shares]
-    size = args.per_device_train_batch_size
-    return [[batch[(m * world_size + r) * size:][:size] for m in range(args.gradient_accumulation_steps)]
-            for r in range(world_size)]
-
 
 # ----------------------------------------------------------------------------- Model
 
@@ -440,7 +430,8 @@ for step in progress:
     # The loss is the mean over the pairs of the global batch: each rank's sum over its pairs / global batch size,
     # times world_size because FSDP averages gradients over ranks.
     loss_scale = world_size / len(batch)
-    shares = micro_batches(batch)
+    shares = common.micro_batch_shares(batch, lengths, world_size, args.per_device_train_batch_size,
+                                       args.gradient_accumulation_steps, args.max_tokens_per_micro_batch)
     mine = shares[rank]
     rank_tokens = [sum(int(lengths[i]) for micro_batch in share for i in micro_batch) for share in shares]
     # sums over this rank's pairs: loss, rewards chosen / rejected, accuracy, logps chosen / rejected; then tokens

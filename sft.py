@@ -145,16 +145,6 @@ def global_batch(step):
     return order[index * global_batch_size : (index + 1) * global_batch_size]
 
 
-def micro_batches(batch):
-    """Every rank's micro-batches of the global batch `batch` (example ids): consecutive slices of
-    --per_device_train_batch_size examples, or by tokens with --max_tokens_per_micro_batch (balanced over ranks)."""
-    if args.max_tokens_per_micro_batch:
-        shares = common.balanced_micro_batches([int(lengths[i]) for i in batch], world_size, args.max_tokens_per_micro_batch)
-        return [[[batch[j] for j in micro_batch] for micro_batch in share] for share in shares]
-    size = args.per_device_train_batch_size
-    return [[batch[(m * world_size + r) * size:][:size] for m in range(args.gradient_accumulation_steps)]
-            for r in range(world_size)]
-
 
 def read_examples(ids):
     """[(input_ids, labels)] of example ids, read from the memory-mapped file."""
@@ -268,7 +258,8 @@ for step in progress:
     # the trained tokens of all ranks and all accumulation steps together.
     global_tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in read_examples(batch))
     loss_scale = world_size / (global_tokens if args.reduce_loss == "mean" else 1)  # FSDP averages over ranks: undo it
-    shares = micro_batches(batch)
+    shares = common.micro_batch_shares(batch, lengths, world_size, args.per_device_train_batch_size,
+                                       args.gradient_accumulation_steps, args.max_tokens_per_micro_batch)
     mine = shares[rank]
     rank_tokens = [sum(int(lengths[i]) for micro_batch in share for i in micro_batch) for share in shares]
     loss_sum, input_tokens, attended = torch.zeros((), device=device), 0, 0
