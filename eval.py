@@ -3,6 +3,7 @@ Evaluate a chat model the Tulu 3 way on three skills, with greedy decoding:
   gsm8k    GSM8K test, 8-shot chain of thought (Wei et al. exemplars), last number vs gold
   math500  MATH-500, 4-shot Minerva format, "flex" answer matching (boxed / Minerva sentence / last $..$)
   ifeval   IFEval, 0-shot, Google's 25 checks, prompt- and instruction-level, strict and loose
+  ifheldout  the pipeline's held-out IF-constraint prompts (data/if_heldout.jsonl, data/build_if.py), scored as ifeval
 
 One process (vLLM when it is installed and a GPU is present, else batched HF generate):
     python eval.py --model_name_or_path out/sft --task gsm8k --task math500 --task ifeval
@@ -37,8 +38,9 @@ from common import gsm8k_extract, gsm8k_score, ifeval_follow, math_extract, math
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model_name_or_path", nargs="+", default=[],
                     help="HF model directories; several: each is scored, then one table compares them")
-parser.add_argument("--task", action="append", required=True, choices=["gsm8k", "math500", "ifeval"])
-parser.add_argument("--limit", type=int, default=None, help="only the first N examples of each task")
+parser.add_argument("--task", action="append", required=True, choices=["gsm8k", "math500", "ifeval", "ifheldout"])
+parser.add_argument("--limit", nargs="+", default=[],
+                    help="only the first N examples: N (every task) and/or TASK=N (that task), e.g. 16 ifheldout=240")
 parser.add_argument("--max_new_tokens", type=int, default=1024)
 parser.add_argument("--batch_size", type=int, default=32, help="prompts per HF generate call (vLLM batches itself)")
 parser.add_argument("--generator", default="auto", choices=["auto", "vllm", "hf"], help="auto: vLLM if it imports and CUDA is up")
@@ -68,10 +70,12 @@ def print0(*a, **k):
 
 
 # ----------------------------------------------------------------------------- data and prompts
-DATA_FILES = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl", "ifeval": "ifeval_input_data.jsonl"}
+DATA_FILES = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl", "ifeval": "ifeval_input_data.jsonl",
+              "ifheldout": "if_heldout.jsonl"}
 HUB_DATASETS = {"gsm8k": ("openai/gsm8k", "main", "test"), "math500": ("HuggingFaceH4/MATH-500", None, "test"),
                 "ifeval": ("google/IFEval", None, "train")}
-QUESTION_FIELD = {"gsm8k": "question", "math500": "problem", "ifeval": "prompt"}
+QUESTION_FIELD = {"gsm8k": "question", "math500": "problem", "ifeval": "prompt", "ifheldout": "prompt"}
+IFEVAL_FORMAT = ("ifeval", "ifheldout")  # rows with instruction_id_list and kwargs, scored by Google's checks
 
 # Wei et al. (2022), the 8 chain-of-thought exemplars used for GSM8K.
 GSM8K_SHOTS = [
@@ -110,22 +114,33 @@ MINERVA_SHOTS = [
 ]
 
 
+def task_limit(task):
+    """--limit's N for this task: its TASK=N if given, else a bare N, else None (all examples)."""
+    limits = {}
+    for item in args.limit:
+        name, _, n = item.rpartition("=")
+        if name and name not in QUESTION_FIELD or not n.isdigit():
+            sys.exit(f"error: --limit takes N or TASK=N with TASK one of {', '.join(QUESTION_FIELD)}; got {item!r}")
+        limits[name or None] = int(n)
+    return limits.get(task, limits.get(None))
+
+
 def load_task(task):
-    if args.from_hub:
+    if args.from_hub and task in HUB_DATASETS:  # ifheldout is ours: always the local file
         import datasets
 
         name, config, split = HUB_DATASETS[task]
         rows = list(datasets.load_dataset(name, config, split=split))
     else:
         rows = [row for _, row in common.load_rows(os.path.join(args.data_dir, DATA_FILES[task]))]
-    if task == "ifeval":  # the hub copy pads every kwargs dict with all keys set to None
+    if task in IFEVAL_FORMAT:  # the hub copy pads every kwargs dict with all keys set to None
         for row in rows:
             row["kwargs"] = [{k: v for k, v in kw.items() if v is not None} for kw in row["kwargs"]]
-    return rows[:args.limit] if args.limit and not args.responses else rows
+    return rows[:task_limit(task)] if not args.responses else rows
 
 
 def chat_messages(task, example):
-    shots = {"gsm8k": GSM8K_SHOTS, "math500": MINERVA_SHOTS, "ifeval": []}[task]
+    shots = {"gsm8k": GSM8K_SHOTS, "math500": MINERVA_SHOTS}.get(task, [])
     turns = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in shots]
     return sum(turns, []) + [{"role": "user", "content": example[QUESTION_FIELD[task]]}]
 
@@ -144,10 +159,11 @@ def read_responses(path, task, examples):
         if question not in by_question:
             raise ValueError(f"{where}: {QUESTION_FIELD[task]} not found in the {task} data: {str(question)[:80]!r}")
         pairs.append((by_question[question], row["response"]))
-    return pairs[:args.limit] if args.limit else pairs
+    return pairs[:task_limit(task)]
 
 
 tasks = list(dict.fromkeys(args.task))
+task_limit(tasks[0])  # a malformed --limit fails here, before any model is loaded
 if args.responses and len(args.responses) != len(tasks):
     sys.exit("error: give one --responses file per --task, in the same order")
 if not args.responses and not args.model_name_or_path:
@@ -303,7 +319,7 @@ def score(pairs, output_dir):
         scores[task] = [r["score"] for r in records]
         # every accuracy is a mean of 0/1 scores, reported with its standard error as <metric>_stderr
         per_item = {"accuracy": scores[task]}
-        if task == "ifeval":
+        if task in IFEVAL_FORMAT:
             per_item = {}
             for level in ("strict", "loose"):
                 follows = [r[f"follow_instruction_list_{level}"] for r in records]
@@ -351,7 +367,8 @@ for name, (_, model_path) in zip(names, runs):
     print0(f"wrote {os.path.join(output_dir, 'results.json')}")
 
 if rank == 0 and len(runs) > 1:  # the headline number of each task, as Tulu 3 reports it: accuracy / prompt-level loose
-    headline = {"gsm8k": ("GSM8K", "accuracy"), "math500": ("MATH-500", "accuracy"), "ifeval": ("IFEval", "prompt_level_loose_acc")}
+    headline = {"gsm8k": ("GSM8K", "accuracy"), "math500": ("MATH-500", "accuracy"), "ifeval": ("IFEval", "prompt_level_loose_acc"),
+                "ifheldout": ("IF held-out", "prompt_level_loose_acc")}
     n = {task: table[names[0]][task]["num_examples"] for task in tasks}
     lines = ["| model | " + " | ".join(f"{headline[t][0]} ({n[t]})" for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     points = lambda x: "n/a" if x is None else f"{100 * x:.1f}"

@@ -1,7 +1,7 @@
 """
 Remove training rows whose prompt overlaps an eval prompt, with the Tulu 3 rule (report section 3.2): 8-gram matching.
 
-    python data/decontaminate.py   # -> out/data/{sft_gsm8k,dpo_gsm8k,rlvr_train}.jsonl, out/data/decontamination.json
+    python data/decontaminate.py   # -> out/data/{if_sft,dpo_if,if_rlvr}.jsonl, out/data/decontamination.json
 
 A test instance overlaps a training instance when more than 50% of the test prompt's tokens lie in 8-grams that also
 occur in the training prompt: each position of the test prompt covered by a shared 8-gram counts, coverage = covered
@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from common import check_messages, load_rows  # noqa: E402
 
 EVAL_SETS = {"gsm8k_test": ("gsm8k_test.jsonl", "question"), "math500_test": ("math500_test.jsonl", "problem"),
-             "ifeval": ("ifeval_input_data.jsonl", "prompt")}  # name -> (file in --eval_dir, prompt field)
+             "ifeval": ("ifeval_input_data.jsonl", "prompt"),
+             "if_heldout": ("if_heldout.jsonl", "prompt")}  # name -> (file in --eval_dir, prompt field)
 CONTAMINATED_FRACTION = 0.02  # Tulu 3 calls a training set contaminated when it overlaps > 2% of an eval set
 
 
@@ -84,7 +85,7 @@ def prompt_text(row, where):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train", nargs="+", default=[os.path.join(HERE, f) for f in
-                                                       ("sft_gsm8k.jsonl", "dpo_gsm8k.jsonl", "rlvr_train.jsonl")])
+                                                       ("if_sft.jsonl", "dpo_if.jsonl", "if_rlvr.jsonl")])
     parser.add_argument("--out_dir", default="out/data")
     parser.add_argument("--eval_dir", default=HERE, help="where the eval files of EVAL_SETS are")
     parser.add_argument("--ngram", type=int, default=8)

@@ -91,20 +91,23 @@ def test_script_end_to_end(tmp_path):
     write_jsonl(eval_dir / "gsm8k_test.jsonl", [{"question": q, "answer": "#### 1"} for q in gsm])
     write_jsonl(eval_dir / "math500_test.jsonl", [{"problem": p, "answer": "4"} for p in math])
     write_jsonl(eval_dir / "ifeval_input_data.jsonl", [{"key": i, "prompt": p} for i, p in enumerate(ifeval)])
+    heldout = "Tell me why foxes matter to people. Your reply must not contain a single comma anywhere at all."
+    write_jsonl(eval_dir / "if_heldout.jsonl", [{"key": 0, "prompt": heldout}])
 
     def chat(user, assistant="ok"):
         return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
 
     sft_rows = [{"messages": chat(gsm[0] + " Think step by step.")},  # gsm[0] verbatim: removed
+                {"messages": chat(heldout.replace("foxes", "owls"))},  # 14 of 18 if_heldout tokens in shared 8-grams: removed
                 {"messages": chat("Tom has 3 apples and buys 5 more bananas.")},  # 8 of 19 tokens: kept
                 {"messages": [{"role": "system", "content": gsm[1]}] + chat("Hi there")},  # system turns are no prompt
                 {"messages": chat("Hello", "Write a poem about the sea. Your entire response should be in English, "
                                   "and in all lowercase letters.")}]  # the answer is no prompt: kept
     # hand-written lines (odd spacing, non-ASCII) so that "kept byte for byte" is tested, not re-serialization
     sft_lines = [json.dumps(row, ensure_ascii=False, indent=None, separators=(",", ":")) + "\n" for row in sft_rows]
-    sft_lines[1] = sft_lines[1].replace('"ok"', '"ok, café"')
+    sft_lines[2] = sft_lines[2].replace('"ok"', '"ok, café"')
     sft_path = tmp_path / "sft.jsonl"
-    sft_path.write_text("".join(sft_lines[:2]) + "\n" + "".join(sft_lines[2:]), encoding="utf-8")  # a blank line too
+    sft_path.write_text("".join(sft_lines[:3]) + "\n" + "".join(sft_lines[3:]), encoding="utf-8")  # a blank line too
     dpo_rows = [{"prompt": math[0], "chosen": chat(math[0]), "rejected": chat(math[0], "no")},  # removed (math)
                 {"chosen": chat(gsm[1] + " " + ifeval[0]), "rejected": chat("x")},  # removed (gsm8k and ifeval)
                 {"prompt": "Find the value of y.", "chosen": chat("Find the value of y."), "rejected": chat("?")}]
@@ -116,20 +119,20 @@ def test_script_end_to_end(tmp_path):
     out_dir = tmp_path / "out"
     result = run("--train", sft_path, dpo_path, rlvr_path, "--out_dir", out_dir, "--eval_dir", eval_dir)
     assert result.returncode == 0, result.stderr
-    assert (out_dir / "sft.jsonl").read_text(encoding="utf-8") == "".join(sft_lines[1:])
+    assert (out_dir / "sft.jsonl").read_text(encoding="utf-8") == "".join(sft_lines[2:])
     with open(dpo_path) as f:
         assert (out_dir / "dpo.jsonl").read_text() == f.readlines()[2]
     with open(rlvr_path) as f:
         assert (out_dir / "rlvr.jsonl").read_text() == f.readlines()[1]
     report = json.loads((out_dir / "decontamination.json").read_text())
-    assert report["eval_set_sizes"] == {"gsm8k_test": 2, "math500_test": 1, "ifeval": 2}
+    assert report["eval_set_sizes"] == {"gsm8k_test": 2, "math500_test": 1, "ifeval": 2, "if_heldout": 1}
     sft, dpo, rlvr = (report["train"][name] for name in ("sft.jsonl", "dpo.jsonl", "rlvr.jsonl"))
-    assert (sft["rows"], sft["removed"], sft["kept"]) == (4, 1, 3)
-    assert sft["removed_by_eval_set"] == {"gsm8k_test": 1, "math500_test": 0, "ifeval": 0}
+    assert (sft["rows"], sft["removed"], sft["kept"]) == (5, 2, 3)
+    assert sft["removed_by_eval_set"] == {"gsm8k_test": 1, "math500_test": 0, "ifeval": 0, "if_heldout": 1}
     assert (dpo["rows"], dpo["removed"], dpo["kept"]) == (3, 2, 1)
-    assert dpo["removed_by_eval_set"] == {"gsm8k_test": 1, "math500_test": 1, "ifeval": 1}
-    assert dpo["eval_instances_overlapped"] == {"gsm8k_test": 1, "math500_test": 1, "ifeval": 1}
-    assert dpo["contaminated"] == {"gsm8k_test": True, "math500_test": True, "ifeval": True}  # 1/2, 1/1, 1/2 > 2%
+    assert dpo["removed_by_eval_set"] == {"gsm8k_test": 1, "math500_test": 1, "ifeval": 1, "if_heldout": 0}
+    assert dpo["eval_instances_overlapped"] == {"gsm8k_test": 1, "math500_test": 1, "ifeval": 1, "if_heldout": 0}
+    assert dpo["contaminated"] == {"gsm8k_test": True, "math500_test": True, "ifeval": True, "if_heldout": False}  # 1/2, 1/1, 1/2 > 2%
     assert (rlvr["rows"], rlvr["removed"], rlvr["removed_by_eval_set"]["ifeval"]) == (2, 1, 1)
     assert sft["contaminated"]["ifeval"] is False and "CONTAMINATED" in result.stdout
 
