@@ -1,6 +1,7 @@
 """The data path at Tulu scale: tokenized once into a memory-mapped Arrow file and reused, micro-batches by tokens
 balanced over ranks, a loss that never holds the full (T, V) logits, and ranks that wait for the tokenization as long
 as it takes (no collective timeout)."""
+import itertools
 import json
 import os
 import random
@@ -227,7 +228,7 @@ def test_ranks_waiting_for_tokenization_outlast_the_default_group_timeout(tiny_m
 
     def feed():  # rank 0 opens the source twice: to count its rows (fed at once), then to tokenize them (a row a second)
         try:
-            for delay in (0, 1):
+            for delay in itertools.chain([0], itertools.repeat(1)):  # (any further opening is served too, slowly)
                 with open(source, "w") as f:
                     for row in rows:
                         time.sleep(delay)
