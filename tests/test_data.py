@@ -1,8 +1,14 @@
 """The data path at Tulu scale: tokenized once into a memory-mapped Arrow file and reused, micro-batches by tokens
-balanced over ranks, and a loss that never holds the full (T, V) logits."""
+balanced over ranks, a loss that never holds the full (T, V) logits, and ranks that wait for the tokenization as long
+as it takes (no collective timeout)."""
+import itertools
 import json
 import os
 import random
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -10,7 +16,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 import common
-from conftest import conversation, read_metrics, run_script, write_jsonl
+from conftest import SCRIPT_ENV, conversation, read_metrics, run_script, write_jsonl
 
 FAST = ["--preprocessing_num_workers", "1", "--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--learning_rate", "1e-3"]
 
@@ -186,3 +192,56 @@ def test_token_logps_at_a_temperature_with_entropies(tiny_model_dir, tokenizer):
     expected = logprobs[scored].gather(-1, targets[0][scored][:, None])[:, 0]
     assert torch.allclose(logps[scored], expected, atol=1e-5) and (logps[~scored] == 0).all()
     assert torch.allclose(entropies[scored], -(logprobs.exp() * logprobs).sum(-1)[scored], atol=1e-4)
+
+
+# Loaded by every Python process of a test run (it is on PYTHONPATH): torch's default process-group timeout, read when
+# init_process_group is called without one (30 minutes for gloo, 10 for NCCL), becomes $SHORT_DEFAULT_PG_TIMEOUT_S.
+# The stage scripts are unchanged: every collective they issue on the default group now times out within seconds.
+SHORT_TIMEOUT_SITECUSTOMIZE = """
+import datetime, os
+if os.environ.get("SHORT_DEFAULT_PG_TIMEOUT_S"):
+    import torch.distributed.distributed_c10d as c10d
+    c10d.default_pg_timeout = datetime.timedelta(seconds=float(os.environ["SHORT_DEFAULT_PG_TIMEOUT_S"]))
+"""
+
+
+def test_ranks_waiting_for_tokenization_outlast_the_default_group_timeout(tiny_model_dir, tmp_path):
+    """Local rank 0 tokenizes for 3x the default group's timeout (a slow source: a named pipe fed one row a second) while
+    rank 1 waits for the file; the run must finish. Waiting at a barrier of the default group instead (dist.barrier())
+    kills rank 1 after the timeout: the multi-node failure mode, here in seconds instead of 10-30 minutes."""
+    timeout_s = 6
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SHORT_TIMEOUT_SITECUSTOMIZE)
+    env = dict(SCRIPT_ENV, PYTHONPATH=os.pathsep.join([str(tmp_path / "site")] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+
+    # The mechanism is real: at a bare barrier on the default group, a rank 2.5x the timeout late kills the run.
+    (tmp_path / "late.py").write_text("import time, torch.distributed as dist\ndist.init_process_group('gloo')\n"
+                                      "time.sleep(5 if dist.get_rank() == 0 else 0)\ndist.barrier()\n")
+    control = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              tmp_path / "late.py"], capture_output=True, text=True,
+                             env=dict(env, SHORT_DEFAULT_PG_TIMEOUT_S="2"))
+    assert control.returncode != 0 and "timed out" in control.stderr.lower(), control.stderr[-3000:]
+
+    rows = [{"messages": [m for m in conversation(i) if m]} for i in range(3 * timeout_s)]
+    source = tmp_path / "slow.jsonl"
+    os.mkfifo(source)
+
+    def feed():  # rank 0 opens the source twice: to count its rows (fed at once), then to tokenize them (a row a second)
+        try:
+            for delay in itertools.chain([0], itertools.repeat(1)):  # (any further opening is served too, slowly)
+                with open(source, "w") as f:
+                    for row in rows:
+                        time.sleep(delay)
+                        f.write(json.dumps(row) + "\n")
+                        f.flush()
+        except BrokenPipeError:  # the run died
+            pass
+
+    threading.Thread(target=feed, daemon=True).start()
+    start = time.time()
+    run_script("sft.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", source, "1.0",
+               "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 1, "--max_steps", 2,
+               "--dataset_local_cache_dir", tmp_path / "cache", "--output_dir", tmp_path / "out", *FAST, nproc=2,
+               env=dict(env, SHORT_DEFAULT_PG_TIMEOUT_S=str(timeout_s)))
+    assert time.time() - start > 3 * timeout_s  # tokenizing did outlast the timeout
+    assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
