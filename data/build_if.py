@@ -92,14 +92,6 @@ def limit_words(text, n):
     return " ".join(kept) if kept else " ".join(text.split()[: n - 1])
 
 
-def bullets(text, n):
-    parts = sentences(text)
-    if len(parts) < n:
-        return None
-    groups = [parts[i * len(parts) // n:(i + 1) * len(parts) // n] for i in range(n)]
-    return "\n".join("* " + " ".join(g) for g in groups)
-
-
 def highlight(text, n):
     parts = sentences(text)
     if len(parts) < n:
