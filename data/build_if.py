@@ -155,7 +155,7 @@ KINDS = {
     "highlights": dict(
         google="detectable_format:number_highlighted_sections", tulu="validate_highlighted_sections", values=([2], [2]),
         kwargs=lambda p: {"num_highlights": p}, tulu_kwargs=lambda p: {"N": p},
-        train=["Highlight at least {} sections in your answer with markdown, i.e. *highlighted section*.",
+        train=["Emphasize at least {} phrases of your answer in markdown italics, *like so*.",
                "Mark at least {} parts of your answer as *highlighted text*.",
                "Highlight at least {} sentences with markdown, *like this*."],
         heldout=["Use markdown to highlight at least {} sentences, for example *this one*."],
