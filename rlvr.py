@@ -64,6 +64,7 @@ parser.add_argument("--cliprange", type=float, default=0.2)
 parser.add_argument("--num_epochs", type=int, default=1, help="passes over each rollout batch (PPO epochs)")
 parser.add_argument("--num_mini_batches", type=int, default=1, help="optimizer steps per epoch of a rollout batch")
 parser.add_argument("--per_device_train_batch_size", type=int, default=4, help="sequences per packed micro-batch")
+parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute each block in backward (policy, value)")
 parser.add_argument("--gamma", type=float, default=1.0, help="PPO: GAE discount")
 parser.add_argument("--lam", type=float, default=0.95, help="PPO: GAE lambda")
 parser.add_argument("--vf_coef", type=float, default=0.1, help="PPO: value loss weight")
@@ -181,6 +182,8 @@ def build_fsdp_model(auto_class, config, zero_head=False):
     """Meta-device init, FSDP2 per block then root, rank 0 reads the checkpoint and broadcasts it (as in sft.py)."""
     with torch.device("meta"):
         model = auto_class.from_config(config, dtype=torch.float32, attn_implementation="packed")
+    if args.gradient_checkpointing:  # (the reference runs without grad: nothing to recompute there)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
@@ -193,8 +196,10 @@ def build_fsdp_model(auto_class, config, zero_head=False):
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     if auto_class is AutoModelForCausalLM:
         common.wrap_token_logps(model)  # model.token_logps: log-probs and entropies without the full (T, V) logits
-    # eval mode: no dropout (e.g. in the value head), which would make the first ratio (and values) differ from 1
-    return model.eval()
+    # eval mode: no dropout (e.g. in the value head), which would make the first ratio (and values) differ from 1. HF
+    # recomputes a block only in train mode: the blocks alone go back to it (packed attention takes no dropout).
+    model.eval().model.layers.train(args.gradient_checkpointing)
+    return model
 
 
 config = AutoConfig.from_pretrained(args.model_name_or_path)

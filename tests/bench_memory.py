@@ -8,8 +8,8 @@ tokens (one document up to 4,096 tokens; 16,000 = four documents of 4,000), embe
   sft   conversations of that length, --gradient_checkpointing;
   dpo   pairs whose two sides (half the length each) pack together, --gradient_checkpointing;
   rlvr  GRPO with the HF generator: one prompt of the length less --rlvr_response_length, sampled 4 times, a sample
-        per micro-batch (16,000: the 4 samples of 4,000 in one); rlvr.py has no activation checkpointing, so the layers' activations
-        (~1.3 MB per token for this model, linear in tokens, the same before and after) are in its numbers.
+        per micro-batch (16,000: the 4 samples of 4,000 in one); --gradient_checkpointing where the version has it (an
+        rlvr.py without it keeps the layers' activations, ~1.3 MB per token for this model, in its numbers).
 Activation checkpointing keeps the layers' activations out of the SFT / DPO picture, so what remains is what grows
 differently: the logits and their fp32 copies, and the attention over the packed row.
 
@@ -33,7 +33,7 @@ parser.add_argument("--repo", default=ROOT, help="the checkout whose sft.py / dp
 parser.add_argument("--sizes", type=int, nargs="+", default=[535, 4035, 16000])
 parser.add_argument("--stages", nargs="+", default=["sft", "dpo", "rlvr"])
 parser.add_argument("--no_gradient_checkpointing", action="store_true",
-                    help="sft / dpo: keep every layer's activations (~1.3 MB per token for this model, which then dominate)")
+                    help="keep every layer's activations (~1.3 MB per token for this model, which then dominate)")
 parser.add_argument("--rlvr_response_length", type=int, default=64, help="rlvr: max new tokens (the rest is prompt)")
 parser.add_argument("--timeout", type=float, default=3600, help="stop a run after this many seconds (a lower bound)")
 parser.add_argument("--max_rss_gb", type=float, default=14.0, help="stop a run whose RSS passes this (a lower bound)")
@@ -126,7 +126,8 @@ def run(stage, size, work):
     if stage == "rlvr":
         command = [*common_args, "--generator", "hf", "--num_unique_prompts_rollout", "1", "--num_samples_per_prompt",
                    "4", "--per_device_train_batch_size", str(len(documents)),
-                   "--response_length", str(response), "--max_prompt_length", "8192"]
+                   "--response_length", str(response), "--max_prompt_length", "8192",
+                   *(["--gradient_checkpointing"] if "--gradient_checkpointing" in help_text and not args.no_gradient_checkpointing else [])]
     else:
         command = [*common_args, "--per_device_train_batch_size", str(len(documents)), "--gradient_accumulation_steps",
                    "1", "--max_seq_length", "4096", *(["--ref_cache_dir", os.path.join(work, "ref")] if stage == "dpo" else []),

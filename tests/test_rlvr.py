@@ -104,6 +104,19 @@ def test_two_processes_match_one(tiny_model_dir, rlvr_data, tmp_path):
     assert one[1]["kl"] > 0
 
 
+def test_gradient_checkpointing_changes_no_number(tiny_model_dir, rlvr_data, tmp_path):
+    """--gradient_checkpointing recomputes the policy's and the value model's blocks in backward: PPO's losses, grad
+    norms and (step 2: after one update) KL and ratios are those of the run that keeps every activation."""
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", rlvr_data, "1.0", "--eval_every", 0,
+            "--max_steps", 2, "--algo", "ppo", "--beta", 0.05, *FAST]
+    run_script("rlvr.py", *args, "--output_dir", tmp_path / "kept")
+    run_script("rlvr.py", *args, "--gradient_checkpointing", "--output_dir", tmp_path / "recomputed")
+    kept, recomputed = read_metrics(tmp_path / "kept"), read_metrics(tmp_path / "recomputed")
+    for key in ["reward", "kl", "ratio_mean", "entropy", "pg_loss", "vf_loss", "grad_norm"]:
+        assert [m[key] for m in recomputed] == pytest.approx([m[key] for m in kept], rel=1e-5, abs=1e-7), key
+    assert kept[1]["kl"] > 0
+
+
 def test_ppo_gae_matches_a_hand_computation(tiny_model_dir, rlvr_data, tmp_path):
     out = tmp_path / "ppo"
     run_script("rlvr.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", rlvr_data, "1.0",
