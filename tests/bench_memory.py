@@ -120,18 +120,18 @@ def run(stage, size, work):
     help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=args.repo).stdout
     extra = ["--dataset_local_cache_dir", os.path.join(work, "cache")] if "--dataset_local_cache_dir" in help_text else []
     extra += ["--preprocessing_num_workers", "1"] if "--preprocessing_num_workers" in help_text else []
+    checkpointing = ["--gradient_checkpointing"] if "--gradient_checkpointing" in help_text and not args.no_gradient_checkpointing else []
     out = os.path.join(work, f"out_{stage}_{size}")
     common_args = [script, "--model_name_or_path", MODEL, "--dataset_mixer_list", data, "1.0", "--max_steps", "1",
                    "--output_dir", out, *extra]
     if stage == "rlvr":
         command = [*common_args, "--generator", "hf", "--num_unique_prompts_rollout", "1", "--num_samples_per_prompt",
                    "4", "--per_device_train_batch_size", str(len(documents)),
-                   "--response_length", str(response), "--max_prompt_length", "8192",
-                   *(["--gradient_checkpointing"] if "--gradient_checkpointing" in help_text and not args.no_gradient_checkpointing else [])]
+                   "--response_length", str(response), "--max_prompt_length", "8192", *checkpointing]
     else:
         command = [*common_args, "--per_device_train_batch_size", str(len(documents)), "--gradient_accumulation_steps",
                    "1", "--max_seq_length", "4096", *(["--ref_cache_dir", os.path.join(work, "ref")] if stage == "dpo" else []),
-                   *([] if args.no_gradient_checkpointing else ["--gradient_checkpointing"])]
+                   *checkpointing]
     peak_kib, cpu, code, stopped = measure([sys.executable, *command], os.path.join(work, f"log_{stage}_{size}.txt"))
     if code and not stopped:
         raise SystemExit(open(os.path.join(work, f"log_{stage}_{size}.txt")).read()[-3000:])
