@@ -487,9 +487,8 @@ for step in progress:
                 for s, out in zip(chunk, outs):
                     s[key] = out
     metrics["self_check_max_diff"] = self_check(samples[0])
-    for model in (policy, reference, value_model):  # FSDP2 reshards the root only in backward: after a no-grad forward, do it
-        if model is not None:
-            model.reshard()
+    for model in filter(None, (policy, reference, value_model)):  # FSDP2 reshards the root only in backward: after a
+        model.reshard()  # no-grad forward, do it
 
     # --- advantages -----------------------------------------------------------------------------------------------------
     if args.algo == "grpo":
@@ -525,9 +524,8 @@ for step in progress:
 
     # --- policy (and value) updates: num_epochs x num_mini_batches optimizer steps ---------------------------------------
     lr = args.learning_rate * (1 - step / args.max_steps if args.lr_scheduler_type == "linear" else 1.0)
-    for opt in (optimizer, value_optimizer):
-        for group in (opt.param_groups if opt else []):
-            group["lr"] = lr
+    for group in optimizer.param_groups + (value_optimizer.param_groups if value_optimizer else []):
+        group["lr"] = lr
     per_mini = P // args.num_mini_batches  # prompts per mini-batch; mini-batch m = batch positions [m * per_mini, ...)
     sums = torch.zeros(8, dtype=torch.float64, device=device)  # pg loss, vf loss, clipped, entropy, tokens, ratio, ...
     first_ratio, grad_norms, value_grad_norms = None, [], []
@@ -570,9 +568,7 @@ for step in progress:
             if first_ratio is None:  # before any update of this rollout: exactly 1 when old_logps are recomputed
                 dist.all_reduce(ratio_sum)
                 first_ratio = ratio_sum.item() / tokens.item()
-            for model, opt, norms in ((policy, optimizer, grad_norms), (value_model, value_optimizer, value_grad_norms)):
-                if model is None:
-                    continue
+            for model, opt, norms in ((policy, optimizer, grad_norms), (value_model, value_optimizer, value_grad_norms))[: 1 + bool(value_model)]:
                 norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 norms.append(norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item())
                 opt.step()
@@ -593,9 +589,8 @@ for step in progress:
     rewards = torch.tensor([r for _, _, r in everything], dtype=torch.float64)
     metrics |= {"reward": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
                 "score": sum(sc for _, sc, _ in everything) / len(everything)}
-    for name in sorted({d for d, _, _ in everything}):
-        scores = [sc for d, sc, _ in everything if d == name]
-        metrics[f"accuracy/{name}"] = sum(sc == 1 for sc in scores) / len(scores)
+    metrics |= {f"accuracy/{name}": sum(sc == 1 for d, sc, _ in everything if d == name) / sum(d == name for d, _, _ in everything)
+                for name in sorted({d for d, _, _ in everything})}
     n_tokens = sums[4].item()  # policy-forward tokens over all epochs and mini-batches
     metrics |= {"response_length": sums[6].item() / len(everything), "finished": sums[7].item() / len(everything),
                 "kl": sums[5].item() / sums[6].item(), "ratio_mean": first_ratio, "clip_frac": sums[2].item() / n_tokens,
