@@ -186,6 +186,38 @@ def test_shared_prefix_cache_changes_no_token(tiny_model, tmp_path):
         assert responses[0] == responses[1] and any(responses[0])
 
 
+def test_finished_rows_leave_the_batch_without_changing_a_token(tiny_model, tmp_path):
+    """eval.py drops a row from the batch (cache, mask, positions) once it emits an eos. A second eos id, a token the
+    random model emits now and then, makes rows stop at different steps; a batch of 8 must give every row the tokens a
+    batch of 1 gives it (no row ever dropped there), and each response must be the no-eos run's, cut at that token."""
+    import shutil
+    from transformers import AutoTokenizer
+
+    args = ["--task", "ifeval", "--limit", 8, "--max_new_tokens", 16]
+    full = run_eval("--model_name_or_path", tiny_model, *args, "--batch_size", 8, "--output_dir", tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    responses = [r["response"] for r in read_jsonl(tmp_path / "full" / "ifeval_records.jsonl")]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    ids = [tokenizer(r, add_special_tokens=False).input_ids for r in responses]
+    # the word piece that appears, after the first position, in the most responses: it ends them at different steps
+    # (a plain word, so that re-tokenizing the decoded text gives back the id the model generated)
+    candidates = {t for row in ids for t in row[1:] if re.fullmatch(r" ?[a-z]{2,}", tokenizer.decode([t]))}
+    stop = max(sorted(candidates), key=lambda t: sum(t in row[1:] for row in ids))
+    stopping = tmp_path / "stopping_model"
+    shutil.copytree(tiny_model, stopping)
+    config = json.loads((stopping / "generation_config.json").read_text())
+    config["eos_token_id"] = [tokenizer.eos_token_id, stop]
+    (stopping / "generation_config.json").write_text(json.dumps(config))
+    for batch_size in (8, 1):
+        result = run_eval("--model_name_or_path", stopping, *args, "--batch_size", batch_size, "--output_dir", tmp_path / f"b{batch_size}")
+        assert result.returncode == 0, result.stderr
+    batched, alone = ([r["response"] for r in read_jsonl(tmp_path / f"b{b}" / "ifeval_records.jsonl")] for b in (8, 1))
+    assert batched == alone
+    assert all(full_response.startswith(cut) for full_response, cut in zip(responses, batched))
+    assert sum(cut != full_response for full_response, cut in zip(responses, batched)) >= 2  # rows did stop early
+    assert any(cut == full_response for full_response, cut in zip(responses, batched))  # and others ran on after them
+
+
 def test_generate_under_torchrun_matches_single_process(tiny_model, tmp_path):
     common_args = ["--model_name_or_path", tiny_model, "--task", "gsm8k", "--limit", 5, "--max_new_tokens", 6,
                    "--batch_size", 2]
