@@ -283,10 +283,9 @@ def generate(model_path):
                         mask, next_ids, positions, live = mask[index], next_ids[index], positions[index], [live[k] for k in keep]
                     mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
                     step_ids, positions = next_ids[:, None], positions[:, -1:] + 1  # (live, 1) each
-            for row, i in enumerate(batch):
-                stop = next((t for t, tok in enumerate(new[row]) if tok in eos_ids), None)
+            for row, i in enumerate(batch):  # a row's eos, if it has one, is its last token
                 counts[i] = len(new[row])  # the eos counts as generated
-                texts[i] = tokenizer.decode(new[row][:stop], skip_special_tokens=True)
+                texts[i] = tokenizer.decode(new[row][:-1] if new[row][-1] in eos_ids else new[row], skip_special_tokens=True)
     if ddp:  # everyone's answers to every rank (only rank 0 uses them)
         gathered = [None] * world_size
         dist.all_gather_object(gathered, (texts, counts))
