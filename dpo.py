@@ -83,6 +83,8 @@ parser.add_argument("--num_train_epochs", type=int, default=1)
 parser.add_argument("--max_steps", type=int, default=-1, help="> 0 overrides --num_train_epochs")
 parser.add_argument("--seed", type=int, default=123)
 parser.add_argument("--gradient_checkpointing", action="store_true")
+parser.add_argument("--mixed_precision", default=None, choices=["bf16", "no"],
+                    help="bf16: compute in bf16 on fp32 master weights; default bf16 on CUDA, no (all fp32) on CPU")
 # outputs
 parser.add_argument("--output_dir", default=os.path.join(ROOT, "out", "dpo"))
 parser.add_argument("--checkpointing_steps", default=None, help="an integer (every N steps) or 'epoch'")
@@ -112,6 +114,7 @@ local_rank = int(os.environ.get("LOCAL_RANK", 0))
 device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 if use_cuda:
     torch.cuda.set_device(device)
+bf16 = (args.mixed_precision or ("bf16" if use_cuda else "no")) == "bf16"
 print0 = lambda *a, **k: print(*a, **k) if rank == 0 else None
 torch.manual_seed(args.seed)
 
@@ -221,8 +224,8 @@ def global_batch(step):
 
 common.register_packed_attention()
 config = AutoConfig.from_pretrained(args.model_name_or_path)
-# CUDA: compute in bf16, keep fp32 master weights and reduce gradients in fp32. CPU: everything fp32.
-mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_cuda else MixedPrecisionPolicy()
+# bf16: compute in bf16, keep fp32 master weights and reduce gradients in fp32. Otherwise everything fp32.
+mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
 
 
 def sharded_model(gradient_checkpointing):
@@ -500,7 +503,7 @@ for step in progress:
 # and its chat template, so transformers and vLLM load it as they would any released model.
 full_state_dict = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
 if rank == 0:
-    save_dtype = torch.bfloat16 if use_cuda else torch.float32
+    save_dtype = torch.bfloat16 if bf16 else torch.float32
     model.save_pretrained(args.output_dir, state_dict={k: v.to(save_dtype) for k, v in full_state_dict.items()})
     tokenizer.save_pretrained(args.output_dir)
     print0(f"saved the model to {args.output_dir}")

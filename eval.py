@@ -21,6 +21,7 @@ Tulu 3's evaluation shows them to chat models, not as one long user message.
 """
 import argparse
 import gc
+import inspect
 import json
 import math
 import os
@@ -42,6 +43,8 @@ parser.add_argument("--task", action="append", required=True, choices=["gsm8k", 
 parser.add_argument("--limit", nargs="+", default=[],
                     help="only the first N examples: N (every task) and/or TASK=N (that task), e.g. 16 ifheldout=240")
 parser.add_argument("--max_new_tokens", type=int, default=1024)
+parser.add_argument("--mixed_precision", default=None, choices=["bf16", "no"],
+                    help="HF path: bf16 weights (default on CUDA) or no (fp32, default on CPU)")
 parser.add_argument("--batch_size", type=int, default=32, help="prompts per HF generate call (vLLM batches itself)")
 parser.add_argument("--generator", default="auto", choices=["auto", "vllm", "hf"], help="auto: vLLM if it imports and CUDA is up")
 parser.add_argument("--no_prefix_cache", action="store_true", help="HF path: prefill every prompt whole (for comparison)")
@@ -232,13 +235,18 @@ def generate(model_path):
             dist.init_process_group(backend, store=dist.PrefixStore(f"after_engine{len(engines)}", store), rank=rank, world_size=world_size)
     else:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device != "cpu" else torch.float32
+        dtype = torch.bfloat16 if (args.mixed_precision or ("no" if device == "cpu" else "bf16")) == "bf16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        # the KV cache's keyword: `cache` in newer transformers (5.24 warns at `past_key_values`), `past_key_values` before
+        cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-        # One task at a time, longest prompts first: similar prompts share a batch (little padding, one few-shot
-        # prefix) and OOM shows up at once.
-        order = sorted(mine, key=lambda i: (tasks.index(jobs[i][0]), -len(prompt_ids[i])))
-        batches = [order[b:b + args.batch_size] for b in range(0, len(order), args.batch_size)]
+        # Batches of one task each, longest prompts first: a batch shares one few-shot prefix and little padding (a
+        # batch that mixed IFEval's tail with GSM8K's head had no common prefix: its IFEval rows were padded to
+        # GSM8K's ~1,000 tokens and GSM8K's exemplars prefilled row by row), and OOM shows up at once.
+        batches = []
+        for task in tasks:
+            order = sorted((i for i in mine if jobs[i][0] == task), key=lambda i: -len(prompt_ids[i]))
+            batches += [order[b:b + args.batch_size] for b in range(0, len(order), args.batch_size)]
         for batch in tqdm(batches, desc=f"generate {model_path}", disable=rank != 0):
             # The few-shot exemplars (~1,000 tokens for GSM8K) are the same in every prompt of a task: run that shared
             # prefix once, copy its KV cache to every row, and feed only the rest: [prefix | padding | question].
@@ -258,7 +266,7 @@ def generate(model_path):
             with torch.no_grad():
                 cache = DynamicCache(config=model.config)
                 if shared:
-                    model(input_ids=input_ids[:1, :shared].to(device), past_key_values=cache, use_cache=True)
+                    model(input_ids=input_ids[:1, :shared].to(device), **{cache_name: cache}, use_cache=True)
                     cache.batch_repeat_interleave(len(batch))
                 # Greedy decoding written out, so that a finished row leaves the batch: model.generate computes every
                 # row until the longest ends, and most answers are short (held-out IF: ~40 of 96 tokens), so on CPU
@@ -268,7 +276,7 @@ def generate(model_path):
                 positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, shared:]  # (B, width - shared)
                 step_ids, live, new = input_ids[:, shared:].to(device), list(range(len(batch))), [[] for _ in batch]
                 for _ in range(args.max_new_tokens):
-                    next_ids = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    next_ids = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **{cache_name: cache},
                                      use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)  # (live rows,)
                     keep = []
                     for k, (row, token) in enumerate(zip(live, next_ids.tolist())):

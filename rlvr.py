@@ -65,6 +65,7 @@ parser.add_argument("--num_epochs", type=int, default=1, help="passes over each 
 parser.add_argument("--num_mini_batches", type=int, default=1, help="optimizer steps per epoch of a rollout batch")
 parser.add_argument("--per_device_train_batch_size", type=int, default=4, help="sequences per packed micro-batch")
 parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute each block in backward (policy, value)")
+parser.add_argument("--mixed_precision", choices=["bf16", "no"], help="bf16 compute, fp32 master weights; default bf16 on CUDA only")
 parser.add_argument("--gamma", type=float, default=1.0, help="PPO: GAE discount")
 parser.add_argument("--lam", type=float, default=0.95, help="PPO: GAE lambda")
 parser.add_argument("--vf_coef", type=float, default=0.1, help="PPO: value loss weight")
@@ -79,11 +80,10 @@ parser.add_argument("--max_steps", type=int, default=6, help="rollout steps")
 parser.add_argument("--seed", type=int, default=1)
 # generation backend
 parser.add_argument("--generator", default="auto", choices=["auto", "vllm", "hf"], help="auto: vllm if it imports and CUDA is up")
-parser.add_argument("--generator_dtype", default=None, choices=["bfloat16", "float32"], help="default: bfloat16 on GPU, float32 on CPU")
+parser.add_argument("--generator_dtype", default=None, choices=["bfloat16", "float32"], help="default: bfloat16 under bf16 mixed precision")
 parser.add_argument("--vllm_tensor_parallel_size", type=int, default=1)
 parser.add_argument("--vllm_gpu_memory_utilization", type=float, default=0.3)
-parser.add_argument("--self_check_tolerance", type=float, default=None,
-                    help="max |generator - policy| log-prob on a sampled sequence; default 1e-4 fp32, 0.5 bf16 generator")
+parser.add_argument("--self_check_tolerance", type=float, help="max |generator - policy| log-prob; default 1e-4 fp32, 0.5 bf16")
 parser.add_argument("--debug_skip_weight_sync", action="store_true", help="TESTING ONLY: never update the generator")
 parser.add_argument("--save_rollouts", action="store_true", help="write every sample with its per-token tensors to rollouts.jsonl")
 # outputs
@@ -106,6 +106,7 @@ local_rank = int(os.environ.get("LOCAL_RANK", 0))
 device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 if use_cuda:
     torch.cuda.set_device(device)
+bf16 = (args.mixed_precision or ("bf16" if use_cuda else "no")) == "bf16"
 print0 = lambda *a, **k: print(*a, **k) if rank == 0 else None
 torch.manual_seed(args.seed)
 P, G = args.num_unique_prompts_rollout, args.num_samples_per_prompt
@@ -175,7 +176,7 @@ def rollout_prompts(step):
 # ----------------------------------------------------------------------------- Models
 
 common.register_packed_attention()
-mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if use_cuda else MixedPrecisionPolicy()
+mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
 
 
 def build_fsdp_model(auto_class, config, zero_head=False):
@@ -235,7 +236,7 @@ backend = args.generator
 if backend == "auto":
     backend = "vllm" if use_cuda and importlib.util.find_spec("vllm") else "hf"
 gen_tp = args.vllm_tensor_parallel_size if backend == "vllm" else 1
-gen_dtype = getattr(torch, args.generator_dtype or ("bfloat16" if use_cuda else "float32"))
+gen_dtype = getattr(torch, args.generator_dtype or ("bfloat16" if bf16 else "float32"))
 tolerance = args.self_check_tolerance or (0.5 if gen_dtype == torch.bfloat16 else 1e-4)
 if backend == "vllm":
     # Written against vLLM 0.32.0's source, and tested on CPU against tests/fake_vllm (a stand-in); never run on a real vLLM.
@@ -470,9 +471,8 @@ for step in progress:
                                 input_ids=prompt["prompt_ids"] + response, labels=[-100] * len(prompt["prompt_ids"]) + response))
     for s in samples:
         s["score"] = common.verify(s["dataset"], tokenizer.decode(s["response"], skip_special_tokens=True), s["ground_truth"])
-        s["reward"] = args.verification_reward * s["score"]
-        if args.non_stop_penalty and not s["finished"]:  # Tulu: the penalty replaces the reward
-            s["reward"] = args.penalty_reward_value
+        penalized = args.non_stop_penalty and not s["finished"]  # Tulu: the penalty replaces the reward
+        s["reward"] = args.penalty_reward_value if penalized else args.verification_reward * s["score"]
 
     # --- old log-probs, reference log-probs, old values: one no-grad pass before any update ---------------------------
     # old_logps come from the TRAINING model, not the generator: vLLM's bf16 kernels, batching and sampler differ
@@ -619,7 +619,7 @@ for step in progress:
 # Gather the full policy on rank 0 and write an ordinary HF directory with the tokenizer, as sft.py does.
 full_state_dict = get_state_dict(policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
 if rank == 0:
-    policy.save_pretrained(args.output_dir, state_dict={k: v.to(torch.bfloat16 if use_cuda else torch.float32)
+    policy.save_pretrained(args.output_dir, state_dict={k: v.to(torch.bfloat16 if bf16 else torch.float32)
                                                         for k, v in full_state_dict.items()})
     tokenizer.save_pretrained(args.output_dir)
     print0(f"saved the model to {args.output_dir}")

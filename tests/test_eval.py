@@ -181,6 +181,8 @@ def test_shared_prefix_cache_changes_no_token(tiny_model, tmp_path):
     cached = run_eval(*args, "--output_dir", tmp_path / "cached")
     whole = run_eval(*args, "--no_prefix_cache", "--output_dir", tmp_path / "whole")
     assert cached.returncode == 0 and whole.returncode == 0, cached.stderr + whole.stderr
+    # batches of one task each (5 + 5 prompts in batches of 4: 2 + 2, where a batch mixing the two made 3)
+    assert "| 4/4 [" in cached.stderr and "/3 [" not in cached.stderr
     for task in ("gsm8k", "ifeval"):
         responses = [[r["response"] for r in read_jsonl(tmp_path / run / f"{task}_records.jsonl")] for run in ("cached", "whole")]
         assert responses[0] == responses[1] and any(responses[0])
