@@ -46,7 +46,7 @@ parser.add_argument("--dataset_mixer_list", nargs="+", default=[os.path.join(ROO
                     help="SOURCE WEIGHT pairs of Tulu RLVR rows (messages, ground_truth, dataset)")
 parser.add_argument("--eval_dataset", default=os.path.join(ROOT, "data", "rlvr_heldout.jsonl"))
 parser.add_argument("--eval_every", type=int, default=0, help="greedy held-out reward at step 0, every N steps and at the end; 0: off")
-parser.add_argument("--eval_batch_size", type=int, default=32)
+parser.add_argument("--eval_batch_size", type=int, default=32, help="HF generator: rows per generate call")
 parser.add_argument("--max_prompt_length", "--max_prompt_token_length", type=int, default=512, help="longer prompts are dropped")
 parser.add_argument("--preprocessing_num_workers", type=int, default=min(8, os.cpu_count()))
 parser.add_argument("--dataset_local_cache_dir", default=os.path.join(ROOT, "cache", "tokenized"), help="prompts, tokenized once")
@@ -270,22 +270,23 @@ def generate(prompts_token_ids, samples_per_prompt=1, seeds=None):
         # c.logprobs: per position, {token id: Logprob} with the sampled token's raw (temperature 1) log-prob
         return [(list(c.token_ids), c.finish_reason == "stop", [position[t].logprob for position, t in zip(c.logprobs, c.token_ids)])
                 for output in outputs for c in output.outputs]
-    sampling = GenerationConfig(do_sample=seeds is not None, temperature=args.temperature, top_p=1.0, top_k=None,
-                                max_new_tokens=args.response_length, eos_token_id=eos_ids, pad_token_id=pad_id)
-    if seeds is None:  # greedy: batch prompts, padded on the left so every row continues from its last prompt token
-        groups = [list(range(b, min(b + args.eval_batch_size, len(prompts_token_ids))))
-                  for b in range(0, len(prompts_token_ids), args.eval_batch_size)]
-    else:  # sampled: one prompt (x samples_per_prompt, no padding) per call, each under its own seed
-        groups = [[i] * samples_per_prompt for i in range(len(prompts_token_ids))]
+    # HF: one generate call per batch of prompts x samples, left-padded so each row continues from its last prompt token;
+    # sampling is greedy on logits / T + Gumbel noise (the Gumbel-max trick: that argmax is a sample of softmax(logits / T)).
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=args.response_length, eos_token_id=eos_ids, pad_token_id=pad_id)
+    per_call = max(1, args.eval_batch_size // samples_per_prompt)
     results = []
-    for group in groups:
-        width = max(len(prompts_token_ids[i]) for i in group)
-        input_ids = torch.tensor([[pad_id] * (width - len(prompts_token_ids[i])) + prompts_token_ids[i] for i in group], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(prompts_token_ids[i])) + [1] * len(prompts_token_ids[i]) for i in group], device=device)
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if use_cuda else []):
-            if seeds is not None:
-                torch.manual_seed(seeds[group[0]])
-            out = generator.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=sampling)
+    for b in range(0, len(prompts_token_ids), per_call):
+        group = range(b, min(b + per_call, len(prompts_token_ids)))
+        rows = [prompts_token_ids[i] for i in group for _ in range(samples_per_prompt)]
+        width = max(map(len, rows))
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in rows], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=device)
+        noise = [torch.Generator(device).manual_seed(seeds[i]) for i in group] if seeds is not None else []
+        gumbel = lambda _, scores: scores / args.temperature - torch.cat([  # (rows, V); -log E, E ~ Exp(1), is Gumbel
+            torch.empty(samples_per_prompt, scores.shape[1], device=device).exponential_(generator=g) for g in noise]).log()
+        with torch.no_grad():
+            out = generator.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=greedy,
+                                     logits_processor=[gumbel] if noise else None)
         for row in out[:, width:].tolist():  # (B, new tokens): cut after the first eos
             stop = next((t for t, token in enumerate(row) if token in eos_ids), None)
             results.append((row if stop is None else row[: stop + 1], stop is not None, None))
@@ -538,8 +539,7 @@ for step in progress:
             chunks = [mini[b : b + micro] for b in range(0, len(mini), micro)]
             ratio_sum = torch.zeros((), dtype=torch.float64, device=device)
             for c, chunk in enumerate(chunks):
-                last = c == len(chunks) - 1
-                policy.set_requires_gradient_sync(last)
+                policy.set_requires_gradient_sync(last := c == len(chunks) - 1)  # reduce-scatter after the last micro-batch
                 logps, entropy = forward(policy, chunk)  # (N,)
                 old = torch.cat([s["old_logps"] for s in chunk])
                 advantages = torch.cat([s["advantages"] for s in chunk])
