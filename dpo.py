@@ -103,12 +103,9 @@ beta = args.beta if args.beta is not None else {"dpo_norm": 5.0, "dpo": 0.1, "si
 
 # ----------------------------------------------------------------------------- Distributed setup
 
-if "RANK" in os.environ:  # launched by torchrun
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-else:  # plain `python dpo.py`: a process group of one, so the FSDP code below is the same everywhere
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+use_cuda = torch.cuda.is_available()
+# torchrun's group, or for a plain `python dpo.py` a group of one, so the FSDP code below is the same everywhere
+dist.init_process_group("nccl" if use_cuda else "gloo", **({} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)))
 rank, world_size = dist.get_rank(), dist.get_world_size()
 local_rank = int(os.environ.get("LOCAL_RANK", 0))
 device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -219,7 +216,6 @@ def global_batch(step):
     return order[index * global_batch_size : (index + 1) * global_batch_size]
 
 
-
 # ----------------------------------------------------------------------------- Model
 
 common.register_packed_attention()
@@ -249,9 +245,8 @@ model = sharded_model(args.gradient_checkpointing)
 use_reference = args.loss_type != "simpo"  # SimPO needs no reference model at all
 live_reference = args.no_cache_ref and use_reference
 reference_model = sharded_model(False).eval().requires_grad_(False) if live_reference else None
-for m in (model, reference_model):
-    if m is not None:
-        common.wrap_token_logps(m)
+for m in filter(None, (model, reference_model)):
+    common.wrap_token_logps(m)
 n_params = sum(p.numel() for p in model.parameters())
 print0(f"{args.model_name_or_path}: {n_params / 1e6:.1f}M parameters, world size {world_size}, reference: "
        f"{'none' if not use_reference else 'live (frozen copy)' if live_reference else 'cached log-probs'}")
@@ -267,7 +262,6 @@ def response_logps(model, batch_pairs):
 
 
 # ----------------------------------------------------------------------------- Reference log-probs
-
 
 def reference_cache_key():
     """What the reference log-probs depend on: the initial weights, the tokenized pairs (their file's name is a key of
@@ -330,7 +324,6 @@ if use_reference and not live_reference:
                f"cached in {cache_path}")
 
 # ----------------------------------------------------------------------------- Loss
-
 
 def preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths):
     """Per-pair losses and implicit rewards, (B,) each, from summed response log-probs and response lengths |y|."""
@@ -418,10 +411,7 @@ elif rank == 0:
 # --with_tracking: the same metrics also to TensorBoard / W&B
 track = (common.start_tracking(args.report_to, args.output_dir, "dpo", vars(args), start_step)
          if args.with_tracking and rank == 0 else None)
-if args.checkpointing_steps == "epoch":
-    checkpoint_every = steps_per_epoch
-else:
-    checkpoint_every = int(args.checkpointing_steps) if args.checkpointing_steps else 0
+checkpoint_every = steps_per_epoch if args.checkpointing_steps == "epoch" else int(args.checkpointing_steps or 0)
 
 # ----------------------------------------------------------------------------- Training loop
 
@@ -491,8 +481,7 @@ for step in progress:
     if rank == 0:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if track:
-            track(metrics)
+        track and track(metrics)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{means[3]:.2f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
     if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
         save_checkpoint(step + 1)
@@ -503,8 +492,8 @@ for step in progress:
 # and its chat template, so transformers and vLLM load it as they would any released model.
 full_state_dict = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
 if rank == 0:
-    save_dtype = torch.bfloat16 if bf16 else torch.float32
-    model.save_pretrained(args.output_dir, state_dict={k: v.to(save_dtype) for k, v in full_state_dict.items()})
+    model.save_pretrained(args.output_dir, state_dict={k: v.to(torch.bfloat16 if bf16 else torch.float32)
+                                                       for k, v in full_state_dict.items()})
     tokenizer.save_pretrained(args.output_dir)
     print0(f"saved the model to {args.output_dir}")
 dist.barrier()
