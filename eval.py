@@ -415,5 +415,8 @@ if rank == 0 and len(runs) > 1:  # the headline number of each task, as Tulu 3 r
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print0("\n" + "\n".join(lines) + f"\nwrote {os.path.join(args.output_dir, 'table.md')}")
-if ddp:
+if ddp:  # Wait for rank 0's scoring before tearing down. Without it a rank went from the gather straight to exit, and
+    # now and then (1% on CPU) gloo's worker thread, still freeing that gather's tensors, needed the GIL of a Python
+    # that was finalizing: SIGABRT, "terminate called without an active exception" (core dump: ~AsyncAllgatherWork).
+    dist.barrier()
     dist.destroy_process_group()

@@ -225,7 +225,7 @@ def test_generate_under_torchrun_matches_single_process(tiny_model, tmp_path):
                    "--batch_size", 2]
     single = run_eval(*common_args, "--output_dir", tmp_path / "single")
     assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
     multi = run_eval(*common_args, "--output_dir", tmp_path / "multi", launcher=torchrun)
     assert multi.returncode == 0, multi.stderr
     one = read_jsonl(tmp_path / "single" / "gsm8k_records.jsonl")
