@@ -30,6 +30,11 @@ import time
 
 import torch
 import torch.distributed as dist
+# Before init_process_group on purpose: its functions default to `group=group.WORLD`, which, imported after init (as
+# transformers does with the model), holds the group forever. destroy_process_group then cannot free it, and its gloo
+# threads lived on into interpreter exit, where freeing a gather's tensors without the GIL aborted about 1 torchrun in
+# 100 on CPU (SIGABRT, "terminate called without an active exception"; core: ~AsyncAllgatherWork in runLoop).
+import torch.distributed.nn  # noqa: F401
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
@@ -415,8 +420,6 @@ if rank == 0 and len(runs) > 1:  # the headline number of each task, as Tulu 3 r
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print0("\n" + "\n".join(lines) + f"\nwrote {os.path.join(args.output_dir, 'table.md')}")
-if ddp:  # Wait for rank 0's scoring before tearing down. Without it a rank went from the gather straight to exit, and
-    # now and then (1% on CPU) gloo's worker thread, still freeing that gather's tensors, needed the GIL of a Python
-    # that was finalizing: SIGABRT, "terminate called without an active exception" (core dump: ~AsyncAllgatherWork).
+if ddp:  # rank 0 scores while the others wait, as at the end of sft.py
     dist.barrier()
     dist.destroy_process_group()
