@@ -225,9 +225,19 @@ def test_generate_under_torchrun_matches_single_process(tiny_model, tmp_path):
                    "--batch_size", 2]
     single = run_eval(*common_args, "--output_dir", tmp_path / "single")
     assert single.returncode == 0, single.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    # Each rank runs eval.py and then says whether gloo's threads outlived destroy_process_group: they did when
+    # torch.distributed.nn was first imported after init (its group=group.WORLD defaults hold the group), and at
+    # interpreter exit such a thread aborted about 1 run in 100 (SIGABRT).
+    wrapper = tmp_path / "run_then_list_threads.py"
+    wrapper.write_text("import os, runpy, sys\nsys.argv = sys.argv[1:]\nsys.path[0] = os.path.dirname(sys.argv[0])\n"
+                       "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+                       "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+                       "sys.stdout.flush()\nos.write(1, f'\\ngloo threads left: {sorted(n for n in names if \"gloo\" in n)}\\n'.encode())\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(wrapper)]
     multi = run_eval(*common_args, "--output_dir", tmp_path / "multi", launcher=torchrun)
     assert multi.returncode == 0, multi.stderr
+    if os.path.isdir("/proc/self/task"):
+        assert multi.stdout.count("gloo threads left: []") == 2, multi.stdout
     one = read_jsonl(tmp_path / "single" / "gsm8k_records.jsonl")
     two = read_jsonl(tmp_path / "multi" / "gsm8k_records.jsonl")
     assert [r["prompt"] for r in two] == [r["prompt"] for r in one]
