@@ -95,9 +95,11 @@ class StepTimer(TrainerCallback):
         batch_tokens.clear()  # the reference pass went through the same collator
 
     def on_step_begin(self, *_, **__):
+        torch.cuda.is_available() and torch.cuda.synchronize()  # on a GPU, time the step's kernels, not their launch
         self.start = time.time()
 
     def on_step_end(self, *_, **__):
+        torch.cuda.is_available() and torch.cuda.synchronize()
         step_seconds.append(time.time() - self.start)
 
 

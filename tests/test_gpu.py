@@ -4,7 +4,8 @@
 - a tiny Llama's packed forward == its per-document forward on CUDA in bf16;
 - sft.py, dpo.py and rlvr.py (HF generator) for a few steps under torchrun on one GPU (nccl, bf16 compute): losses
   finite and falling, DPO's first loss ln 2, the RLVR self-check passing; save -> reload -> the trainer's next loss;
-- when vLLM imports: rlvr.py with vLLM generating (torchrun and plain python), eval.py with two vLLM engines in a row."""
+- when vLLM imports: rlvr.py with vLLM generating (torchrun and plain python); eval.py with vLLM == with HF
+  (greedy, first tokens), two vLLM engines in a row."""
 import json
 import math
 import os
@@ -153,11 +154,27 @@ def test_vllm_generator_on_one_gpu(tiny_model_dir, tmp_path, launcher):
     assert "Attempted to load weight" not in result.stdout + result.stderr
 
 
-def test_eval_vllm_several_models_on_one_gpu(tiny_model_dir, tmp_path):
-    """Two vLLM engines one after the other in one process: the first must be shut down for the second to start."""
+def test_eval_vllm_matches_hf_greedy_with_two_engines_in_a_row(tiny_model_dir, tokenizer, tmp_path):
+    """eval.py's vLLM path against its HF path, greedy, both in bf16 (vLLM downcasts an fp32 checkpoint:
+    vllm/config/model.py:2422-2424; eval.py's HF path computes in bf16 on CUDA): the same prompts must give the same
+    first tokens (a wrong template or few-shot prompt would differ from the first token on; bf16 kernels may part
+    later). The model twice in one vLLM call: the first engine must be shut down for the second to start."""
     pytest.importorskip("vllm")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model_name_or_path", tiny_model_dir, tiny_model_dir,
-                             "--task", "gsm8k", "--limit", "4", "--max_new_tokens", "16", "--generator", "vllm",
-                             "--output_dir", str(tmp_path)], capture_output=True, text=True, env=SCRIPT_ENV, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-6000:]
-    assert os.path.exists(tmp_path / "table.md")
+
+    def responses(generator, *models):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model_name_or_path", *models,
+                                 "--task", "gsm8k", "--task", "ifeval", "--limit", "8", "--max_new_tokens", "16",
+                                 "--generator", generator, "--output_dir", str(tmp_path / generator)],
+                                capture_output=True, text=True, env=SCRIPT_ENV, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-6000:]
+        run_dirs = [tmp_path / generator] if len(models) == 1 else [tmp_path / generator / f"{k}_{os.path.basename(m)}"
+                                                                     for k, m in enumerate(models)]
+        return [[json.loads(line)["response"] for task in ("gsm8k", "ifeval") for line in open(d / f"{task}_records.jsonl")]
+                for d in run_dirs]
+
+    first_engine, second_engine = responses("vllm", tiny_model_dir, tiny_model_dir)
+    (hf,) = responses("hf", tiny_model_dir)
+    assert len(hf) == len(first_engine) == 16 and first_engine == second_engine  # greedy: the same engine twice
+    head = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"][:3]
+    agree = sum(head(v) == head(h) for v, h in zip(first_engine, hf))
+    assert agree >= 12, list(zip(first_engine, hf))
