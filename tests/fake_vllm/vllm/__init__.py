@@ -16,6 +16,7 @@ vllm==0.32.0 --no-deps`); file:line below refer to that wheel's vllm/ directory:
 - a second engine cannot start while one that was not shut down holds the device memory, and the engine's shutdown
   destroys the parallel state and torch's default process group, as 0.32's does.
 Not modelled: tensor parallelism, top_p < 1, top_k, text prompts, batching, speed."""
+import inspect
 import logging
 import os
 import sys
@@ -316,9 +317,11 @@ class LLM:
         stop_ids = set(p.stop_token_ids or []) | self.eos_ids
         cache, tokens, logprobs, finish, stop_reason, cumulative = None, [], [], "length", None, 0.0
         inputs = torch.tensor([ids])
+        # the KV cache's name: `cache` from transformers 5.24 on (which warns at `past_key_values`), `past_key_values` before
+        cache_name = "cache" if "cache" in inspect.signature(self.hf_model.forward).parameters else "past_key_values"
         for _ in range(max_tokens):
-            out = self.hf_model(input_ids=inputs, past_key_values=cache, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[0, -1].float()
+            out = self.hf_model(input_ids=inputs, **{cache_name: cache}, use_cache=True)
+            cache, logits = getattr(out, cache_name), out.logits[0, -1].float()
             raw = logits.log_softmax(-1)
             if p.temperature == 0:
                 token = int(logits.argmax())
