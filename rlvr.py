@@ -357,25 +357,30 @@ def group_share(indices):
     return [i for i in indices if (i % world_size) // gen_tp == rank // gen_tp]
 
 
+def gather(items):
+    """Every rank's list -> one list on every rank, rank 0's items first (all_gather_object pickles them)."""
+    lists = [None] * world_size
+    dist.all_gather_object(lists, items)
+    return sum(lists, [])
+
+
 def evaluate():
-    """Greedy (temperature 0) verifier reward on the held-out prompts, each rank a strided share, summed over ranks."""
+    """Greedy (temperature 0) verifier reward on the held-out prompts, each rank a strided share, gathered."""
     indices = group_share(range(len(eval_prompts)))
     responses = generate([eval_prompts[i]["prompt_ids"] for i in indices])
-    names = sorted({p["dataset"] for p in eval_prompts})
-    # per dataset: score sum, count; then: fully correct, response tokens (a reward gained by shrinking shows here)
-    totals = torch.zeros(2 * len(names) + 2, dtype=torch.float64, device=device)
+    mine = []  # (dataset, score, response tokens) of this rank's prompts
     for i, (response, _, _) in zip(indices, responses):
-        if i % world_size != rank:
-            continue
-        p = eval_prompts[i]
-        score = common.verify(p["dataset"], tokenizer.decode(response, skip_special_tokens=True), p["ground_truth"])
-        k = names.index(p["dataset"])
-        totals[[2 * k, 2 * k + 1, -2, -1]] += torch.tensor([score, 1, score == 1, len(response)], dtype=torch.float64, device=device)
-    dist.all_reduce(totals)
-    metrics = {"eval/reward": args.verification_reward * totals[0:-2:2].sum().item() / len(eval_prompts),
-               "eval/accuracy": totals[-2].item() / len(eval_prompts), "eval/response_length": totals[-1].item() / len(eval_prompts)}
-    for k, name in enumerate(names):
-        metrics[f"eval/reward/{name}"] = args.verification_reward * totals[2 * k].item() / totals[2 * k + 1].item()
+        if i % world_size == rank:
+            p = eval_prompts[i]
+            score = common.verify(p["dataset"], tokenizer.decode(response, skip_special_tokens=True), p["ground_truth"])
+            mine.append((p["dataset"], score, len(response)))
+    results = gather(mine)
+    mean = lambda values: sum(values) / len(values)
+    metrics = {"eval/reward": args.verification_reward * mean([score for _, score, _ in results]),
+               "eval/accuracy": mean([score == 1 for _, score, _ in results]),
+               "eval/response_length": mean([n for _, _, n in results])}  # a reward gained by shrinking shows here
+    for name in sorted({d for d, _, _ in results}):
+        metrics[f"eval/reward/{name}"] = args.verification_reward * mean([score for d, score, _ in results if d == name])
     return metrics
 
 
@@ -396,8 +401,7 @@ def training_state():
 def save_checkpoint(step):
     """Policy (and value model) + optimizer shards via DCP; the step and every rank's RNG state beside them."""
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
-    state = training_state()
-    dcp.save(state, checkpoint_id=path)
+    dcp.save(training_state(), checkpoint_id=path)
     torch.save({"step": step, "cpu_rng": torch.get_rng_state()}, os.path.join(path, f"trainer_state_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
@@ -583,9 +587,7 @@ for step in progress:
     sync_generator()  # after the last optimizer step: the next rollout samples from the new policy
 
     # --- metrics ---------------------------------------------------------------------------------------------------------
-    everything = [None] * world_size
-    dist.all_gather_object(everything, [(s["dataset"], s["score"], s["reward"]) for s in samples])
-    everything = sum(everything, [])
+    everything = gather([(s["dataset"], s["score"], s["reward"]) for s in samples])
     rewards = torch.tensor([r for _, _, r in everything], dtype=torch.float64)
     metrics |= {"reward": rewards.mean().item(), "reward_std": rewards.std(correction=0).item(),
                 "score": sum(sc for _, sc, _ in everything) / len(everything)}
@@ -595,18 +597,15 @@ for step in progress:
     metrics |= {"response_length": sums[6].item() / len(everything), "finished": sums[7].item() / len(everything),
                 "kl": sums[5].item() / sums[6].item(), "ratio_mean": first_ratio, "clip_frac": sums[2].item() / n_tokens,
                 "entropy": sums[3].item() / n_tokens, "pg_loss": sums[0].item() / n_tokens, "lr": lr,
-                "grad_norm": sum(grad_norms) / len(grad_norms)}
+                "grad_norm": sum(grad_norms) / len(grad_norms), "tokens_per_sec": sums[6].item() / (time.time() - step_start)}
     if value_model is not None:
         metrics |= {"vf_loss": sums[1].item() / n_tokens, "value_grad_norm": sum(value_grad_norms) / len(value_grad_norms)}
-    metrics["tokens_per_sec"] = sums[6].item() / (time.time() - step_start)
     if args.save_rollouts:
-        rows = [{"step": step + 1, "rank": rank, **{k: v.tolist() if torch.is_tensor(v) else v for k, v in s.items()
-                                                    if k not in ("input_ids", "labels")}} for s in samples]
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, rows)
+        rows = gather([{"step": step + 1, "rank": rank, **{k: v.tolist() if torch.is_tensor(v) else v for k, v in s.items()
+                                                           if k not in ("input_ids", "labels")}} for s in samples])
         if rank == 0:
             with open(rollouts_path, "a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in sum(gathered, []))
+                f.writelines(json.dumps(row) + "\n" for row in rows)
     if args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
         metrics |= evaluate()
     log(metrics)
