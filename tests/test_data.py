@@ -245,3 +245,33 @@ def test_ranks_waiting_for_tokenization_outlast_the_default_group_timeout(tiny_m
                env=dict(env, SHORT_DEFAULT_PG_TIMEOUT_S=str(timeout_s)))
     assert time.time() - start > 3 * timeout_s  # tokenizing did outlast the timeout
     assert [m["step"] for m in read_metrics(tmp_path / "out")] == [1, 2]
+
+
+def test_tokenizing_workers_run_whatever_multiprocessing_start_method_is_the_default(tiny_model_dir, tmp_path):
+    """--preprocessing_num_workers 2 under each start method a user's Python may default to: fork (Linux up to Python
+    3.13), forkserver (Linux from 3.14), spawn (macOS). The workers call the stage script's make_example: before they
+    were forked explicitly, a forkserver or spawn worker re-ran sft.py as __mp_main__ and waited forever for the lock
+    of the tokenization its parent was doing. Each run must finish and store the same tokens."""
+    data = write_jsonl(tmp_path / "sft.jsonl", varied_rows(40))
+    stored = {}
+    for method in ("fork", "forkserver", "spawn"):
+        site = tmp_path / f"site_{method}"
+        site.mkdir()  # sitecustomize: the default start method of every Python process the run starts
+        (site / "sitecustomize.py").write_text(f"import multiprocessing\nmultiprocessing.set_start_method({method!r}, force=True)\n")
+        env = dict(SCRIPT_ENV, PYTHONPATH=os.pathsep.join([str(site)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+        run = subprocess.Popen([sys.executable, "sft.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data,
+                                "1.0", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                                "--max_steps", "1", "--preprocessing_num_workers", "2", "--dataset_local_cache_dir",
+                                str(tmp_path / f"cache_{method}"), "--output_dir", str(tmp_path / method)],
+                               cwd=common.__file__.rsplit(os.sep, 1)[0], env=env, text=True, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            stdout, stderr = run.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, 9)  # the run and its workers
+            stdout, stderr = run.communicate()
+            pytest.fail(f"{method}: sft.py did not finish in 180 s:\n{stdout[-2000:]}")
+        assert run.returncode == 0, f"{method}:\n{stderr[-4000:]}"
+        assert "tokenized in" in stdout
+        stored[method] = Dataset.from_file(stored_path(stdout))["input_ids"]
+    assert stored["fork"] == stored["forkserver"] == stored["spawn"] and len(stored["fork"]) == 40
