@@ -261,9 +261,10 @@ def _build_tokenized(path, dataset_mixer_list, make_example, columns, num_worker
     # only a forked worker has: under spawn or forkserver (the defaults on macOS and, from Python 3.14, on Linux) a worker
     # re-runs the whole stage script as __mp_main__ and waits forever for this very tokenization. So: fork, on Linux;
     # elsewhere (where fork is unsafe or missing) this process tokenizes alone.
-    if num_workers > 1 and not sys.platform.startswith("linux"):
+    forkable = sys.platform.startswith("linux")
+    if num_workers > 1 and not forkable:
         print(f"--preprocessing_num_workers {num_workers}: tokenizing in one process (workers need fork, safe on Linux only)")
-    pool = multiprocessing.get_context("fork").Pool(num_workers) if num_workers > 1 and sys.platform.startswith("linux") else None
+    pool = multiprocessing.get_context("fork").Pool(num_workers) if num_workers > 1 and forkable else None
     results = pool.imap(_make_example_star, ((make_example, where, row) for where, row in rows), chunksize=64) if pool \
         else (_make_example_star((make_example, where, row)) for where, row in rows)
     writer = None  # made at the first example, whose columns give the types: list of ints -> int32s, str -> string

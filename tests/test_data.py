@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 
 import common
-from conftest import SCRIPT_ENV, conversation, read_metrics, run_script, write_jsonl
+from conftest import ROOT, SCRIPT_ENV, conversation, read_metrics, run_script, write_jsonl
 
 FAST = ["--preprocessing_num_workers", "1", "--lr_scheduler_type", "constant", "--warmup_ratio", "0", "--learning_rate", "1e-3"]
 
@@ -263,7 +263,7 @@ def test_tokenizing_workers_run_whatever_multiprocessing_start_method_is_the_def
                                 "1.0", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
                                 "--max_steps", "1", "--preprocessing_num_workers", "2", "--dataset_local_cache_dir",
                                 str(tmp_path / f"cache_{method}"), "--output_dir", str(tmp_path / method)],
-                               cwd=common.__file__.rsplit(os.sep, 1)[0], env=env, text=True, start_new_session=True,
+                               cwd=ROOT, env=env, text=True, start_new_session=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             stdout, stderr = run.communicate(timeout=180)
