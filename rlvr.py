@@ -532,7 +532,7 @@ for step in progress:
     for group in optimizer.param_groups + (value_optimizer.param_groups if value_optimizer else []):
         group["lr"] = lr
     per_mini = P // args.num_mini_batches  # prompts per mini-batch; mini-batch m = batch positions [m * per_mini, ...)
-    sums = torch.zeros(8, dtype=torch.float64, device=device)  # pg loss, vf loss, clipped, entropy, tokens, ratio, ...
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in ("pg_loss", "vf_loss", "clipped", "entropy", "tokens")}
     first_ratio, grad_norms, value_grad_norms = None, [], []
     for epoch in range(args.num_epochs):
         for m in range(args.num_mini_batches):
@@ -563,11 +563,11 @@ for step in progress:
                     clipped_values = old_values + (values - old_values).clamp(-args.cliprange_value, args.cliprange_value)
                     vf_losses = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
                     (args.vf_coef * vf_losses.sum() * loss_scale).backward()
-                    sums[1] += vf_losses.sum().detach()
-                sums[0] += pg_losses.sum().detach()
-                sums[2] += ((ratio < 1 - args.cliprange) | (ratio > 1 + args.cliprange)).sum()
-                sums[3] += entropy.sum()
-                sums[4] += len(logps)
+                    sums["vf_loss"] += vf_losses.sum().detach()
+                sums["pg_loss"] += pg_losses.sum().detach()
+                sums["clipped"] += ((ratio < 1 - args.cliprange) | (ratio > 1 + args.cliprange)).sum()
+                sums["entropy"] += entropy.sum()
+                sums["tokens"] += len(logps)
                 ratio_sum += ratio.sum().detach()
             if first_ratio is None:  # before any update of this rollout: exactly 1 when old_logps are recomputed
                 dist.all_reduce(ratio_sum)
@@ -580,10 +580,11 @@ for step in progress:
 
     # KL of the policy that sampled to the reference, k3, mean per response token of the whole rollout batch
     d = torch.cat([s["ref_logps"] - s["old_logps"] for s in samples])
-    sums[5] += (d.exp() - d - 1).sum()
-    sums[6] += sum(len(s["response"]) for s in samples)
-    sums[7] += sum(s["finished"] for s in samples)
-    dist.all_reduce(sums)
+    sums |= {"kl": (d.exp() - d - 1).sum(), "response_tokens": sum(len(s["response"]) for s in samples),
+             "finished": sum(s["finished"] for s in samples)}
+    totals = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device) for value in sums.values()])
+    dist.all_reduce(totals)
+    sums = dict(zip(sums, totals.tolist()))
     sync_generator()  # after the last optimizer step: the next rollout samples from the new policy
 
     # --- metrics ---------------------------------------------------------------------------------------------------------
@@ -593,13 +594,13 @@ for step in progress:
                 "score": sum(sc for _, sc, _ in everything) / len(everything)}
     metrics |= {f"accuracy/{name}": sum(sc == 1 for d, sc, _ in everything if d == name) / sum(d == name for d, _, _ in everything)
                 for name in sorted({d for d, _, _ in everything})}
-    n_tokens = sums[4].item()  # policy-forward tokens over all epochs and mini-batches
-    metrics |= {"response_length": sums[6].item() / len(everything), "finished": sums[7].item() / len(everything),
-                "kl": sums[5].item() / sums[6].item(), "ratio_mean": first_ratio, "clip_frac": sums[2].item() / n_tokens,
-                "entropy": sums[3].item() / n_tokens, "pg_loss": sums[0].item() / n_tokens, "lr": lr,
-                "grad_norm": sum(grad_norms) / len(grad_norms), "tokens_per_sec": sums[6].item() / (time.time() - step_start)}
+    n_tokens = sums["tokens"]  # policy-forward tokens of the step (all epochs, mini-batches and ranks): what pg_loss etc. average over
+    metrics |= {"response_length": sums["response_tokens"] / len(everything), "finished": sums["finished"] / len(everything),
+                "kl": sums["kl"] / sums["response_tokens"], "ratio_mean": first_ratio, "clip_frac": sums["clipped"] / n_tokens,
+                "entropy": sums["entropy"] / n_tokens, "pg_loss": sums["pg_loss"] / n_tokens, "lr": lr,
+                "grad_norm": sum(grad_norms) / len(grad_norms), "tokens_per_sec": sums["response_tokens"] / (time.time() - step_start)}
     if value_model is not None:
-        metrics |= {"vf_loss": sums[1].item() / n_tokens, "value_grad_norm": sum(value_grad_norms) / len(value_grad_norms)}
+        metrics |= {"vf_loss": sums["vf_loss"] / n_tokens, "value_grad_norm": sum(value_grad_norms) / len(value_grad_norms)}
     if args.save_rollouts:
         rows = gather([{"step": step + 1, "rank": rank, **{k: v.tolist() if torch.is_tensor(v) else v for k, v in s.items()
                                                            if k not in ("input_ids", "labels")}} for s in samples])
