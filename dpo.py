@@ -49,7 +49,8 @@ parser.add_argument("--chat_template", default="default", choices=["default", "t
 parser.add_argument("--dataset_mixer_list", nargs="+", default=[os.path.join(ROOT, "data", "dpo_gsm8k.jsonl"), "48"],
                     help="SOURCE WEIGHT pairs: jsonl/json/parquet file or hub dataset; weight <= 1 a fraction, > 1 a count")
 parser.add_argument("--max_seq_length", type=int, default=2048, help="per side (prompt + response)")
-parser.add_argument("--overlong", default="drop", choices=["drop", "truncate"], help="pairs with a side past --max_seq_length")
+parser.add_argument("--overlong", default="truncate", choices=["truncate", "drop"],
+                    help="pairs with a side past --max_seq_length: both sides cut there (as open-instruct does) or left out")
 parser.add_argument("--preprocessing_num_workers", type=int, default=min(8, os.cpu_count()))
 parser.add_argument("--dataset_local_cache_dir", default=os.path.join(ROOT, "cache", "tokenized"),
                     help="the tokenized pairs are stored here once and reused by later runs, ranks and --resume")
@@ -78,7 +79,8 @@ parser.add_argument("--learning_rate", type=float, default=5e-6)
 parser.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant"])
 parser.add_argument("--warmup_ratio", type=float, default=0.1)
 parser.add_argument("--weight_decay", type=float, default=0.0)
-parser.add_argument("--clip_grad_norm", type=float, default=-1, help="clip the global grad norm to this; <= 0: off")
+parser.add_argument("--clip_grad_norm", type=float, default=1.0,
+                    help="clip the global grad norm to this (Tulu 3's DeepSpeed runs clipped at 1.0: see sft.py); <= 0: off")
 parser.add_argument("--num_train_epochs", type=int, default=1)
 parser.add_argument("--max_steps", type=int, default=-1, help="> 0 overrides --num_train_epochs")
 parser.add_argument("--seed", type=int, default=123)
@@ -349,7 +351,8 @@ warmup_steps = math.ceil(args.warmup_ratio * total_steps)
 
 
 def learning_rate(step):
-    """Linear warmup to --learning_rate, then linear / cosine decay to 0 (or constant) over the remaining steps."""
+    """Linear warmup to --learning_rate, then linear / cosine decay to 0 (or constant) over the remaining steps. The
+    first step learns at lr / warmup_steps (open-instruct's HF scheduler gives it lr 0 and rounds warmup steps down)."""
     if step < warmup_steps:
         return args.learning_rate * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)

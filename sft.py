@@ -41,7 +41,8 @@ parser.add_argument("--chat_template", default="default", choices=["default", "t
 parser.add_argument("--dataset_mixer_list", nargs="+", default=[os.path.join(ROOT, "data", "sft_gsm8k.jsonl"), "128"],
                     help="SOURCE WEIGHT pairs: jsonl/json/parquet file or hub dataset; weight <= 1 a fraction, > 1 a count")
 parser.add_argument("--max_seq_length", type=int, default=4096)
-parser.add_argument("--overlong", default="drop", choices=["drop", "truncate"], help="examples past --max_seq_length")
+parser.add_argument("--overlong", default="truncate", choices=["truncate", "drop"],
+                    help="examples past --max_seq_length: cut there (as open-instruct does) or left out; counted either way")
 parser.add_argument("--preprocessing_num_workers", type=int, default=min(8, os.cpu_count()))
 parser.add_argument("--dataset_local_cache_dir", default=os.path.join(ROOT, "cache", "tokenized"),
                     help="the tokenized mixture is stored here once and reused by later runs, ranks and --resume")
@@ -56,7 +57,8 @@ parser.add_argument("--learning_rate", type=float, default=2e-5)
 parser.add_argument("--lr_scheduler_type", default="linear", choices=["linear", "cosine", "constant"])
 parser.add_argument("--warmup_ratio", type=float, default=0.03)
 parser.add_argument("--weight_decay", type=float, default=0.0)
-parser.add_argument("--clip_grad_norm", type=float, default=-1, help="clip the global grad norm to this; <= 0: off")
+parser.add_argument("--clip_grad_norm", type=float, default=1.0,
+                    help="clip the global grad norm as Tulu 3's runs did (see the loop); <= 0: off")
 parser.add_argument("--num_train_epochs", type=int, default=1)
 parser.add_argument("--max_steps", type=int, default=-1, help="> 0 overrides --num_train_epochs")
 parser.add_argument("--reduce_loss", default="sum", choices=["sum", "mean"],
@@ -184,7 +186,8 @@ warmup_steps = math.ceil(args.warmup_ratio * total_steps)
 
 
 def learning_rate(step):
-    """Linear warmup to --learning_rate, then linear / cosine decay to 0 (or constant) over the remaining steps."""
+    """Linear warmup to --learning_rate, then linear / cosine decay to 0 (or constant) over the remaining steps. The
+    first step learns at lr / warmup_steps (open-instruct's HF scheduler gives it lr 0 and rounds warmup steps down)."""
     if step < warmup_steps:
         return args.learning_rate * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -278,7 +281,12 @@ for step in progress:
         loss_sum += token_losses.sum().detach()
         input_tokens += sum(len(ids) for ids, _ in micro_examples)
         attended += sum(len(ids) ** 2 for ids, _ in micro_examples)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf"))
+    # Tulu 3 clipped at 1.0 though no flag says so: open-instruct's DeepSpeed config has "gradient_clipping": "auto",
+    # which accelerate 0.31 (the version it pinned) fills with 1.0 (accelerator.py:1621; its own --clip_grad_norm is a
+    # no-op under DeepSpeed). DeepSpeed clips the gradient of each micro-batch's loss divided by the accumulation steps
+    # and averaged over ranks; a summed loss is here summed over all of them, so its threshold is scaled alike.
+    max_norm = args.clip_grad_norm * (args.gradient_accumulation_steps * world_size if args.reduce_loss == "sum" else 1)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     lr = learning_rate(step)
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -49,10 +49,11 @@ def test_stored_tokens_and_labels_equal_direct_tokenization_and_are_reused(tiny_
             "--checkpointing_steps", 1, "--dataset_local_cache_dir", cache, *FAST]
     first = run_script("sft.py", *args, "--output_dir", tmp_path / "a")
     path = stored_path(first.stdout)
-    assert "tokenized in" in first.stdout and "1 dropped as longer than 256 tokens" in first.stdout
+    assert "tokenized in" in first.stdout and "0 dropped as longer than 256 tokens, 1 truncated" in first.stdout
     stored = Dataset.from_file(path)
     expected = [common.tokenize_conversation(tokenizer, row["messages"]) for row in rows]
-    expected = [(ids, labels) for ids, labels in expected if len(ids) <= 256]  # the one overlong row is dropped
+    assert len(expected[-1][0]) > 256
+    expected = [(ids[:256], labels[:256]) for ids, labels in expected]  # the overlong row is cut at --max_seq_length
     assert [(r["input_ids"], r["labels"]) for r in stored] == expected  # every row, in file order
     assert stored["length"] == [len(ids) for ids, _ in expected]
 

@@ -101,7 +101,7 @@ def runs(tiny_model_dir, pairs_data, tmp_path_factory):
     with a live reference model."""
     root = tmp_path_factory.mktemp("dpo_runs")
     base = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", pairs_data, "1.0", "--max_seq_length", 256,
-            "--max_steps", 2, "--checkpointing_steps", 1, "--ref_cache_dir", root / "cache", *FAST]
+            "--max_steps", 2, "--checkpointing_steps", 1, "--ref_cache_dir", root / "cache", "--overlong", "drop", *FAST]
     one = ["--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 4]
     plan = {"dpo_norm": (["--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2], 2),
             "dpo": (["--loss_type", "dpo", *LOSS_CONFIGS["dpo"], *one], 1),
@@ -202,7 +202,7 @@ def test_bad_rows_name_file_line_and_field(tiny_model_dir, tmp_path):
         assert f"{path}:{line}: {message}" in result.stderr, message
 
 
-def test_overlong_pairs_are_truncated_and_counted(tiny_model_dir, tmp_path):
+def test_overlong_pairs_are_truncated_by_default_and_counted(tiny_model_dir, tmp_path):
     def pair(prompt_words, rejected_words):
         user = [{"role": "user", "content": " ".join(["count"] * prompt_words)}]
         return {"chosen": user + [{"role": "assistant", "content": "one two"}],
@@ -211,7 +211,7 @@ def test_overlong_pairs_are_truncated_and_counted(tiny_model_dir, tmp_path):
     # 4 short pairs; one whose rejected side runs past 64 tokens (cut, kept); one whose prompt alone does (dropped)
     path = write_jsonl(tmp_path / "long.jsonl", [pair(2, 3)] * 4 + [pair(2, 200), pair(200, 3)])
     result = run_script("dpo.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", path, "1.0",
-                        "--max_seq_length", 64, "--overlong", "truncate", "--per_device_train_batch_size", 1,
+                        "--max_seq_length", 64, "--per_device_train_batch_size", 1,
                         "--gradient_accumulation_steps", 1, "--max_steps", 1, "--output_dir", tmp_path / "out",
                         "--ref_cache_dir", tmp_path / "cache", *FAST)
     assert ("6 rows -> 5 pairs (0 dropped with a side longer than 64 tokens, 2 truncated, "

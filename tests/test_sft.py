@@ -132,6 +132,31 @@ def test_two_nodes_match_one_process(tiny_model_dir, sft_data, tmp_path):
     assert [m["grad_norm"] for m in metrics_two] == pytest.approx([m["grad_norm"] for m in metrics_one], rel=1e-4)
 
 
+def test_clipping_threshold_is_tulu_3s_deepspeed_one_whatever_the_accumulation_and_ranks(tiny_model_dir, sft_data, tmp_path):
+    """Tulu 3's DeepSpeed clipped the gradient of the loss / accumulation steps, averaged over ranks; a summed loss here
+    is summed over both, so --clip_grad_norm c must clip our gradient at c x steps x ranks. Read back from Adam's first
+    moment after the first step (exp_avg = (1 - beta1) g): unclipped it is the logged norm, clipped half of it."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    def first_moment_norm(output_dir):
+        dcp_to_torch_save(output_dir / "checkpoint-1", output_dir / "state.pt")
+        state = torch.load(output_dir / "state.pt", weights_only=False)["optimizer"]["state"]
+        return torch.sqrt(sum((entry["exp_avg"].double() ** 2).sum() for entry in state.values())).item() / (1 - 0.9)
+
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "16", "--max_steps", "2",
+            "--checkpointing_steps", "1", "--reduce_loss", "sum", "--per_device_train_batch_size", 2, *FAST]
+    unclipped = tmp_path / "unclipped"
+    run_script("sft.py", *args, "--gradient_accumulation_steps", 4, "--clip_grad_norm", -1, "--output_dir", unclipped)
+    norm = read_metrics(unclipped)[0]["grad_norm"]
+    assert first_moment_norm(unclipped) == pytest.approx(norm, rel=1e-4)
+    # the same global batch of 8 as 2 ranks x 2 steps; a threshold of half the norm in DeepSpeed's units
+    clipped = tmp_path / "clipped"
+    run_script("sft.py", *args, "--gradient_accumulation_steps", 2, "--clip_grad_norm", norm / 2 / (2 * 2),
+               "--output_dir", clipped, nproc=2)
+    assert read_metrics(clipped)[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)  # logged before clipping
+    assert first_moment_norm(clipped) == pytest.approx(norm / 2, rel=1e-4)
+
+
 def test_resume_logs_the_same_losses(tiny_model_dir, sft_data, tmp_path):
     args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "1.0", "--num_train_epochs", "2",
             "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 3, *FAST]
@@ -190,15 +215,15 @@ def test_bad_input_names_file_line_and_field(tiny_model_dir, tmp_path, line, mes
     assert f"{path}{message}" in result.stderr
 
 
-def test_overlong_examples_are_dropped_or_truncated_and_counted(tiny_model_dir, tmp_path, tokenizer):
+def test_overlong_examples_are_truncated_by_default_or_dropped_and_counted(tiny_model_dir, tmp_path, tokenizer):
     rows = [{"messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": " ".join(["one"] * n)}]}
             for n in (5, 5, 5, 5, 200)]
     data = write_jsonl(tmp_path / "long.jsonl", rows)
     args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0", "--max_seq_length", 64,
             "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1, "--max_steps", 1, *FAST]
-    dropped = run_script("sft.py", *args, "--output_dir", tmp_path / "drop")
+    dropped = run_script("sft.py", *args, "--output_dir", tmp_path / "drop", "--overlong", "drop")
     assert "5 rows -> 4 examples (1 dropped as longer than 64 tokens, 0 truncated" in dropped.stdout
-    truncated = run_script("sft.py", *args, "--output_dir", tmp_path / "truncate", "--overlong", "truncate")
+    truncated = run_script("sft.py", *args, "--output_dir", tmp_path / "truncate")  # the default, as open-instruct
     assert "5 rows -> 5 examples (0 dropped as longer than 64 tokens, 1 truncated" in truncated.stdout
     missing = run_script("sft.py", *args[:2], "--dataset_mixer_list", tmp_path / "nope.jsonl", "1.0",
                          "--output_dir", tmp_path / "x", check=False)
