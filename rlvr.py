@@ -497,11 +497,11 @@ for step in progress:
 
     # --- advantages -----------------------------------------------------------------------------------------------------
     if args.algo == "grpo":
-        # GRPO (Shao et al. 2024, eq. 3 outcome supervision): A = (r - mean(group)) / (std(group) + 1e-8), the same for
-        # every token of a response. Population std (ddof 0), as open-instruct's numpy code computes it.
+        # GRPO (Shao et al. 2024, eq. 3 outcome supervision): A = (r - mean(group)) / (std(group) + 1e-8) for every token
+        # of a response; the sample std (ddof 1) as Tulu 3.1 took it (open-instruct grpo_vllm_thread_ray_gtrl.py:1199)
         for k in range(0, len(samples), G):
             rewards = torch.tensor([s["reward"] for s in samples[k : k + G]], dtype=torch.float64)
-            advantages = (rewards - rewards.mean()) / (rewards.std(correction=0) + 1e-8)
+            advantages = (rewards - rewards.mean()) / (rewards.std(correction=1) + 1e-8)
             for s, a in zip(samples[k : k + G], advantages.tolist()):
                 s["advantages"] = torch.full((len(s["response"]),), a, device=device)
     else:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import statistics
 
 import pytest
 import torch
@@ -65,12 +66,12 @@ def test_grpo_numbers_match_a_hand_computation(tiny_model_dir, tokenizer, rlvr_d
             assert s["dataset"] == datasets[s["ground_truth"]]
         assert {s["dataset"] for s in samples} <= {"gsm8k", "math", "ifeval"}
         assert m["reward"] == pytest.approx(sum(s["reward"] for s in samples) / 16)
-        # group-normalized advantages, (r - mean) / (std + 1e-8) with the population std, one group per prompt
+        # group-normalized advantages, (r - mean) / (std + 1e-8) with the sample std (Tulu 3.1's), one group per prompt
         for k in range(0, 16, 4):
             group = samples[k : k + 4]
             assert len({s["prompt_index"] for s in group}) == 1
             rewards = torch.tensor([s["reward"] for s in group], dtype=torch.float64)
-            expected = (rewards - rewards.mean()) / (rewards.std(correction=0) + 1e-8)
+            expected = (rewards - rewards.mean()) / (statistics.stdev(rewards.tolist()) + 1e-8)
             for s, a in zip(group, expected.tolist()):
                 assert s["advantages"] == pytest.approx([a] * len(s["response"]), abs=1e-5)
         # one epoch, one mini-batch: the loss is taken at the policy that sampled, so ratio = 1 and the clipped
