@@ -1450,9 +1450,10 @@ _TULU_CHECKS = {
     "verify_bullet_points": lambda t, kw: sum(line.strip().startswith(("*", "-")) for line in t.split("\n")) == kw["N"],
     "validate_title": lambda t, kw: _has_title(t),  # release: an empty "<<>>" was a title
     "validate_choice": lambda t, kw: _tulu_choice(t, kw["options"]),
-    # release: "**" (an empty highlight) counted
-    "validate_highlighted_sections": lambda t, kw: sum(
-        1 for m in re.finditer(r"\*([^*\n]*)\*", t) if m[1].strip()) >= kw["N"],
+    # release: "**" (an empty highlight) counted. Google's count, which skips blank highlights but still counts a
+    # **bold** span (the release counted it too, as two empty "**" matches); *single* asterisks alone would pay 0 for
+    # "**One** and **two**"
+    "validate_highlighted_sections": lambda t, kw: _count_highlights(t) >= kw["N"],
     "validate_sections": lambda t, kw: _tulu_sections(t, kw["N"], kw["section_splitter"]),
     "validate_json_format": lambda t, kw: _tulu_json(t),
     "validate_repeat_prompt": lambda t, kw: t.startswith(kw["original_prompt"]),

@@ -81,6 +81,15 @@ def test_gsm8k_comma_is_a_thousands_separator_only_in_thousands_groups():
     assert gsm8k_score("It costs 12,34,567 dollars", "1234567") == 0.0  # not thousands groups: a list
 
 
+def test_tulu_highlights_count_bold_spans():
+    # before: only *single* asterisks counted, so markdown bold (Google counts it, the release too) earned 0
+    truth = {"func_name": "validate_highlighted_sections", "N": 2}
+    assert ifeval_rlvr_score("**One** and **two**.", truth) == 1.0
+    assert ifeval_rlvr_score("Here is **bold one** and *italic two*.", truth) == 1.0
+    assert ifeval_rlvr_score("**One** and nothing else.", truth) == 0.0  # one highlight is not two
+    assert ifeval_rlvr_score("** ** and ** **", truth) == 0.0  # blank highlights still count for nothing
+
+
 # ----------------------------------------------------------------------------- reward hacking: all must earn 0
 
 IF_TRUTHS = [
