@@ -57,6 +57,27 @@ def test_math_matrix_rows_compare_whatever_their_spacing():
         assert math_score(f"$\\boxed{{{wrong}}}$", gold) == 0.0  # a wrong entry still fails
 
 
+def test_math_solution_lists_are_sets_and_not_numbers():
+    # MATH's bare lists answer "enter all the solutions, separated by commas": any order, each solution once.
+    # before: compared in order, and Minerva's comma rule read "3, 5, 7" as the number 357
+    golds = {r["answer"] for r in MATH500}
+    assert {"1,-2", "3, 5, 7", "-2,1", "1 \\pm \\sqrt{19}", "x \\in [-2,7]"} <= golds
+    assert math_score("$\\boxed{-2, 1}$", "1,-2") == 1.0  # before: 0
+    assert math_score("$\\boxed{7, 5, 3}$", "3, 5, 7") == 1.0  # before: 0
+    assert math_score("$\\boxed{357}$", "3, 5, 7") == 0.0  # before: 1
+    assert math_score("$\\boxed{3, 5, 5}$", "3, 5, 7") == 0.0  # each solution once
+    assert math_score("$\\boxed{3, 5}$", "3, 5, 7") == 0.0
+    assert math_score("$\\boxed{1 - \\sqrt{19}, 1 + \\sqrt{19}}$", "1 \\pm \\sqrt{19}") == 1.0  # before: 0
+    assert math_score("$\\boxed{1 + \\sqrt{19}}$", "1 \\pm \\sqrt{19}") == 0.0  # half of the solutions
+    assert math_score("$\\boxed{4 \\pm 0}$", "4") == 0.0
+    assert math_score("$\\boxed{[-2, 7]}$", "x \\in [-2,7]") == 1.0  # before: 0 (the question asks for an interval)
+    assert math_score("$\\boxed{[-2, 8]}$", "x \\in [-2,7]") == 0.0
+    assert math_score("$\\boxed{(2, 1)}$", "(1, 2)") == 0.0  # a tuple keeps its order
+    assert math_score("$\\boxed{1,000,000}$", "1000000") == 1.0  # thousands groups are still one number
+    assert math_score("$\\boxed{10\\%}$", "10") == 1.0  # before: 0 (the release's Hendrycks check pays it)
+    assert math_score("$\\boxed{11\\%}$", "10") == 0.0
+
+
 ALL_CAPS_ENGLISH = [
     "NASA LAUNCHED A NEW SATELLITE IN 2021.", "THE MEETING STARTS AT NINE.", "I LIKE GREEN TEA.",
     "OUR TEAM WON THE MATCH YESTERDAY.", "PLEASE CALL ME BACK TOMORROW.", "THE CAT SLEPT ON THE MAT ALL DAY.",
