@@ -617,7 +617,9 @@ MAX_RESPONSE_CHARS = 100_000
 # Digits joined by commas: "1,800", "1,234,567", but also the list "1,2,315". The commas are thousands separators only
 # when the whole run is grouped as such (1-3 digits, then groups of exactly 3): "1,800" -> 1800, while "1,2,315" stays
 # the three numbers 1, 2 and 315 (reading it as 2315 would pay a list for a number).
-_COMMA_NUMBER = re.compile(r"\d+(?:,\d+)+")
+# It starts only where a run of digits starts: tried inside a run, "\d+" would rescan the rest of it from every digit,
+# quadratic on a response of digits (a 99,999-digit response, under MAX_RESPONSE_CHARS, took 2 minutes).
+_COMMA_NUMBER = re.compile(r"(?<!\d)\d+(?:,\d+)+")
 _THOUSANDS_GROUPED = re.compile(r"\d{1,3}(?:,\d{3})+")
 _MAX_NUMBER_CHARS = 100  # a GSM8K answer is a few digits; a megabyte of digits is not an answer (and int() refuses it)
 # A number, with a minus sign only when it is not a subtraction ("10-5" yields 10 and 5, not -5).

@@ -111,6 +111,16 @@ def test_tulu_highlights_count_bold_spans():
     assert ifeval_rlvr_score("** ** and ** **", truth) == 0.0  # blank highlights still count for nothing
 
 
+def test_gsm8k_is_linear_on_a_response_of_digits():
+    # before: the thousands-separator regex rescanned the digit run from every digit: 20k digits 5 s, 99,999 digits 2 min
+    response = "9" * (common.MAX_RESPONSE_CHARS - 1)
+    start = time.process_time()
+    assert gsm8k_score(response, "9") == 0.0  # longer than any number, so not an answer
+    assert common.gsm8k_extract("1" * 20_000 + ",234") == "234"  # not thousands groups: a list, as before
+    assert time.process_time() - start < 1.0
+    assert gsm8k_score("It costs 1,234,567 dollars", "1234567") == 1.0
+
+
 # ----------------------------------------------------------------------------- reward hacking: all must earn 0
 
 IF_TRUTHS = [
