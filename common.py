@@ -617,7 +617,9 @@ MAX_RESPONSE_CHARS = 100_000
 # Digits joined by commas: "1,800", "1,234,567", but also the list "1,2,315". The commas are thousands separators only
 # when the whole run is grouped as such (1-3 digits, then groups of exactly 3): "1,800" -> 1800, while "1,2,315" stays
 # the three numbers 1, 2 and 315 (reading it as 2315 would pay a list for a number).
-_COMMA_NUMBER = re.compile(r"\d+(?:,\d+)+")
+# It starts only where a run of digits starts: tried inside a run, "\d+" would rescan the rest of it from every digit,
+# quadratic on a response of digits (a 99,999-digit response, under MAX_RESPONSE_CHARS, took 2 minutes).
+_COMMA_NUMBER = re.compile(r"(?<!\d)\d+(?:,\d+)+")
 _THOUSANDS_GROUPED = re.compile(r"\d{1,3}(?:,\d{3})+")
 _MAX_NUMBER_CHARS = 100  # a GSM8K answer is a few digits; a megabyte of digits is not an answer (and int() refuses it)
 # A number, with a minus sign only when it is not a subtraction ("10-5" yields 10 and 5, not -5).
@@ -740,13 +742,16 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     "5x - 7y + 11z + 4 = 0" must not collapse to "0"); delete articles, spaces, '\\$', unit words and degree signs;
     unwrap $...$, \\text{}, \\textbf{}, \\overline{}, \\boxed{}; expand \\frac12 and \\sqrt2 shorthands; drop '$';
     "100,000" -> "100000". Our additions, which only ever make more equal answers compare equal: \\dfrac/\\tfrac ->
-    \\frac, drop \\left, \\right and '\\!', and spaces around a matrix row break '\\\\' (applied first; Minerva's
-    "\\ " -> "" rule would otherwise eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}' intact,
-    strip a trailing '.'.
+    \\frac, drop \\left, \\right, '\\!' and '\\%' (as Hendrycks' strip_string, which the release also tries: "10\\%" is
+    the gold 10 of a percent question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is the interval the question
+    asks for), and spaces around a matrix row break '\\\\' (applied first; Minerva's "\\ " -> "" rule would otherwise
+    eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}' intact, strip a trailing '.'. One rule is
+    narrower than Minerva's: commas are dropped only from thousands groups ("100,000"), never from a list of solutions
+    ("3, 5, 7" is not the number 357), as in gsm8k_extract.
     """
     s = "\\\\".join(part.strip() for part in answer.split("\\\\"))  # "-7 \\ 16" -> "-7\\16", as a model writes it
     for before, after in [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
-                          ("\\!", "")]:
+                          ("\\!", ""), ("\\%", "")]:
         s = s.replace(before, after)
     if not keep_equation:
         s = s.split("=")[-1]
@@ -754,6 +759,7 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
         s = s.replace(before, after)
     for junk in _MINERVA_DELETE:
         s = s.replace(junk, "")
+    s = re.sub(r"^[a-zA-Z]\\in(?![a-zA-Z])", "", s)  # "x\in[-2,7]" -> "[-2,7]" (spaces are gone by now)
     first = s.find("$")
     second = s.find("$", first + 1) if first >= 0 else -1
     if second >= 0:  # the answer is the first $...$ span
@@ -766,7 +772,7 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     s = re.sub(r"frac([^{])(.)", r"frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}, \frac1b -> \frac{1}{b}
     s = re.sub(r"sqrt([^{\[])", r"sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
     s = s.replace("$", "")
-    if s.replace(",", "").isdigit():
+    if _THOUSANDS_GROUPED.fullmatch(s):
         s = s.replace(",", "")
     return s.strip().rstrip(".")
 
@@ -813,6 +819,9 @@ def _parse_latex(s: str):
             if items is not None and len(items) > 1:
                 return ["seq", s[0], s[-1], [_parse_expression(item) for item in items]]
         items = _split_top_level(s)
+        if items is not None:  # "1\pm\sqrt{19}" states the two solutions 1+\sqrt{19} and 1-\sqrt{19}
+            items = [x for item in items for x in ([item.replace("\\pm", sign) for sign in "+-"]
+                                                   if item.count("\\pm") == 1 else [item])]
         if items is not None and len(items) > 1:
             return ["seq", "", "", [_parse_expression(item) for item in items]]
         return _parse_expression(s)
@@ -1018,8 +1027,17 @@ def _sympy_equal(a, b) -> bool:
     import sympy
 
     if a[0] == "seq" or b[0] == "seq":  # tuples and intervals: same brackets, element by element
-        return (a[0] == b[0] and a[1:3] == b[1:3] and len(a[3]) == len(b[3])
-                and all(_sympy_equal(x, y) for x, y in zip(a[3], b[3])))
+        if not (a[0] == b[0] and a[1:3] == b[1:3] and len(a[3]) == len(b[3])):
+            return False
+        if a[1] == a[2] == "":  # a bare list answers "enter all the solutions": in any order, each one once
+            rest = list(b[3])
+            for x in a[3]:
+                match = next((i for i, y in enumerate(rest) if _sympy_equal(x, y)), None)
+                if match is None:
+                    return False
+                rest.pop(match)
+            return True
+        return all(_sympy_equal(x, y) for x, y in zip(a[3], b[3]))
     x, y = _to_sympy(a), _to_sympy(b)
     if x == y:
         return True
@@ -1450,9 +1468,10 @@ _TULU_CHECKS = {
     "verify_bullet_points": lambda t, kw: sum(line.strip().startswith(("*", "-")) for line in t.split("\n")) == kw["N"],
     "validate_title": lambda t, kw: _has_title(t),  # release: an empty "<<>>" was a title
     "validate_choice": lambda t, kw: _tulu_choice(t, kw["options"]),
-    # release: "**" (an empty highlight) counted
-    "validate_highlighted_sections": lambda t, kw: sum(
-        1 for m in re.finditer(r"\*([^*\n]*)\*", t) if m[1].strip()) >= kw["N"],
+    # release: "**" (an empty highlight) counted. Google's count, which skips blank highlights but still counts a
+    # **bold** span (the release counted it too, as two empty "**" matches); *single* asterisks alone would pay 0 for
+    # "**One** and **two**"
+    "validate_highlighted_sections": lambda t, kw: _count_highlights(t) >= kw["N"],
     "validate_sections": lambda t, kw: _tulu_sections(t, kw["N"], kw["section_splitter"]),
     "validate_json_format": lambda t, kw: _tulu_json(t),
     "validate_repeat_prompt": lambda t, kw: t.startswith(kw["original_prompt"]),

@@ -57,6 +57,27 @@ def test_math_matrix_rows_compare_whatever_their_spacing():
         assert math_score(f"$\\boxed{{{wrong}}}$", gold) == 0.0  # a wrong entry still fails
 
 
+def test_math_solution_lists_are_sets_and_not_numbers():
+    # MATH's bare lists answer "enter all the solutions, separated by commas": any order, each solution once.
+    # before: compared in order, and Minerva's comma rule read "3, 5, 7" as the number 357
+    golds = {r["answer"] for r in MATH500}
+    assert {"1,-2", "3, 5, 7", "-2,1", "1 \\pm \\sqrt{19}", "x \\in [-2,7]"} <= golds
+    assert math_score("$\\boxed{-2, 1}$", "1,-2") == 1.0  # before: 0
+    assert math_score("$\\boxed{7, 5, 3}$", "3, 5, 7") == 1.0  # before: 0
+    assert math_score("$\\boxed{357}$", "3, 5, 7") == 0.0  # before: 1
+    assert math_score("$\\boxed{3, 5, 5}$", "3, 5, 7") == 0.0  # each solution once
+    assert math_score("$\\boxed{3, 5}$", "3, 5, 7") == 0.0
+    assert math_score("$\\boxed{1 - \\sqrt{19}, 1 + \\sqrt{19}}$", "1 \\pm \\sqrt{19}") == 1.0  # before: 0
+    assert math_score("$\\boxed{1 + \\sqrt{19}}$", "1 \\pm \\sqrt{19}") == 0.0  # half of the solutions
+    assert math_score("$\\boxed{4 \\pm 0}$", "4") == 0.0
+    assert math_score("$\\boxed{[-2, 7]}$", "x \\in [-2,7]") == 1.0  # before: 0 (the question asks for an interval)
+    assert math_score("$\\boxed{[-2, 8]}$", "x \\in [-2,7]") == 0.0
+    assert math_score("$\\boxed{(2, 1)}$", "(1, 2)") == 0.0  # a tuple keeps its order
+    assert math_score("$\\boxed{1,000,000}$", "1000000") == 1.0  # thousands groups are still one number
+    assert math_score("$\\boxed{10\\%}$", "10") == 1.0  # before: 0 (the release's Hendrycks check pays it)
+    assert math_score("$\\boxed{11\\%}$", "10") == 0.0
+
+
 ALL_CAPS_ENGLISH = [
     "NASA LAUNCHED A NEW SATELLITE IN 2021.", "THE MEETING STARTS AT NINE.", "I LIKE GREEN TEA.",
     "OUR TEAM WON THE MATCH YESTERDAY.", "PLEASE CALL ME BACK TOMORROW.", "THE CAT SLEPT ON THE MAT ALL DAY.",
@@ -79,6 +100,25 @@ def test_gsm8k_comma_is_a_thousands_separator_only_in_thousands_groups():
     assert gsm8k_score("Items: 1,2,315", "315") == 1.0
     assert gsm8k_score("It costs 1,234,567 dollars", "1234567") == 1.0
     assert gsm8k_score("It costs 12,34,567 dollars", "1234567") == 0.0  # not thousands groups: a list
+
+
+def test_tulu_highlights_count_bold_spans():
+    # before: only *single* asterisks counted, so markdown bold (Google counts it, the release too) earned 0
+    truth = {"func_name": "validate_highlighted_sections", "N": 2}
+    assert ifeval_rlvr_score("**One** and **two**.", truth) == 1.0
+    assert ifeval_rlvr_score("Here is **bold one** and *italic two*.", truth) == 1.0
+    assert ifeval_rlvr_score("**One** and nothing else.", truth) == 0.0  # one highlight is not two
+    assert ifeval_rlvr_score("** ** and ** **", truth) == 0.0  # blank highlights still count for nothing
+
+
+def test_gsm8k_is_linear_on_a_response_of_digits():
+    # before: the thousands-separator regex rescanned the digit run from every digit: 20k digits 5 s, 99,999 digits 2 min
+    response = "9" * (common.MAX_RESPONSE_CHARS - 1)
+    start = time.process_time()
+    assert gsm8k_score(response, "9") == 0.0  # longer than any number, so not an answer
+    assert common.gsm8k_extract("1" * 20_000 + ",234") == "234"  # not thousands groups: a list, as before
+    assert time.process_time() - start < 1.0
+    assert gsm8k_score("It costs 1,234,567 dollars", "1234567") == 1.0
 
 
 # ----------------------------------------------------------------------------- reward hacking: all must earn 0
