@@ -1136,10 +1136,21 @@ def _math_answer_matches(answer: str, gold: str) -> bool:
     return _symbolic_match(gold_tree, [tree])
 
 
-def math_score(response: str, gold: str) -> float:
-    """1.0 if `response` commits to an answer (math_extract) and every answer it commits to equals `gold`."""
+# The math spans of a problem: $...$, $$...$$, \(...\), \[...\]
+_MATH_SPANS = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+
+
+def math_score(response: str, gold: str, problem: str = "") -> float:
+    """1.0 if `response` commits to an answer (math_extract) and every answer it commits to equals `gold`.
+
+    An answer that writes again an expression of `problem` ("What is $513^2 - 487^2$?" answered 513^2 - 487^2, equal
+    in value to the gold 26000) has done none of the work: it pays only if it is the gold as written. Minerva's and
+    the release's checks pay it (25 of MATH-500's problems, each fed back as its own response, scored 1 before)."""
     answers = math_extract(response) if len(response) <= MAX_RESPONSE_CHARS else []
-    return float(bool(answers) and all(_math_answer_matches(answer, str(gold)) for answer in answers))
+    copied = {math_normalize("".join(span)) for span in _MATH_SPANS.findall(problem[:MAX_RESPONSE_CHARS])}
+    copied.discard(math_normalize(str(gold)))
+    return float(bool(answers) and all(math_normalize(answer) not in copied and _math_answer_matches(answer, str(gold))
+                                       for answer in answers))
 
 
 # ----------------------------------------------------------------------------- IFEval verifier
@@ -1513,13 +1524,14 @@ def ifeval_rlvr_score(response, ground_truth):
 # ----------------------------------------------------------------------------- Reward routing
 
 
-def verify(dataset: str, response: str, ground_truth) -> float:
-    """Route an RLVR row to its verifier by the row's `dataset` field (gsm8k, MATH, ifeval)."""
+def verify(dataset: str, response: str, ground_truth, prompt: str = "") -> float:
+    """Route an RLVR row to its verifier by the row's `dataset` field (gsm8k, MATH, ifeval); MATH reads the prompt too
+    (an answer that only writes again an expression of it is not paid: math_score)."""
     name = str(dataset).lower()
     if name == "gsm8k":
         return gsm8k_score(response, ground_truth)
     if name == "math":
-        return math_score(response, ground_truth)
+        return math_score(response, ground_truth, prompt)
     if name == "ifeval":
         return ifeval_rlvr_score(response, ground_truth)  # noqa: F821  (IFEval section of this file)
     raise ValueError(f"verify: unknown dataset {dataset!r} (expected gsm8k, math or ifeval)")

@@ -336,7 +336,7 @@ def score(pairs, output_dir):
                               score=gsm8k_score(response, example["answer"]))
             elif task == "math500":
                 record.update(gold=example["answer"], extracted=[math_normalize(c) for c in math_extract(response)],
-                              score=math_score(response, example["answer"]))
+                              score=math_score(response, example["answer"], example["problem"]))
             else:
                 call = (response, example["instruction_id_list"], example["kwargs"], example["prompt"])
                 strict, loose = ifeval_follow(*call, loose=False), ifeval_follow(*call, loose=True)

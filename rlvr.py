@@ -368,12 +368,11 @@ def evaluate():
     """Greedy (temperature 0) verifier reward on the held-out prompts, each rank a strided share, gathered."""
     indices = group_share(range(len(eval_prompts)))
     responses = generate([eval_prompts[i]["prompt_ids"] for i in indices])
-    mine = []  # (dataset, score, response tokens) of this rank's prompts
-    for i, (response, _, _) in zip(indices, responses):
-        if i % world_size == rank:
-            p = eval_prompts[i]
-            score = common.verify(p["dataset"], tokenizer.decode(response, skip_special_tokens=True), p["ground_truth"])
-            mine.append((p["dataset"], score, len(response)))
+    mine = []  # (dataset, score, response tokens) of this rank's prompts; the verifier reads the prompt too
+    for p, (response, _, _) in [(eval_prompts[i], out) for i, out in zip(indices, responses) if i % world_size == rank]:
+        score = common.verify(p["dataset"], tokenizer.decode(response, skip_special_tokens=True), p["ground_truth"],
+                              tokenizer.decode(p["prompt_ids"]))
+        mine.append((p["dataset"], score, len(response)))
     results = gather(mine)
     mean = lambda values: sum(values) / len(values)
     metrics = {"eval/reward": args.verification_reward * mean([score for _, score, _ in results]),
@@ -469,15 +468,15 @@ for step in progress:
     for k, j in enumerate(positions):
         if j % world_size != rank:
             continue
-        prompt = prompts[j]
+        prompt, prompt_text = prompts[j], tokenizer.decode(prompts[j]["prompt_ids"])  # the verifier reads the prompt too
         for response, finished, generator_logps in generated[k * G : (k + 1) * G]:
+            score = common.verify(prompt["dataset"], tokenizer.decode(response, skip_special_tokens=True),
+                                  prompt["ground_truth"], prompt_text)
+            penalized = args.non_stop_penalty and not finished  # Tulu: the penalty replaces the reward
             samples.append(dict(position=j, prompt_index=batch[j], dataset=prompt["dataset"], ground_truth=prompt["ground_truth"],
-                                response=response, finished=finished, generator_logps=generator_logps,
+                                response=response, finished=finished, generator_logps=generator_logps, score=score,
+                                reward=args.penalty_reward_value if penalized else args.verification_reward * score,
                                 input_ids=prompt["prompt_ids"] + response, labels=[-100] * len(prompt["prompt_ids"]) + response))
-    for s in samples:
-        s["score"] = common.verify(s["dataset"], tokenizer.decode(s["response"], skip_special_tokens=True), s["ground_truth"])
-        penalized = args.non_stop_penalty and not s["finished"]  # Tulu: the penalty replaces the reward
-        s["reward"] = args.penalty_reward_value if penalized else args.verification_reward * s["score"]
 
     # --- old log-probs, reference log-probs, old values: one no-grad pass before any update ---------------------------
     # old_logps come from the TRAINING model, not the generator: vLLM's bf16 kernels, batching and sampler differ

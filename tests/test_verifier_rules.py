@@ -36,6 +36,27 @@ def test_math_pays_for_the_committed_answer_not_a_menu():
     assert math_score("$\\boxed{4}$\nFinal Answer: The final answer is $4$. I hope it is correct.", "4") == 1.0
 
 
+def test_math_does_not_pay_an_expression_copied_from_the_problem():
+    problem = "What is the value of $513^2 - 487^2$?"
+    assert verify("math", "\\boxed{513^2 - 487^2}", "26000") == 1.0  # equal in value: paid when the problem is unknown
+    assert verify("math", "\\boxed{513^2 - 487^2}", "26000", problem) == 0.0  # but it only writes the question again
+    assert verify("math", "The answer is $26,000$.", "26000", problem) == 1.0
+    simplify = "Simplify $\\sqrt{242}$."
+    assert verify("math", "\\boxed{\\sqrt{242}}", "11\\sqrt2", simplify) == 0.0
+    assert verify("math", "\\boxed{11 \\sqrt{2}}", "11\\sqrt2", simplify) == 1.0
+    assert verify("math", "\\boxed{\\frac{6}{8}}", "\\frac34", "Reduce \\(\\frac{6}{8}\\).") == 0.0  # exact rationals too
+    # the gold as written still pays where the problem holds it ("What is $\\sqrt{53}$ in simplest radical form?")
+    assert verify("math", "\\boxed{\\sqrt{53}}", "\\sqrt{53}", "What is $\\sqrt{53}$ in simplest radical form?") == 1.0
+    # MATH-500, each problem fed back as its own response: paid only where the problem writes its gold itself
+    rows = [json.loads(line) for line in open(ROOT / "data" / "math500_test.jsonl")]
+    paid = [r for r in rows if common.math_score(r["problem"], r["answer"], r["problem"])]
+    assert len([r for r in rows if common.math_score(r["problem"], r["answer"])]) > 20 and len(paid) <= 4
+    for r in paid:
+        spans = {common.math_normalize("".join(span)) for span in common._MATH_SPANS.findall(r["problem"])}
+        assert common.math_normalize(r["answer"]) in spans
+    assert all(common.math_score(f"\\boxed{{{r['answer']}}}", r["answer"], r["problem"]) for r in rows)
+
+
 def test_math_equation_gold_does_not_collapse_to_its_right_hand_side():
     plane = "5x - 7y + 11z + 4 = 0"
     assert math_score("$\\boxed{0}$", plane) == 0.0  # before: 1 (both sides cut at their last '=')
@@ -205,6 +226,7 @@ TABLE = [
     ("math-list-any-order", "math", "\\boxed{-2, 1}", "1,-2", 0, None, 1),
     ("math-list-first-element", "math", "\\boxed{1, 99}", "1,-2", 1, None, 0),
     ("math-interval-x-in", "math", "\\boxed{[-2, 7]}", "x \\in [-2,7]", 0, None, 1),
+    ("math-restated-question", "math", "What is the value of $513^2 - 487^2$?", "26000", 1, None, 0),
     ("if-blank", "ifeval", "", {"func_name": "validate_no_commas"}, 1, 0, 0),
     ("if-list", "ifeval", "an apple, a pear.",
      [{"func_name": "validate_lowercase"}, {"func_name": "validate_no_commas"}], 0, None, 0.5),
@@ -235,9 +257,12 @@ TABLE = [
 ]
 
 
+PROMPTS = {"math-restated-question": "What is the value of $513^2 - 487^2$?"}  # the rows whose verifier reads the prompt
+
+
 @pytest.mark.parametrize("row_id, dataset, response, truth, release, google, ours", TABLE, ids=[r[0] for r in TABLE])
 def test_difference_table_row(row_id, dataset, response, truth, release, google, ours):
-    assert verify(dataset, response, truth) == ours
+    assert verify(dataset, response, truth, PROMPTS.get(row_id, "")) == ours
     assert release != ours or google not in (None, ours), "a row of the table is a difference"
 
 
