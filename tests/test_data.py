@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -275,3 +276,48 @@ def test_tokenizing_workers_run_whatever_multiprocessing_start_method_is_the_def
         assert "tokenized in" in stdout
         stored[method] = Dataset.from_file(stored_path(stdout))["input_ids"]
     assert stored["fork"] == stored["forkserver"] == stored["spawn"] and len(stored["fork"]) == 40
+
+
+@pytest.mark.parametrize("name, content, message", [
+    # a byte that is not UTF-8: text mode raised a bare UnicodeDecodeError naming neither file nor line
+    ("latin1.jsonl", b'{"messages": []}\n{"messages": "caf\xe9"}\n', "latin1.jsonl:2: not UTF-8 (byte 0xe9 at column 18)"),
+    # a key given twice: json keeps the last one, so the first `messages` was silently dropped
+    ("twice.jsonl", b'{"messages": [{"role": "user", "content": "a"}], "messages": []}\n', "twice.jsonl:1: duplicate key 'messages'"),
+    # lone "\r" line ends: text mode read 2 rows while count_rows counted 1 line, so weight 1.0 kept only the first
+    ("mac.jsonl", b'{"a": 1}\r{"a": 2}\r', "mac.jsonl:1: not valid JSON (Extra data at column 10)"),
+    # .json: json.load's errors named no file, and a non-object element reached make_example (AttributeError there)
+    ("bad.json", b'[{"a": 1},\n {"a": 2}', "bad.json: not valid JSON (Expecting ',' delimiter at line 2, column 10)"),
+    ("lines.json", b'{"a": 1}\n{"a": 2}\n', "lines.json: not valid JSON (Extra data at line 2, column 1)"),
+    ("mixed.json", b'[{"a": 1}, 3]', "mixed.json[1]: expected a JSON object, got int"),
+    ("latin1.json", b'[{"a": 1},\n {"a": "caf\xe9"}]', "latin1.json: not UTF-8 (byte 0xe9 at line 2, column 12)"),
+])
+def test_unreadable_rows_name_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        common.load_mixture([str(tmp_path / name), "1.0"])
+    assert str(error.value) == f"{tmp_path / name}{message[len(name):]}"
+
+
+def test_readable_variants_read_every_row(tmp_path):
+    row = b'{"messages": [{"role": "user", "content": "a"}]}'
+    for name, content in [("crlf.jsonl", row + b"\r\n" + row + b"\r\n"), ("bom.jsonl", b"\xef\xbb\xbf" + row + b"\n" + row),
+                          ("blank.jsonl", row + b"\n\n  \n" + row + b"\n"), ("bom.json", b"\xef\xbb\xbf[" + row + b"," + row + b"]")]:
+        (tmp_path / name).write_bytes(content)
+        assert common.count_rows(str(tmp_path / name)) == 2
+        assert [r for _, r in common.load_mixture([str(tmp_path / name), "1.0"])] == [json.loads(row)] * 2
+
+
+@pytest.mark.parametrize("weight, expected", [
+    ("0", 0), ("0.5", 2), ("1.0", 4), ("1", 4), ("3", 3), ("3.0", 3),
+    ("-0.5", "must be a fraction in [0, 1] or a row count"),  # was islice's error, naming no source
+    ("nan", "must be a fraction in [0, 1] or a row count"), ("inf", "must be a fraction in [0, 1] or a row count"),
+    ("1.5", "neither a fraction in [0, 1] nor a whole number of rows"),  # was int(1.5): 1 row, silently
+    ("half", "is not a number"), ("5", "asked for 5 rows, it has 4"),
+])
+def test_mixture_weights(tmp_path, weight, expected):
+    data = write_jsonl(tmp_path / "four.jsonl", [{"i": i} for i in range(4)])
+    if isinstance(expected, int):
+        assert [row["i"] for _, row in common.load_mixture([data, weight])] == list(range(expected))
+    else:
+        with pytest.raises(ValueError, match=f"{data}: .*{re.escape(expected)}"):
+            common.load_mixture([data, weight])
