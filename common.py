@@ -422,7 +422,7 @@ def tokenizer_fingerprint(tokenizer):
     return key.hexdigest()
 
 
-TOKENIZED_FORMAT = 1  # bump when tokenize_conversation's output changes, so stored tokenizations are not reused
+TOKENIZED_FORMAT = 2  # bump when what is stored can change (tokenize_conversation, a make_example, reading), so old files are not reused
 
 
 def render(tokenizer, messages, add_generation_prompt=False):
