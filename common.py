@@ -422,7 +422,7 @@ def tokenizer_fingerprint(tokenizer):
     return key.hexdigest()
 
 
-TOKENIZED_FORMAT = 2  # bump when what is stored can change (tokenize_conversation, a make_example, reading), so old files are not reused
+TOKENIZED_FORMAT = 3  # bump when what is stored can change (tokenize_conversation, a make_example, reading), so old files are not reused
 
 
 def render(tokenizer, messages, add_generation_prompt=False):
@@ -441,7 +441,14 @@ def tokenize_conversation(tokenizer, messages):
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        if i:
+            before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        else:  # the conversation opens with this turn: what the template puts before its content (a default system
+            # prompt, the role header) is not the model's to learn, yet "" trained it; a stand-in content finds its end
+            opening = render(tokenizer, [dict(message, content="\ue000")])
+            if "\ue000" not in opening:
+                raise ValueError("the chat template changed an opening assistant turn's content: cannot mask what precedes it")
+            before = opening[: opening.index("\ue000")]
         through = render(tokenizer, messages[: i + 1])
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError("the chat template does not render a conversation as a concatenation of its turns")
