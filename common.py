@@ -242,20 +242,22 @@ def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num
     digest = hashlib.sha256(json.dumps([source_fingerprint(dataset_mixer_list), key, columns]).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, f"{digest}.arrow")
     long_wait_group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(path + ".json"):
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         os.makedirs(cache_dir, exist_ok=True)
         lock = path + ".lock"
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # whoever creates the lock builds the file
-        except FileExistsError:
-            fd = None
-        if fd is None:
-            while not os.path.exists(path + ".json"):  # another machine (shared filesystem) or a dead run holds it
+        # Until the file is complete: build it if no one else is, else wait. A lock that goes away with no file means
+        # its builder failed (bad rows, say): we take over, and so report that error ourselves, where waiting for the
+        # file (as before) waited forever for a lock that was no longer there.
+        while not os.path.exists(path + ".json"):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # whoever creates the lock builds the file
+            except FileExistsError:  # another run, or machine (shared filesystem), builds it, or died doing so
                 print(f"waiting for {lock} (delete it if the run that made it died)", flush=True)
                 time.sleep(10)
-        else:
+                continue
             try:
-                _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets)
+                if not os.path.exists(path + ".json"):  # not completed between our check and our lock
+                    _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets)
             finally:
                 os.close(fd)
                 os.remove(lock)

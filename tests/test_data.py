@@ -1,6 +1,7 @@
 """The data path at Tulu scale: tokenized once into a memory-mapped Arrow file and reused, micro-batches by tokens
 balanced over ranks, a loss that never holds the full (T, V) logits, and ranks that wait for the tokenization as long
 as it takes (no collective timeout)."""
+import hashlib
 import itertools
 import json
 import os
@@ -321,3 +322,37 @@ def test_mixture_weights(tmp_path, weight, expected):
     else:
         with pytest.raises(ValueError, match=f"{data}: .*{re.escape(expected)}"):
             common.load_mixture([data, weight])
+
+
+def _keep_row(where, row):
+    return (), {"input_ids": [1, 2, 3], "text": where}
+
+
+def test_a_run_waiting_for_a_build_that_failed_builds_itself(tmp_path, monkeypatch):
+    """Two runs share a cache dir; the one building fails (bad rows) and releases its lock without a file. The other,
+    waiting for that file, used to wait forever ("waiting for ....lock") for a lock that no longer existed; now it takes
+    over, builds, and so reports the error itself (here the build succeeds: the failure was the other run's)."""
+    import torch.distributed as dist
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"i": i} for i in range(3)])
+    cache, mixture, key, columns = tmp_path / "cache", [data, "1.0"], ["test"], ["input_ids", "text"]
+    digest = hashlib.sha256(json.dumps([common.source_fingerprint(mixture), key, columns]).encode()).hexdigest()[:20]
+    cache.mkdir()
+    lock = cache / f"{digest}.arrow.lock"
+    lock.write_text("")  # the other run, building
+    waits = []
+
+    def sleep(seconds):  # the other run fails while we wait: its lock goes, and no file comes
+        waits.append(seconds)
+        assert len(waits) < 3, "still waiting for a lock that is gone"
+        if lock.exists():
+            lock.unlink()
+
+    monkeypatch.setattr(common.time, "sleep", sleep)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        read, lengths, stats = common.tokenize_once(mixture, _keep_row, columns, key, str(cache), num_workers=1)
+    finally:
+        dist.destroy_process_group()
+    assert len(waits) == 1 and stats["how"].startswith("tokenized in") and list(lengths) == [3, 3, 3]
+    assert [r["text"] for r in read(range(3))] == [f"{data}:{i}" for i in (1, 2, 3)] and not lock.exists()
