@@ -89,27 +89,57 @@ def iter_rows(source):
     if source.endswith(".jsonl"):
         if not os.path.exists(source):
             raise FileNotFoundError(f"{source}: no such file")
-        with open(source, encoding="utf-8") as f:
+        # Read as bytes and split on b"\n" only, exactly as count_rows counts: text mode would also split on a lone
+        # "\r" (old Mac line ends), so that a weight's row count (from count_rows) cut the file short without a word.
+        # Decoding line by line lets a non-UTF-8 byte name its line (text mode names only an offset in a buffer).
+        with open(source, "rb") as f:
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{source}:{line_number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                row = _parse_json(line, f"{source}:{line_number}")
                 if not isinstance(row, dict):
                     raise ValueError(f"{source}:{line_number}: expected a JSON object, got {type(row).__name__}")
                 yield f"{source}:{line_number}", row
         return
     if source.endswith(".json"):
-        with open(source, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(source, "rb") as f:
+            data = _parse_json(f.read(), source)
         if not isinstance(data, list):
             raise ValueError(f"{source}: expected a JSON list of objects")
-        yield from ((f"{source}[{i}]", row) for i, row in enumerate(data))
+        for i, row in enumerate(data):
+            if not isinstance(row, dict):
+                raise ValueError(f"{source}[{i}]: expected a JSON object, got {type(row).__name__}")
+            yield f"{source}[{i}]", row
         return
     for i, row in enumerate(_arrow_table(source)):  # memory-mapped by datasets: rows are read as they are needed
         yield f"{source}[row {i}]", row
+
+
+def _unique_keys(pairs):
+    """json's object hook: a key given twice is an error, not the last value silently winning (json's default),
+    which would drop the first `messages` of a row that has two."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        key = next(key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i]))
+        raise ValueError(f"duplicate key {key!r}")
+    return row
+
+
+def _parse_json(data, where):
+    """JSON text (bytes) -> Python; every failure (bad UTF-8, bad JSON, a duplicate key) a ValueError naming `where`
+    (and the line within it, for a .json file). A leading UTF-8 byte-order mark is allowed (Windows tools write one)."""
+    def at(line, column):
+        return f"line {line}, column {column}" if data.rstrip().count(b"\n") else f"column {column}"
+
+    try:
+        return json.loads(data.decode("utf-8").removeprefix("\ufeff"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as e:
+        line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
+        raise ValueError(f"{where}: not UTF-8 (byte {data[e.start]:#x} at {at(line, column)})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg} at {at(e.lineno, e.colno)})") from None
+    except ValueError as e:  # _unique_keys
+        raise ValueError(f"{where}: {e}") from None
 
 
 def _arrow_table(source):
@@ -145,13 +175,29 @@ def iter_mixture(dataset_mixer_list):
         raise ValueError(f"--dataset_mixer_list takes SOURCE WEIGHT pairs, got {dataset_mixer_list}")
     counts = []
     for source, weight in zip(dataset_mixer_list[::2], dataset_mixer_list[1::2]):  # every count checked before reading
-        total, weight = count_rows(source), float(weight)
-        count = round(weight * total) if weight <= 1 else int(weight)
+        total = count_rows(source)
+        count = mixture_count(source, weight, total)
         if count > total:
             raise ValueError(f"{source}: asked for {count} rows, it has {total}")
         counts.append(count)
     for source, count in zip(dataset_mixer_list[::2], counts):
         yield from itertools.islice(iter_rows(source), count)
+
+
+def mixture_count(source, weight, total):
+    """The rows a WEIGHT asks of a source of `total` rows: a fraction (0 to 1) or a whole number of rows. Anything else
+    is an error naming the source: a negative weight or nan used to fail inside itertools with no source named, and
+    1.5 (meant as 150%?) silently took 1 row."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        raise ValueError(f"--dataset_mixer_list {source}: weight {weight!r} is not a number") from None
+    if not 0 <= value < float("inf"):  # also nan
+        raise ValueError(f"--dataset_mixer_list {source}: weight {weight!r} must be a fraction in [0, 1] or a row count")
+    if value > 1 and value != int(value):
+        raise ValueError(f"--dataset_mixer_list {source}: weight {weight!r} is neither a fraction in [0, 1] nor a whole "
+                         f"number of rows")
+    return round(value * total) if value <= 1 else int(value)
 
 
 def load_mixture(dataset_mixer_list):
@@ -196,20 +242,22 @@ def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num
     digest = hashlib.sha256(json.dumps([source_fingerprint(dataset_mixer_list), key, columns]).encode()).hexdigest()[:20]
     path = os.path.join(cache_dir, f"{digest}.arrow")
     long_wait_group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not os.path.exists(path + ".json"):
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         os.makedirs(cache_dir, exist_ok=True)
         lock = path + ".lock"
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # whoever creates the lock builds the file
-        except FileExistsError:
-            fd = None
-        if fd is None:
-            while not os.path.exists(path + ".json"):  # another machine (shared filesystem) or a dead run holds it
+        # Until the file is complete: build it if no one else is, else wait. A lock that goes away with no file means
+        # its builder failed (bad rows, say): we take over, and so report that error ourselves, where waiting for the
+        # file (as before) waited forever for a lock that was no longer there.
+        while not os.path.exists(path + ".json"):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # whoever creates the lock builds the file
+            except FileExistsError:  # another run, or machine (shared filesystem), builds it, or died doing so
                 print(f"waiting for {lock} (delete it if the run that made it died)", flush=True)
                 time.sleep(10)
-        else:
+                continue
             try:
-                _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets)
+                if not os.path.exists(path + ".json"):  # not completed between our check and our lock
+                    _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets)
             finally:
                 os.close(fd)
                 os.remove(lock)
@@ -376,7 +424,7 @@ def tokenizer_fingerprint(tokenizer):
     return key.hexdigest()
 
 
-TOKENIZED_FORMAT = 1  # bump when tokenize_conversation's output changes, so stored tokenizations are not reused
+TOKENIZED_FORMAT = 3  # bump when what is stored can change (tokenize_conversation, a make_example, reading), so old files are not reused
 
 
 def render(tokenizer, messages, add_generation_prompt=False):
@@ -395,7 +443,14 @@ def tokenize_conversation(tokenizer, messages):
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        if i:
+            before = render(tokenizer, messages[:i], add_generation_prompt=True)
+        else:  # the conversation opens with this turn: what the template puts before its content (a default system
+            # prompt, the role header) is not the model's to learn, yet "" trained it; a stand-in content finds its end
+            opening = render(tokenizer, [dict(message, content="\ue000")])
+            if "\ue000" not in opening:
+                raise ValueError("the chat template changed an opening assistant turn's content: cannot mask what precedes it")
+            before = opening[: opening.index("\ue000")]
         through = render(tokenizer, messages[: i + 1])
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError("the chat template does not render a conversation as a concatenation of its turns")

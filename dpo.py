@@ -141,6 +141,9 @@ def preference_pair(where, row):
             raise ValueError(f"{where}: field '{field}' must end with an assistant response")
         if not messages[-1]["content"].strip():
             raise ValueError(f"{where}: field '{field}' has an empty final response")
+        if not any(m["role"] == "user" for m in messages[:-1]):  # e.g. responses alone and no (or a null) 'prompt'
+            raise ValueError(f"{where}: field '{field}' has no user turn before its response, and the row no 'prompt': "
+                             f"a preference needs the prompt it answers")
         sides.append(messages)
     chosen, rejected = sides
     if chosen[:-1] != rejected[:-1]:

@@ -138,9 +138,19 @@ def load_task(task):
         import datasets
 
         name, config, split = HUB_DATASETS[task]
-        rows = list(datasets.load_dataset(name, config, split=split))
+        rows = [(f"{name}[row {i}]", row) for i, row in enumerate(datasets.load_dataset(name, config, split=split))]
     else:
-        rows = [row for _, row in common.load_rows(os.path.join(args.data_dir, DATA_FILES[task]))]
+        rows = common.load_rows(os.path.join(args.data_dir, DATA_FILES[task]))
+    # Every field scoring reads, checked now: a missing 'answer' used to surface as a bare KeyError after generation.
+    fields = {QUESTION_FIELD[task]: str, **({"instruction_id_list": list, "kwargs": list} if task in IFEVAL_FORMAT else
+                                            {"answer": str})}
+    for where, row in rows:
+        for field, kind in fields.items():
+            if not isinstance(row.get(field), kind):
+                raise ValueError(f"{where}: field '{field}' must be a {kind.__name__}, got {type(row.get(field)).__name__}")
+        if task in IFEVAL_FORMAT and len(row["kwargs"]) != len(row["instruction_id_list"]):
+            raise ValueError(f"{where}: fields 'kwargs' and 'instruction_id_list' must be lists of the same length")
+    rows = [row for _, row in rows]
     if task in IFEVAL_FORMAT:  # the hub copy pads every kwargs dict with all keys set to None
         for row in rows:
             row["kwargs"] = [{k: v for k, v in kw.items() if v is not None} for kw in row["kwargs"]]

@@ -1,10 +1,12 @@
 """The data path at Tulu scale: tokenized once into a memory-mapped Arrow file and reused, micro-batches by tokens
 balanced over ranks, a loss that never holds the full (T, V) logits, and ranks that wait for the tokenization as long
 as it takes (no collective timeout)."""
+import hashlib
 import itertools
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -276,3 +278,82 @@ def test_tokenizing_workers_run_whatever_multiprocessing_start_method_is_the_def
         assert "tokenized in" in stdout
         stored[method] = Dataset.from_file(stored_path(stdout))["input_ids"]
     assert stored["fork"] == stored["forkserver"] == stored["spawn"] and len(stored["fork"]) == 40
+
+
+@pytest.mark.parametrize("name, content, message", [
+    # a byte that is not UTF-8: text mode raised a bare UnicodeDecodeError naming neither file nor line
+    ("latin1.jsonl", b'{"messages": []}\n{"messages": "caf\xe9"}\n', "latin1.jsonl:2: not UTF-8 (byte 0xe9 at column 18)"),
+    # a key given twice: json keeps the last one, so the first `messages` was silently dropped
+    ("twice.jsonl", b'{"messages": [{"role": "user", "content": "a"}], "messages": []}\n', "twice.jsonl:1: duplicate key 'messages'"),
+    # lone "\r" line ends: text mode read 2 rows while count_rows counted 1 line, so weight 1.0 kept only the first
+    ("mac.jsonl", b'{"a": 1}\r{"a": 2}\r', "mac.jsonl:1: not valid JSON (Extra data at column 10)"),
+    # .json: json.load's errors named no file, and a non-object element reached make_example (AttributeError there)
+    ("bad.json", b'[{"a": 1},\n {"a": 2}', "bad.json: not valid JSON (Expecting ',' delimiter at line 2, column 10)"),
+    ("lines.json", b'{"a": 1}\n{"a": 2}\n', "lines.json: not valid JSON (Extra data at line 2, column 1)"),
+    ("mixed.json", b'[{"a": 1}, 3]', "mixed.json[1]: expected a JSON object, got int"),
+    ("latin1.json", b'[{"a": 1},\n {"a": "caf\xe9"}]', "latin1.json: not UTF-8 (byte 0xe9 at line 2, column 12)"),
+])
+def test_unreadable_rows_name_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        common.load_mixture([str(tmp_path / name), "1.0"])
+    assert str(error.value) == f"{tmp_path / name}{message[len(name):]}"
+
+
+def test_readable_variants_read_every_row(tmp_path):
+    row = b'{"messages": [{"role": "user", "content": "a"}]}'
+    for name, content in [("crlf.jsonl", row + b"\r\n" + row + b"\r\n"), ("bom.jsonl", b"\xef\xbb\xbf" + row + b"\n" + row),
+                          ("blank.jsonl", row + b"\n\n  \n" + row + b"\n"), ("bom.json", b"\xef\xbb\xbf[" + row + b"," + row + b"]")]:
+        (tmp_path / name).write_bytes(content)
+        assert common.count_rows(str(tmp_path / name)) == 2
+        assert [r for _, r in common.load_mixture([str(tmp_path / name), "1.0"])] == [json.loads(row)] * 2
+
+
+@pytest.mark.parametrize("weight, expected", [
+    ("0", 0), ("0.5", 2), ("1.0", 4), ("1", 4), ("3", 3), ("3.0", 3),
+    ("-0.5", "must be a fraction in [0, 1] or a row count"),  # was islice's error, naming no source
+    ("nan", "must be a fraction in [0, 1] or a row count"), ("inf", "must be a fraction in [0, 1] or a row count"),
+    ("1.5", "neither a fraction in [0, 1] nor a whole number of rows"),  # was int(1.5): 1 row, silently
+    ("half", "is not a number"), ("5", "asked for 5 rows, it has 4"),
+])
+def test_mixture_weights(tmp_path, weight, expected):
+    data = write_jsonl(tmp_path / "four.jsonl", [{"i": i} for i in range(4)])
+    if isinstance(expected, int):
+        assert [row["i"] for _, row in common.load_mixture([data, weight])] == list(range(expected))
+    else:
+        with pytest.raises(ValueError, match=f"{data}: .*{re.escape(expected)}"):
+            common.load_mixture([data, weight])
+
+
+def _keep_row(where, row):
+    return (), {"input_ids": [1, 2, 3], "text": where}
+
+
+def test_a_run_waiting_for_a_build_that_failed_builds_itself(tmp_path, monkeypatch):
+    """Two runs share a cache dir; the one building fails (bad rows) and releases its lock without a file. The other,
+    waiting for that file, used to wait forever ("waiting for ....lock") for a lock that no longer existed; now it takes
+    over, builds, and so reports the error itself (here the build succeeds: the failure was the other run's)."""
+    import torch.distributed as dist
+
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"i": i} for i in range(3)])
+    cache, mixture, key, columns = tmp_path / "cache", [data, "1.0"], ["test"], ["input_ids", "text"]
+    digest = hashlib.sha256(json.dumps([common.source_fingerprint(mixture), key, columns]).encode()).hexdigest()[:20]
+    cache.mkdir()
+    lock = cache / f"{digest}.arrow.lock"
+    lock.write_text("")  # the other run, building
+    waits = []
+
+    def sleep(seconds):  # the other run fails while we wait: its lock goes, and no file comes
+        waits.append(seconds)
+        assert len(waits) < 3, "still waiting for a lock that is gone"
+        if lock.exists():
+            lock.unlink()
+
+    monkeypatch.setattr(common.time, "sleep", sleep)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        read, lengths, stats = common.tokenize_once(mixture, _keep_row, columns, key, str(cache), num_workers=1)
+    finally:
+        dist.destroy_process_group()
+    assert len(waits) == 1 and stats["how"].startswith("tokenized in") and list(lengths) == [3, 3, 3]
+    assert [r["text"] for r in read(range(3))] == [f"{data}:{i}" for i in (1, 2, 3)] and not lock.exists()

@@ -189,6 +189,9 @@ BAD_ROWS = [  # (row, the error it must give), all in one file: dpo.py reports e
     ({**GOOD, "prompt": "hello there"}, "field 'prompt' matches no user turn of 'chosen'"),
     ({**GOOD, "prompt": [{"role": "user", "content": "hey"}]}, "field 'prompt' is not the turns before the response"),
     ({**GOOD, "prompt": 3}, "field 'prompt' must be a string or a list of messages"),
+    # responses alone with no prompt (say a null 'prompt' column): was trained as a preference of no prompt at all
+    ({"prompt": None, "chosen": GOOD["chosen"][1:], "rejected": GOOD["rejected"][1:]},
+     "field 'chosen' has no user turn before its response"),
 ]
 
 

@@ -88,6 +88,26 @@ def test_responses_errors_name_file_and_line(tmp_path):
     assert proc.returncode != 0 and f"{path}:2:" in proc.stderr and "not valid JSON" in proc.stderr
 
 
+@pytest.mark.parametrize("task, row, message", [
+    ("gsm8k", {"question": "q2"}, "field 'answer' must be a str, got NoneType"),  # was a KeyError after generation
+    ("gsm8k", {"question": "q2", "answer": 18}, "field 'answer' must be a str, got int"),
+    ("math500", {"question": "q2", "answer": "1"}, "field 'problem' must be a str"),
+    ("ifeval", {"prompt": "q2", "instruction_id_list": ["punctuation:no_comma"]}, "field 'kwargs' must be a list"),
+    ("ifeval", {"prompt": "q2", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}, "fields 'kwargs' and 'instruction_id_list' must be lists of the same length"),
+])
+def test_task_rows_missing_a_field_name_file_line_and_field(tmp_path, task, row, message):
+    """A task file (--data_dir) with a row that scoring cannot read fails at load, naming file, line and field."""
+    good = {"gsm8k": {"question": "q1", "answer": "#### 5"}, "math500": {"problem": "q1", "answer": "5"},
+            "ifeval": {"prompt": "q1", "instruction_id_list": [], "kwargs": []}}[task]
+    name = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl", "ifeval": "ifeval_input_data.jsonl"}[task]
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / name, [good, row])
+    write_jsonl(tmp_path / "r.jsonl", [{"prompt": "q1", "response": "5"}])
+    proc = run_eval("--task", task, "--responses", tmp_path / "r.jsonl", "--data_dir", tmp_path / "data",
+                    "--output_dir", tmp_path / "out")
+    assert proc.returncode != 0 and f"{tmp_path / 'data' / name}:2: {message}" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_responses_ifeval_reproduces_google_scores(tmp_path):
     fixtures = ROOT / "tests" / "fixtures"
     proc = run_eval("--task", "ifeval", "--responses", fixtures / "ifeval_gpt4_responses.jsonl",

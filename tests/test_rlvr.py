@@ -7,6 +7,7 @@ import statistics
 
 import pytest
 import torch
+from datasets import Dataset
 
 import common
 from conftest import read_metrics, run_script, write_jsonl
@@ -18,7 +19,7 @@ WORDS = json.dumps({"func_name": "validate_word_constraint", "N": 6, "quantifier
 
 
 def rlvr_rows(n=16):
-    """Every verifier: gsm8k (prompt = messages[:-1]), MATH (spelled in capitals), and an IF word limit that the random
+    """Every verifier: gsm8k (prompt = messages[:-1], the reference answer left out), MATH (spelled in capitals), and an IF word limit that the random
     tiny model meets about half the time, so that rewards vary within a group."""
     rows = []
     for i in range(n):
@@ -176,6 +177,14 @@ def test_self_check_fires_when_the_generator_is_stale(tiny_model_dir, rlvr_data,
     ({"messages": [{"role": "user", "content": "Hi"}], "dataset": "gsm8k"}, "field 'ground_truth'"),
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": '{"func_name": "nope"}', "dataset": "ifeval"}, "field 'ground_truth'"),
     ({"messages": [{"role": "robot", "content": "Hi"}], "ground_truth": "3", "dataset": "gsm8k"}, "field 'messages[0].role'"),
+    # golds no response can match (every sample would score 0): they used to be accepted
+    ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "forty", "dataset": "gsm8k"}, "field 'ground_truth' has no number"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": ["1", "2"], "dataset": "gsm8k"}, "field 'ground_truth' must be a string or a number"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": True, "dataset": "math"}, "field 'ground_truth' must be a string or a number"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "\\boxed{}", "dataset": "math"}, "field 'ground_truth' is empty once normalized"),
+    # no question to answer: the prompt would have been the system prompt alone
+    ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "3"}], "ground_truth": "3",
+      "dataset": "gsm8k"}, "field 'messages' must end with a user turn"),
 ])
 def test_bad_rows_name_file_line_and_field(tiny_model_dir, tmp_path, row, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [rlvr_rows(1)[0], row])
@@ -205,3 +214,20 @@ def test_resume_logs_the_same_metrics(tiny_model_dir, rlvr_data, tmp_path):
     rollouts = [[json.loads(line) for line in open(tmp_path / run / "rollouts.jsonl")] for run in ("full", "fresh")]
     assert [r["step"] for r in rollouts[0]] == [r["step"] for r in rollouts[1]]  # step 3 not logged twice
     assert [r["response"] for r in rollouts[0]] == [r["response"] for r in rollouts[1]]
+
+
+def test_prompt_is_every_turn_up_to_the_last_user_turn(tiny_model_dir, tokenizer, tmp_path):
+    """Only a final assistant turn (a reference answer) leaves the prompt. Before, the last turn was dropped whatever its
+    role: a [system, user] row was prompted with the system prompt alone, [user, assistant, user] without its question."""
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"}
+    earlier = [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2"}]
+    prompts = [[system, user], earlier + [user], [user], earlier + [user]]
+    rows = [{"messages": prompt + ([{"role": "assistant", "content": "4"}] if i >= 2 else []), "ground_truth": "4",
+             "dataset": "gsm8k"} for i, prompt in enumerate(prompts)]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    result = run_script("rlvr.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0",
+                        "--eval_every", 0, "--max_steps", 1, "--output_dir", tmp_path / "out", *FAST)
+    path = next(word for word in result.stdout.split() if word.endswith(".arrow"))
+    stored = Dataset.from_file(path)["prompt_ids"]
+    assert stored == [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                                add_special_tokens=False).input_ids for p in prompts]

@@ -72,3 +72,15 @@ def test_non_concatenating_template_is_refused(tokenizer):
     tokenizer.chat_template = "{{ messages[-1]['content'] + eos_token }}"
     with pytest.raises(ValueError, match="concatenation"):
         common.tokenize_conversation(tokenizer, MESSAGES)
+
+
+@pytest.mark.parametrize("template", ["tulu", "default"])
+def test_an_opening_assistant_turn_is_trained_without_what_the_template_puts_before_it(tokenizer, template):
+    """A conversation that opens with the assistant (a greeting): its content and eos are trained, not the role header
+    before it, nor the default system prompt that SmolLM2's own template inserts (both were trained: 'before' was "")."""
+    tokenizer = copy.deepcopy(tokenizer)
+    common.set_chat_template(tokenizer, template)
+    messages = [{"role": "assistant", "content": "Hello! Ask me a sum."}] + MESSAGES[1:]
+    input_ids, labels = common.tokenize_conversation(tokenizer, messages)
+    eos = tokenizer.eos_token
+    assert trained_text(tokenizer, input_ids, labels) == [m["content"] + eos for m in messages if m["role"] == "assistant"]
