@@ -1590,3 +1590,25 @@ def verify(dataset: str, response: str, ground_truth, prompt: str = "") -> float
     if name == "ifeval":
         return ifeval_rlvr_score(response, ground_truth)  # noqa: F821  (IFEval section of this file)
     raise ValueError(f"verify: unknown dataset {dataset!r} (expected gsm8k, math or ifeval)")
+
+
+def ground_truth_text(dataset: str, truth) -> str:
+    """A Tulu RLVR row's ground truth as the text `verify` takes; ValueError (the field's fault, to follow "field
+    'ground_truth' ") when no response could ever match it, since every sample would score 0 and the prompt train
+    nothing, without a word: a gsm8k gold with no number, a MATH gold empty once normalized, a list or object where one
+    answer is expected (its JSON would be read as text), an unknown or malformed IFEval constraint."""
+    name = str(dataset).lower()
+    if truth in (None, "", []):
+        raise ValueError("is missing or empty")
+    if name != "ifeval" and (isinstance(truth, bool) or not isinstance(truth, (str, int, float))):
+        raise ValueError(f"must be a string or a number for dataset {dataset!r}, got {type(truth).__name__}")
+    text = truth if isinstance(truth, str) else str(truth) if isinstance(truth, (int, float)) else json.dumps(truth)
+    if name == "gsm8k" and gsm8k_extract(text.split("####")[-1]) is None:
+        raise ValueError(f"has no number for the gsm8k verifier: {text[:80]!r}")
+    if name == "math" and not math_normalize(text):
+        raise ValueError(f"is empty once normalized for the math verifier: {text[:80]!r}")
+    try:
+        verify(name, "", text)  # a malformed IFEval constraint fails here, before the run, not in the middle of it
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"is not valid for dataset {dataset!r}: {e}") from None
+    return text

@@ -133,31 +133,15 @@ def prompt_example(where, row):
     dataset = row.get("dataset")
     if not isinstance(dataset, str) or dataset.lower() not in ("gsm8k", "math", "ifeval"):
         raise ValueError(f"{where}: field 'dataset' must be one of gsm8k, math, ifeval (it picks the verifier), got {dataset!r}")
-    truth = row.get("ground_truth")
-    if truth in (None, "", []):
-        raise ValueError(f"{where}: field 'ground_truth' is missing or empty")
-    # A gold answer that no response can match pays 0 to every sample: the prompt would train nothing, without a word.
-    # So GSM8K and MATH golds must be one answer (a string or a number, not a list or object, whose JSON a verifier
-    # would read as text) that their verifier can read: a number for GSM8K, something left after MATH's normalization.
-    if dataset.lower() != "ifeval" and (isinstance(truth, bool) or not isinstance(truth, (str, int, float))):
-        raise ValueError(f"{where}: field 'ground_truth' must be a string or a number for dataset {dataset!r}, "
-                         f"got {type(truth).__name__}")
-    truth = truth if isinstance(truth, str) else str(truth) if isinstance(truth, (int, float)) else json.dumps(truth)
-    if dataset.lower() == "gsm8k" and common.gsm8k_extract(truth.split("####")[-1]) is None:
-        raise ValueError(f"{where}: field 'ground_truth' has no number for the gsm8k verifier: {truth[:80]!r}")
-    if dataset.lower() == "math" and not common.math_normalize(truth):
-        raise ValueError(f"{where}: field 'ground_truth' is empty once normalized for the math verifier: {truth[:80]!r}")
-    try:
-        common.verify(dataset, "", truth)  # a malformed IFEval JSON ground truth fails here, not mid-run
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"{where}: field 'ground_truth' is not valid for dataset {dataset!r}: {e}") from None
-    # The prompt is what the model answers: Tulu's rows are [user] or [..., user, assistant] (a reference answer, as
-    # open-instruct drops it). Dropping the last turn whatever its role cut the question itself off [system, user]
-    # or [user, assistant, user] rows, and the policy answered the system prompt or its own earlier turn.
+    try:  # a gold no response can match is a bad row (common.ground_truth_text), not a prompt that silently trains nothing
+        truth = common.ground_truth_text(dataset, row.get("ground_truth"))
+    except ValueError as e:
+        raise ValueError(f"{where}: field 'ground_truth' {e}") from None
+    # The prompt: every turn up to the last user turn; a final assistant turn is a reference answer, left out
     messages = row["messages"][:-1] if row["messages"][-1]["role"] == "assistant" else row["messages"]
     if not messages or messages[-1]["role"] != "user":
-        raise ValueError(f"{where}: field 'messages' must end with a user turn (optionally followed by one "
-                         f"assistant reference answer), got roles {[m['role'] for m in row['messages']]}")
+        raise ValueError(f"{where}: field 'messages' must end with a user turn (then at most one assistant reference "
+                         f"answer), got roles {[m['role'] for m in row['messages']]}")
     ids = tokenizer(common.render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False).input_ids
     if len(ids) > args.max_prompt_length:
         return "overlong", None
