@@ -179,6 +179,8 @@ def iter_mixture(dataset_mixer_list):
         count = mixture_count(source, weight, total)
         if count > total:
             raise ValueError(f"{source}: asked for {count} rows, it has {total}")
+        if count == 0:  # weight 0, an empty file, a fraction too small: said, not a silent hole in the mixture
+            print(f"warning: --dataset_mixer_list {source} (weight {weight}, {total} rows) contributes no row", file=sys.stderr)
         counts.append(count)
     for source, count in zip(dataset_mixer_list[::2], counts):
         yield from itertools.islice(iter_rows(source), count)

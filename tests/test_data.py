@@ -316,10 +316,11 @@ def test_readable_variants_read_every_row(tmp_path):
     ("1.5", "neither a fraction in [0, 1] nor a whole number of rows"),  # was int(1.5): 1 row, silently
     ("half", "is not a number"), ("5", "asked for 5 rows, it has 4"),
 ])
-def test_mixture_weights(tmp_path, weight, expected):
+def test_mixture_weights(tmp_path, weight, expected, capsys):
     data = write_jsonl(tmp_path / "four.jsonl", [{"i": i} for i in range(4)])
     if isinstance(expected, int):
         assert [row["i"] for _, row in common.load_mixture([data, weight])] == list(range(expected))
+        assert (f"{data} (weight {weight}, 4 rows) contributes no row" in capsys.readouterr().err) == (expected == 0)
     else:
         with pytest.raises(ValueError, match=f"{data}: .*{re.escape(expected)}"):
             common.load_mixture([data, weight])
