@@ -16,8 +16,9 @@ Score responses produced elsewhere, loading no model (one --responses per --task
 
 Writes <output_dir>/results.json as {task: {metric: value}} and <output_dir>/<task>_records.jsonl; with several
 models, those go to <output_dir>/<model directory name>/ and the table to <output_dir>/table.md.
-Few-shot exemplars go in as chat turns (user = question, assistant = worked answer), which is how
-Tulu 3's evaluation shows them to chat models, not as one long user message.
+The prompts are those of Tulu 3's evaluation (OLMES's gsm8k::tulu, minerva_math::tulu, ifeval::tulu), token for token:
+few-shot exemplars as chat turns (user "Question: ..." / "Problem: ... Solution:", assistant the worked answer), not one
+long user message; with their stop strings and per-task token caps. Each record keeps the whole prompt as "input".
 """
 import argparse
 import gc
@@ -47,7 +48,8 @@ parser.add_argument("--model_name_or_path", nargs="+", default=[],
 parser.add_argument("--task", action="append", required=True, choices=["gsm8k", "math500", "ifeval", "ifheldout"])
 parser.add_argument("--limit", nargs="+", default=[],
                     help="only the first N examples: N (every task) and/or TASK=N (that task), e.g. 16 ifheldout=240")
-parser.add_argument("--max_new_tokens", type=int, default=1024)
+parser.add_argument("--max_new_tokens", type=int, default=None,
+                    help="every task's cap; default Tulu 3's per task: GSM8K 512, MATH 1024, IFEval (and held-out) 2048")
 parser.add_argument("--mixed_precision", default=None, choices=["bf16", "no"],
                     help="HF path: bf16 weights (default on CUDA) or no (fp32, default on CPU)")
 parser.add_argument("--batch_size", type=int, default=32, help="prompts per HF generate call (vLLM batches itself)")
@@ -88,38 +90,49 @@ IFEVAL_FORMAT = ("ifeval", "ifheldout")  # rows with instruction_id_list and kwa
 # Wei et al. (2022), the 8 chain-of-thought exemplars used for GSM8K.
 GSM8K_SHOTS = [
     ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, there will be 21 trees. How many trees did the grove workers plant today?",
-     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have been 21 - 15 = 6. The answer is 6."),
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have been 21 - 15 = 6. So the answer is 6."),
     ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
-     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5."),
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. So the answer is 5."),
     ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
-     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, they had 74 - 35 = 39. The answer is 39."),
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, they had 74 - 35 = 39. So the answer is 39."),
     ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did Jason give to Denny?",
-     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. The answer is 8."),
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. So the answer is 8."),
     ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
-     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. The answer is 9."),
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. So the answer is 9."),
     ("There were nine computers in the server room. Five more computers were installed each day, from monday to thursday. How many computers are now in the server room?",
-     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 computers were added. 9 + 20 is 29. The answer is 29."),
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 computers were added. 9 + 20 is 29. So the answer is 29."),
     ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf balls did he have at the end of wednesday?",
-     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, he had 35 - 2 = 33 golf balls. The answer is 33."),
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, he had 35 - 2 = 33 golf balls. So the answer is 33."),
     ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
-     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars left. 23 - 15 is 8. The answer is 8."),
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars left. 23 - 15 is 8. So the answer is 8."),
 ]
-# Lewkowycz et al. (2022, Minerva), the 4 MATH exemplars; every answer ends with the Minerva sentence.
+# Lewkowycz et al. (2022, Minerva), the 4 MATH exemplars; every answer ends with the Minerva sentence. The text is
+# exactly what Tulu 3's evaluation (OLMES, fewshot source "Minerva:MATH") showed the model, its slips included (a stray
+# "}" after the first problem, double spaces, "\\" line breaks written as a single backslash), so the prompts match
+# token for token.
 MINERVA_SHOTS = [
-    ("Find the domain of the expression $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.",
+    ("Find the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.}",
      "The expressions inside each square root must be non-negative. Therefore, $x-2 \\ge 0$, so $x\\ge2$, and $5 - x \\ge 0$, so $x \\le 5$. Also, the denominator cannot be equal to zero, so $5-x>0$, which gives $x<5$. Therefore, the domain of the expression is $\\boxed{[2,5)}$.\n"
      "Final Answer: The final answer is $[2,5)$. I hope it is correct."),
     ("If $\\det \\mathbf{A} = 2$ and $\\det \\mathbf{B} = 12,$ then find $\\det (\\mathbf{A} \\mathbf{B}).$",
      "We have that $\\det (\\mathbf{A} \\mathbf{B}) = (\\det \\mathbf{A})(\\det \\mathbf{B}) = (2)(12) = \\boxed{24}.$\n"
      "Final Answer: The final answer is $24$. I hope it is correct."),
     ("Terrell usually lifts two 20-pound weights 12 times. If he uses two 15-pound weights instead, how many times must Terrell lift them in order to lift the same total weight?",
-     "If Terrell lifts two 20-pound weights 12 times, he lifts a total of $2\\cdot 12\\cdot20=480$ pounds of weight. If he lifts two 15-pound weights instead for $n$ times, he will lift a total of $2\\cdot15\\cdot n=30n$ pounds of weight. Equating this to 480 pounds, we can solve for $n$:\n"
-     "\\begin{align*}\n30n&=480\\\\\n\\Rightarrow\\qquad n&=480/30=\\boxed{16}\n\\end{align*}\n"
+     "If Terrell lifts two 20-pound weights 12 times, he lifts a total of $2\\cdot 12\\cdot20=480$ pounds of weight.  If he lifts two 15-pound weights instead for $n$ times, he will lift a total of $2\\cdot15\\cdot n=30n$ pounds of weight.  Equating this to 480 pounds, we can solve for $n$:\n"
+     "\\begin{align*}\n30n&=480\\\n\\Rightarrow\\qquad n&=480/30=\\boxed{16}\n\\end{align*}\n"
      "Final Answer: The final answer is $16$. I hope it is correct."),
-    ("If the system of equations\n\\begin{align*}\n6x-4y&=a,\\\\\n6y-9x &=b.\n\\end{align*}\nhas a solution $(x, y)$ where $x$ and $y$ are both nonzero, find $\\frac{a}{b},$ assuming $b$ is nonzero.",
-     "If we multiply the first equation by $-\\frac{3}{2}$, we obtain $$6y-9x=-\\frac{3}{2}a.$$Since we also know that $6y-9x=b$, we have $$-\\frac{3}{2}a=b\\Rightarrow\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$\n"
+    ("If the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\n6y-9x &=b.\n\\end{align*}has a solution $(x, y)$ where $x$ and $y$ are both nonzero,\nfind $\\frac{a}{b},$ assuming $b$ is nonzero.",
+     "If we multiply the first equation by $-\\frac{3}{2}$, we obtain\n\n$$6y-9x=-\\frac{3}{2}a.$$Since we also know that $6y-9x=b$, we have\n\n"
+     "$$-\\frac{3}{2}a=b\\Rightarrow\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$\n"
      "Final Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct."),
 ]
+# Tulu 3's evaluation regime per task (OLMES gsm8k::tulu, minerva_math::tulu, ifeval::tulu), as chat turns:
+# the user turn wraps the question; GSM8K's assistant turns open with "Answer:", which also follows the generation prompt
+# (the model continues after it); a response ends at eos or at the first stop string; at most this many new tokens.
+QUESTION_FORMAT = {"gsm8k": "Question: {}", "math500": "Problem:\n{}\n\nSolution:", "ifeval": "{}", "ifheldout": "{}"}
+ANSWER_PREFIX = {"gsm8k": "Answer:"}
+STOP_STRINGS = {"gsm8k": ["Question:", "</s>", "<|im_end|>"]}  # a model that goes on to invent the next question
+MAX_NEW_TOKENS = {"gsm8k": 512, "math500": 1024, "ifeval": 2048, "ifheldout": 2048}
 
 
 def task_limit(task):
@@ -157,14 +170,26 @@ def load_task(task):
     return rows[:task_limit(task)] if not args.responses else rows
 
 
-def chat_messages(task, example):
+def prompt_text(tokenizer, task, example):
+    """The whole prompt as the model sees it: the few-shot exemplars as chat turns, the question, the generation
+    prompt, then the task's answer prefix (GSM8K: "Answer:")."""
     shots = {"gsm8k": GSM8K_SHOTS, "math500": MINERVA_SHOTS}.get(task, [])
-    turns = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in shots]
-    return sum(turns, []) + [{"role": "user", "content": example[QUESTION_FIELD[task]]}]
+    prefix = ANSWER_PREFIX.get(task, "")
+    messages = [turn for q, a in shots for turn in ({"role": "user", "content": QUESTION_FORMAT[task].format(q)},
+                                                      {"role": "assistant", "content": f"{prefix} {a}".strip()})]
+    messages.append({"role": "user", "content": QUESTION_FORMAT[task].format(example[QUESTION_FIELD[task]])})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
+
+
+def until_stop(task, response):
+    """The response up to the task's first stop string: under greedy decoding, what stopping there would have given."""
+    for stop in STOP_STRINGS.get(task, []):
+        response = response.split(stop)[0]
+    return response
 
 
 def read_responses(path, task, examples):
-    """[(example, response)] in file order; each row is matched to the task's data by its question text."""
+    """[(example, response, None)] in file order; each row is matched to the task's data by its question text."""
     by_question = {}
     for example in examples:
         by_question.setdefault(example[QUESTION_FIELD[task]], example)
@@ -176,7 +201,7 @@ def read_responses(path, task, examples):
             raise ValueError(f"{where}: expected an object with '{QUESTION_FIELD[task]}' and a string 'response'")
         if question not in by_question:
             raise ValueError(f"{where}: {QUESTION_FIELD[task]} not found in the {task} data: {str(question)[:80]!r}")
-        pairs.append((by_question[question], row["response"]))
+        pairs.append((by_question[question], row["response"], None))  # (no prompt text: not generated here)
     return pairs[:task_limit(task)]
 
 
@@ -194,16 +219,17 @@ engines = []  # the vLLM engines started so far
 
 
 def generate(model_path):
-    """Greedy responses of one model to every example -> ({task: [(example, response)]}, seconds, generated tokens).
+    """Greedy responses of one model to every example -> ({task: [(example, response, prompt text)]}, seconds,
+    generated tokens).
     Every rank answers a strided share of the prompts; every rank returns all of them."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     common.set_chat_template(tokenizer, args.chat_template)
     # All tasks go through one generation pass (better batches); jobs[i] = (task, example).
     jobs = [(task, example) for task in tasks for example in examples[task]]
     # The template decides BOS and the rest, so the tokenizer must not add special tokens again.
-    prompt_ids = [tokenizer(tokenizer.apply_chat_template(chat_messages(task, ex), add_generation_prompt=True,
-                                                          tokenize=False), add_special_tokens=False).input_ids
-                  for task, ex in jobs]
+    prompts = [prompt_text(tokenizer, task, example) for task, example in jobs]
+    prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
+    max_new = [args.max_new_tokens or MAX_NEW_TOKENS[task] for task, _ in jobs]
     try:  # the model may stop on ids besides the tokenizer's eos (e.g. Llama 3's <|eot_id|>)
         model_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
     except OSError:
@@ -230,7 +256,7 @@ def generate(model_path):
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         llm = vllm.LLM(model=model_path, seed=0, distributed_executor_backend="external_launcher")
         engines.append(model_path)
-        params = vllm.SamplingParams(temperature=0, max_tokens=args.max_new_tokens, stop_token_ids=eos_ids)
+        params = [vllm.SamplingParams(temperature=0, max_tokens=max_new[i], stop_token_ids=eos_ids) for i in mine]
         outputs = llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in mine], params, use_tqdm=rank == 0)
         for i, out in zip(mine, outputs):
             texts[i], counts[i] = out.outputs[0].text, len(out.outputs[0].token_ids)
@@ -290,13 +316,14 @@ def generate(model_path):
                 mask = attention_mask.to(device)  # (B, width), grows by one column per step
                 positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, shared:]  # (B, width - shared)
                 step_ids, live, new = input_ids[:, shared:].to(device), list(range(len(batch))), [[] for _ in batch]
-                for _ in range(args.max_new_tokens):
+                cap = max_new[batch[0]]  # a batch is one task
+                for _ in range(cap):
                     next_ids = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **{cache_name: cache},
                                      use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)  # (live rows,)
                     keep = []
                     for k, (row, token) in enumerate(zip(live, next_ids.tolist())):
                         new[row].append(token)
-                        if token not in eos_ids and len(new[row]) < args.max_new_tokens:
+                        if token not in eos_ids and len(new[row]) < cap:
                             keep.append(k)
                     if not keep:
                         break
@@ -317,7 +344,7 @@ def generate(model_path):
             counts.update(part_counts)
     pairs = {task: [] for task in tasks}
     for i, (task, example) in enumerate(jobs):
-        pairs[task].append((example, texts[i]))
+        pairs[task].append((example, texts[i], prompts[i]))
     return pairs, time.time() - start, sum(counts.values())
 
 
@@ -333,14 +360,16 @@ def stderr(values):
 
 
 def score(pairs, output_dir):
-    """Score every (example, response) as the task's reference implementation does; write <task>_records.jsonl and
+    """Score every (example, response, prompt text) as the task's reference implementation does, the response cut at
+    the task's first stop string; write <task>_records.jsonl (with the whole prompt as "input" when generated here) and
     results.json to output_dir; return ({task: {metric: value}}, {task: [per-prompt score of the headline metric]})."""
     os.makedirs(output_dir, exist_ok=True)
     results, scores = {}, {}  # scores: the headline metric prompt by prompt (ifeval: prompt-level loose, = "score")
     for task in tasks:
         records = []
-        for example, response in tqdm(pairs[task], desc=f"score {task}", leave=False):
-            record = {"prompt": example[QUESTION_FIELD[task]], "response": response}
+        for example, response, prompt in tqdm(pairs[task], desc=f"score {task}", leave=False):
+            response = until_stop(task, response)
+            record = {"prompt": example[QUESTION_FIELD[task]], "response": response} | ({"input": prompt} if prompt else {})
             if task == "gsm8k":
                 record.update(gold=example["answer"].split("####")[-1].strip(), extracted=gsm8k_extract(response),
                               score=gsm8k_score(response, example["answer"]))

@@ -2,7 +2,8 @@
 Build the embedded SFT set: GSM8K train as Tulu-format conversations (`id`, `messages`, `source`).
 
 The reference solutions carry calculator annotations (`<<48/2=24>>`) and end in `#### 72`; we drop the annotations and
-end with "The answer is 72." -- the sentence our 8-shot GSM8K prompts use, and whose last number the verifier reads.
+end with "The answer is 72." -- the close of the 8-shot GSM8K exemplars ("So the answer is 72."), and its last number is
+what the verifier reads.
 
     python data/build_sft_gsm8k.py   # -> data/sft_gsm8k.jsonl
 """

@@ -76,6 +76,24 @@ def test_responses_gsm8k_and_math(tmp_path):
     assert json.loads((tmp_path / "again" / "results.json").read_text()) == {"gsm8k": results["gsm8k"]}
 
 
+def test_gsm8k_response_ends_at_the_first_stop_string(tmp_path):
+    """Tulu 3's GSM8K stops at "Question:" (OLMES gsm8k::tulu): a model that answers, then invents the next question and
+    answers that too, is scored on its own answer, not on the last number of the invented one."""
+    gsm = read_jsonl(ROOT / "data" / "gsm8k_test.jsonl")[:2]
+    gold0 = gsm[0]["answer"].split("#### ")[-1]
+    invented = " So the answer is 7.\n\nQuestion: What is 3 + 4?\nAnswer: 3 + 4 = 7. So the answer is 7."
+    write_jsonl(tmp_path / "gsm.jsonl", [
+        {"question": gsm[0]["question"], "response": f" So the answer is {gold0}.\n\nQuestion: What is 3 + 4?\nAnswer: 7."},
+        {"question": gsm[1]["question"], "response": invented},  # wrong before the stop: still wrong
+    ])
+    proc = run_eval("--task", "gsm8k", "--responses", tmp_path / "gsm.jsonl", "--output_dir", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    records = read_jsonl(tmp_path / "out" / "gsm8k_records.jsonl")
+    assert [r["score"] for r in records] == [1.0, 0.0]
+    assert [r["response"] for r in records] == [f" So the answer is {gold0}.\n\n", " So the answer is 7.\n\n"]
+    assert [r["extracted"] for r in records] == [gold0, "7"]
+
+
 def test_responses_errors_name_file_and_line(tmp_path):
     gsm = read_jsonl(ROOT / "data" / "gsm8k_test.jsonl")[:1]
     path = tmp_path / "r.jsonl"
@@ -274,6 +292,44 @@ def test_missing_chat_template_is_an_error(tiny_model, tmp_path):
         proc = run_eval("--model_name_or_path", tiny_model, "--task", "gsm8k", "--limit", 2,
                         "--chat_template", "tulu", "--output_dir", tmp_path)
         assert proc.returncode != 0 and "TULU_CHAT_TEMPLATE" in proc.stderr
+
+
+def test_prompts_are_tulu_3s_evaluation_prompts(tiny_model, tmp_path):
+    """Each record's "input" is the prompt as OLMES's Tulu regime builds it (gsm8k::tulu, minerva_math::tulu, ifeval::tulu),
+    checked here turn by turn in the Tulu template: GSM8K's 8 exemplars as "Question: ..." / "Answer: ... So the answer
+    is N." turns and "Answer:" after the generation prompt; MATH's 4 as "Problem:\n...\n\nSolution:" / a solution ending
+    in the Minerva sentence (the first problem with OLMES's stray "}"); IFEval's prompt alone."""
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(tiny_model).eos_token
+    proc = run_eval("--model_name_or_path", tiny_model, "--task", "gsm8k", "--task", "math500", "--task", "ifeval",
+                    "--limit", 2, "--max_new_tokens", 2, "--chat_template", "tulu", "--output_dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    def turns(text):  # Tulu template -> [(role, content)] and what follows the last generation prompt
+        parts = re.split(r"<\|(user|assistant)\|>\n", text)
+        assert parts[0] == ""
+        pairs = list(zip(parts[1::2], parts[2::2]))
+        return pairs[:-1], pairs[-1]
+
+    for record in read_jsonl(tmp_path / "gsm8k_records.jsonl"):
+        shots, last = turns(record["input"])
+        assert last == ("assistant", "Answer:")
+        assert [role for role, _ in shots] == ["user", "assistant"] * 8 + ["user"]
+        assert all(c.startswith("Question: ") and c.endswith("\n") for _, c in shots[0::2])
+        assert all(re.fullmatch(rf"Answer: \S.* So the answer is \d+\.{re.escape(eos)}\n", c, re.S) for _, c in shots[1::2])
+        assert shots[-1][1] == f"Question: {record['prompt']}\n"
+    for record in read_jsonl(tmp_path / "math500_records.jsonl"):
+        shots, last = turns(record["input"])
+        assert last == ("assistant", "")
+        assert [role for role, _ in shots] == ["user", "assistant"] * 4 + ["user"]
+        assert all(c.startswith("Problem:\n") and c.endswith("\n\nSolution:\n") for _, c in shots[0::2])
+        assert all(re.search(rf"\nFinal Answer: The final answer is \$.+\$\. I hope it is correct\.{re.escape(eos)}\n$", c)
+                   for _, c in shots[1::2])
+        assert shots[0][1].endswith("{\\sqrt{5-x}}$.}\n\nSolution:\n")  # OLMES's text, slip included
+        assert shots[-1][1] == f"Problem:\n{record['prompt']}\n\nSolution:\n"
+    for record in read_jsonl(tmp_path / "ifeval_records.jsonl"):
+        assert record["input"] == f"<|user|>\n{record['prompt']}\n<|assistant|>\n"
 
 
 def test_several_models_end_with_one_table(tiny_model, tmp_path):
