@@ -9,12 +9,15 @@ positions / test tokens, overlap when coverage > --threshold. A training row ove
 Per (training file, eval set) we also report how many eval instances are overlapped and whether that exceeds 2% of the
 eval set, Tulu's bar for calling a whole training set contaminated; that is a report line, not an action.
 
-Tokens are lowercase words, re.findall(r"\\w+", text.lower()): Tulu's exact tokenizer is not published with the
-recipe, and words make the rule independent of any model's vocabulary. A test prompt of fewer than 8 tokens has no
-8-gram, so it can never be matched: it counts as unmatched.
+Tokens are lowercase words, re.findall(r"\\w+", text.lower()). (open-instruct's decontamination/search.py builds its
+8-grams from spaCy's en_core_web_lg tokens, punctuation included, and finds training text with Elasticsearch; words make
+the rule independent of both and of any model's vocabulary.) A test prompt of fewer than 8 tokens has no 8-gram, so it
+can never be matched: it counts as unmatched.
 
-Training prompts: the user turns of `messages` (SFT, RLVR) or of `chosen` (DPO), or a DPO row's `prompt` string.
-Cleaned files keep the original lines byte for byte, in order. The run is deterministic and idempotent.
+Training prompts: each user turn on its own (as open-instruct indexes one document per user message), from `messages`
+(SFT, RLVR) or `chosen` (DPO), or a DPO row's `prompt` when `chosen` holds the response alone; a row is removed when
+any of its user turns overlaps. Cleaned files keep the original lines byte for byte (read and written as bytes, split
+on "\n" only, as the stages read them), in order. The run is deterministic and idempotent.
 """
 import argparse
 import json
@@ -67,18 +70,20 @@ def overlapped(train_text, eval_ngrams, index, n, threshold):
     return hits
 
 
-def prompt_text(row, where):
-    """The prompt of a training row: its user turns (joined by newlines), or a DPO `prompt` string."""
-    for field in ("messages", "prompt", "chosen"):  # SFT / RLVR rows, then DPO rows
+def prompt_turns(row, where):
+    """The prompts of a training row, one per user turn: of `messages` (SFT, RLVR) or `chosen` (DPO); a DPO row whose
+    `chosen` is the response alone takes them from `prompt` (a string, or a message list)."""
+    for field in ("messages", "chosen", "prompt"):  # SFT / RLVR rows, then DPO rows
         if field not in row:
             continue
         if field == "prompt" and isinstance(row[field], str):
-            return row[field]
-        check_messages(row[field], where, field)  # a `prompt` may also be a message list
+            return [row[field]]
+        check_messages(row[field], where, field)
         user_turns = [m["content"] for m in row[field] if m["role"] == "user"]
-        if not user_turns:
+        if user_turns:
+            return user_turns
+        if field != "chosen" or "prompt" not in row:
             raise ValueError(f"{where}: field '{field}' has no user turn to take the prompt from")
-        return "\n".join(user_turns)
     raise ValueError(f"{where}: no prompt found: expected field 'messages', 'prompt' or 'chosen'")
 
 
@@ -110,19 +115,20 @@ if __name__ == "__main__":
     report = {"ngram": args.ngram, "threshold": args.threshold, "contaminated_fraction": CONTAMINATED_FRACTION,
               "eval_set_sizes": eval_sizes, "train": {}}
     for path, name in zip(args.train, names):
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()  # kept rows are written as these original lines, byte for byte
+        with open(path, "rb") as f:  # split on b"\n" only, as common.iter_rows numbers the lines: text mode would also
+            lines = f.readlines()     # split on a lone "\r" (legal JSON whitespace) and shift every later line
         kept_lines, removed_by_eval_set, eval_hits = [], defaultdict(int), defaultdict(set)
         rows = load_rows(path)
         for where, row in rows:
-            hits = overlapped(prompt_text(row, where), eval_ngrams, index, args.ngram, args.threshold)
+            hits = sorted({hit for turn in prompt_turns(row, where)
+                           for hit in overlapped(turn, eval_ngrams, index, args.ngram, args.threshold)})
             for eval_set in sorted({eval_set for eval_set, _ in hits}):
                 removed_by_eval_set[eval_set] += 1  # a row overlapping two eval sets counts under both
             for eval_set, i in hits:
                 eval_hits[eval_set].add(i)
             if not hits:
                 kept_lines.append(lines[int(where.rsplit(":", 1)[1]) - 1])  # where = "file:line"
-        with open(os.path.join(args.out_dir, name), "w", encoding="utf-8") as f:
+        with open(os.path.join(args.out_dir, name), "wb") as f:
             f.writelines(kept_lines)
         report["train"][name] = {
             "rows": len(rows), "removed": len(rows) - len(kept_lines), "kept": len(kept_lines),

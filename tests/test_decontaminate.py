@@ -146,11 +146,50 @@ def test_script_end_to_end(tmp_path):
     assert [c["removed"] for c in counts.values()] == [0, 0, 0]
 
 
+def test_lines_turns_and_the_two_percent_bar(tmp_path):
+    """Lines are the stages' lines (split on b"\\n" only: a lone "\\r" inside a row, legal JSON whitespace, used to
+    shift every later line, so that a contaminated row was written and the last clean one lost), kept byte for byte
+    (CRLF too); each user turn is a prompt of its own (as open-instruct indexes them), a DPO row's string `prompt` does
+    not hide the earlier user turns of `chosen`; overlapped eval instances are counted once, and "more than 2%" is strict."""
+    words = [f"w{i}" for i in range(16)]
+    eval_prompts = [" ".join(words)] + [f"another prompt number {i} with enough words in it" for i in range(49)]
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    write_jsonl(eval_dir / "gsm8k_test.jsonl", [{"question": q, "answer": "#### 1"} for q in eval_prompts])  # 50
+    for name, field in [("math500_test.jsonl", "problem"), ("ifeval_input_data.jsonl", "prompt"), ("if_heldout.jsonl", "prompt")]:
+        write_jsonl(eval_dir / name, [{field: "nothing shared here"}])
+
+    def chat(*users):
+        return [turn for user in users for turn in ({"role": "user", "content": user}, {"role": "assistant", "content": "ok"})]
+
+    copy = json.dumps({"messages": chat(eval_prompts[0])}).encode()
+    lines = [json.dumps({"messages": chat("clean one")}).encode() + b"\r\n",
+             b'{\r"messages": ' + json.dumps(chat("clean two")).encode() + b"}\n",  # a lone \r between tokens
+             copy + b"\n", copy + b"\r\n", copy + b"\n",  # three copies of one eval prompt: 3 rows, 1 instance
+             json.dumps({"messages": chat(" ".join(words[:8]), " ".join(words[8:]))}).encode() + b"\n",  # 8 + 8 tokens: kept
+             json.dumps({"messages": chat("clean three")}).encode() + b"\n"]
+    sft_path = tmp_path / "sft.jsonl"
+    sft_path.write_bytes(b"".join(lines))
+    dpo_rows = [{"prompt": "Now say it again.", "chosen": chat(eval_prompts[0], "Now say it again."),
+                 "rejected": chat(eval_prompts[0], "Now say it again.")[:-1] + [{"role": "assistant", "content": "no"}]},
+                {"prompt": eval_prompts[1], "chosen": [{"role": "assistant", "content": "a"}],
+                 "rejected": [{"role": "assistant", "content": "b"}]}]  # the response alone: the prompt is `prompt`
+    dpo_path = write_jsonl(tmp_path / "dpo.jsonl", dpo_rows)
+    result = run("--train", sft_path, dpo_path, "--out_dir", tmp_path / "out", "--eval_dir", eval_dir)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "sft.jsonl").read_bytes() == lines[0] + lines[1] + lines[5] + lines[6]
+    assert (tmp_path / "out" / "dpo.jsonl").read_bytes() == b""
+    sft, dpo = (json.loads((tmp_path / "out" / "decontamination.json").read_text())["train"][name] for name in ("sft.jsonl", "dpo.jsonl"))
+    assert (sft["rows"], sft["removed"], sft["eval_instances_overlapped"]["gsm8k_test"]) == (7, 3, 1)
+    assert sft["contaminated"]["gsm8k_test"] is False  # 1 of 50 is 2%, not more
+    assert (dpo["removed"], dpo["eval_instances_overlapped"]["gsm8k_test"], dpo["contaminated"]["gsm8k_test"]) == (2, 2, True)
+
+
 def test_bad_rows_name_file_and_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"f\.jsonl:7: field 'messages\[1\]\.content' must be a string"):
-        decontaminate.prompt_text({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}, "f.jsonl:7")
+        decontaminate.prompt_turns({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}, "f.jsonl:7")
     with pytest.raises(ValueError, match=r"f\.jsonl:2: field 'chosen' has no user turn"):
-        decontaminate.prompt_text({"chosen": [{"role": "assistant", "content": "a"}]}, "f.jsonl:2")
+        decontaminate.prompt_turns({"chosen": [{"role": "assistant", "content": "a"}]}, "f.jsonl:2")
     path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "fine"}]},
                                                 {"text": "no prompt field here"}])
     monkeypatch.setattr(sys, "argv", [SCRIPT, "--train", path, "--out_dir", str(tmp_path / "out")])

@@ -19,8 +19,8 @@ def rows(name):
     return [row for _, row in common.load_rows(os.path.join(ROOT, "data", name))]
 
 
-def user_prompt(row):
-    return decontaminate.prompt_text(row, "test")
+def user_turns(row):
+    return decontaminate.prompt_turns(row, "test")
 
 
 def test_sft_answers_follow_their_constraints_by_both_verifiers():
@@ -52,14 +52,16 @@ def test_heldout_prompts_are_held_out():
         common.ifeval_follow("x", row["instruction_id_list"], row["kwargs"], row["prompt"])
     import build_if
 
-    train_text = "\n".join(user_prompt(r) for name in ("if_sft.jsonl", "if_rlvr.jsonl", "dpo_if.jsonl") for r in rows(name))
+    train_text = "\n".join(turn for name in ("if_sft.jsonl", "if_rlvr.jsonl", "dpo_if.jsonl")
+                           for r in rows(name) for turn in user_turns(r))
     for topic in build_if.HELDOUT_TOPICS:  # no held-out topic in any training prompt
         assert f" {topic}." not in train_text and f" {topic} " not in train_text, topic
     # the Tulu rule (data/decontaminate.py) links no training prompt to a held-out prompt
     eval_ngrams, index = decontaminate.ngram_index({i: r["prompt"] for i, r in enumerate(heldout)}, 8)
     for name in ("if_sft.jsonl", "if_rlvr.jsonl", "dpo_if.jsonl"):
         for row in rows(name):
-            assert not decontaminate.overlapped(user_prompt(row), eval_ngrams, index, 8, 0.5), (name, user_prompt(row))
+            for turn in user_turns(row):
+                assert not decontaminate.overlapped(turn, eval_ngrams, index, 8, 0.5), (name, turn)
     # ... while the rule does link a held-out prompt to a copy of itself with another topic (it can fail)
     copy = heldout[0]["prompt"].replace(heldout[0]["prompt"].split(" about ")[-1].split(".")[0], "kittens")
     assert decontaminate.overlapped(copy, eval_ngrams, index, 8, 0.5)
