@@ -99,6 +99,7 @@ for flag in ["--use_flash_attn", "--use_slow_tokenizer"]:
     parser.add_argument(flag, action="store_true", help="accepted for compatibility; no effect")
 for flag in ["--model_revision", "--exp_name", "--dataset_mix_dir", "--logging_steps"]:
     parser.add_argument(flag, default=None, help="accepted for compatibility; no effect")
+parser.add_argument("--use_lora", default="False", choices=["False", "false"], help="Tulu 3 passed False; no LoRA here")
 args = parser.parse_args()
 common.require_model_directory(args.model_name_or_path)
 beta = args.beta if args.beta is not None else {"dpo_norm": 5.0, "dpo": 0.1, "simpo": 2.0}[args.loss_type]
