@@ -6,13 +6,14 @@ padding-free into one row per micro-batch, FSDP2 over all ranks.
 
 On a laptop CPU, the embedded defaults (SmolLM2-135M-Instruct on GSM8K-train conversations):
     python sft.py
-One node of 8 GPUs, Tulu 3 8B hyperparameters (README has the full recipe commands):
+One node of 8 GPUs, Tulu 3 8B hyperparameters (effective batch 8 x 1 x 16 = 128; README: the full recipe):
     torchrun --nproc_per_node 8 sft.py --model_name_or_path meta-llama/Llama-3.1-8B --chat_template tulu \
         --dataset_mixer_list allenai/tulu-3-sft-mixture 1.0 --max_seq_length 4096 --per_device_train_batch_size 1 \
-        --gradient_accumulation_steps 2 --learning_rate 5e-06 --lr_scheduler_type linear --warmup_ratio 0.03 \
+        --gradient_accumulation_steps 16 --learning_rate 5e-06 --lr_scheduler_type linear --warmup_ratio 0.03 \
         --weight_decay 0.0 --num_train_epochs 2 --reduce_loss sum --seed 123 --output_dir output/sft_8b
-Several nodes: the same with `torchrun --nnodes 8 --node_rank $NODE_RANK --nproc_per_node 8 \
-    --rdzv_backend c10d --rdzv_endpoint $MASTER_ADDR:29500 sft.py ...`
+Tulu 3's own layout, 8 nodes (64 x 1 x 2 = 128): the same flags with --gradient_accumulation_steps 2, launched by
+    `torchrun --nnodes 8 --node_rank $NODE_RANK --nproc_per_node 8 --rdzv_backend c10d \
+        --rdzv_endpoint $MASTER_ADDR:29500 sft.py ...`
 """
 import argparse
 import collections

@@ -1,6 +1,7 @@
 """sft.py end to end on CPU: packing vs padding, 2 processes vs 1, resume, save-reload, bad input."""
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -228,3 +229,19 @@ def test_overlong_examples_are_truncated_by_default_or_dropped_and_counted(tiny_
     missing = run_script("sft.py", *args[:2], "--dataset_mixer_list", tmp_path / "nope.jsonl", "1.0",
                          "--output_dir", tmp_path / "x", check=False)
     assert "nope.jsonl: no such file" in missing.stderr
+
+
+def test_every_recipe_command_trains_tulu_3s_effective_batch_of_128():
+    """Tulu 3's SFT and DPO batches were 128 (64 GPUs x 1 x 2 for SFT, docs/tulu3.md@30d11b4fb; T11, T18): the
+    per-device flags keep their meaning, so each layout needs its own --gradient_accumulation_steps. Every torchrun
+    command for sft.py / dpo.py in the README and the two docstrings that sets a batch size must multiply out to 128
+    (sft.py's one-node command once copied the 8-node accumulation, 2, and trained on batches of 16)."""
+    texts = [open(os.path.join(ROOT, name)).read() for name in ("README.md", "sft.py", "dpo.py")]
+    commands = [line for text in texts for line in re.sub(r"\\\n\s*", " ", text).splitlines()
+                if "torchrun" in line and re.search(r"\b(sft|dpo)\.py\b", line) and "--per_device_train_batch_size" in line]
+    assert len(commands) == 5  # README: SFT 8 nodes, DPO 8B one node, DPO 70B 8 nodes; sft.py and dpo.py: one node each
+    flag = lambda command, name, default=None: int(re.search(rf"--{name} (\d+)", command).group(1)) if f"--{name} " in command else default
+    for command in commands:
+        batch = (flag(command, "nnodes", 1) * flag(command, "nproc_per_node") * flag(command, "per_device_train_batch_size")
+                 * flag(command, "gradient_accumulation_steps"))
+        assert batch == 128, command
