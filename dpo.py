@@ -150,8 +150,6 @@ def preference_pair(where, row):
     if chosen[:-1] != rejected[:-1]:
         turn = next((i for i, (c, r) in enumerate(zip(chosen[:-1], rejected[:-1])) if c != r), min(len(chosen), len(rejected)) - 1)
         raise ValueError(f"{where}: fields 'chosen' and 'rejected' have different prompts (they differ at turn {turn})")
-    if chosen[-1]["content"] == rejected[-1]["content"]:
-        raise ValueError(f"{where}: fields 'chosen' and 'rejected' have identical responses")
     if isinstance(prompt, list) and prompt != chosen[:-1]:
         raise ValueError(f"{where}: field 'prompt' is not the turns before the response in 'chosen'")
     if isinstance(prompt, str) and prompt.strip() not in [m["content"].strip() for m in chosen[:-1] if m["role"] == "user"]:
@@ -183,6 +181,8 @@ def dpo_example(where, row):
         reasons = ("truncated",)
     if any(all(label == -100 for label in labels[1:]) for _, labels in (chosen, rejected)):  # a response truncated away
         return reasons + ("untrained",), None
+    if chosen == rejected:  # the same response (or the same after the cut): no preference, its margin is 0 for any
+        return reasons + ("identical",), None  # policy; open-instruct trains it at loss ln 2 with zero gradient
     return reasons, {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
                     "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}
 
@@ -211,8 +211,9 @@ total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.n
 counts = collections.Counter(data_stats["counts"])
 print0(f"{data_stats['rows']} rows -> {len(lengths)} pairs ({counts['overlong']} dropped with a side longer than "
        f"{args.max_seq_length} tokens, {counts['truncated']} truncated, {counts['untrained']} dropped with a response "
-       f"truncated away); {data_stats['how']} {data_stats['path']}; global batch {global_batch_size} pairs, "
-       f"{steps_per_epoch} steps per epoch, {total_steps} steps; {args.loss_type}, beta {beta}")
+       f"truncated away, {counts['identical']} with identical responses); {data_stats['how']} {data_stats['path']}; "
+       f"global batch {global_batch_size} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
+       f"{args.loss_type}, beta {beta}")
 
 
 def global_batch(step):
