@@ -517,14 +517,14 @@ for step in progress:
                 gae[t] = running
             s["token_rewards"], s["gae"] = rewards, torch.tensor(gae, device=device)
             s["returns"] = s["gae"] + s["old_values"]
-        # whiten over every response token of the rollout batch, all ranks together, so the split does not matter
-        gae = torch.cat([s["gae"] for s in samples])
+        # whiten over every response token of the rollout batch, all ranks together, so the split does not matter; as Tulu 3's
+        # masked_whiten (ppo_vllm_thread_ray_gtrl.py:460-485@9c2d44bec): unbiased variance, the 1e-8 inside the sqrt
+        gae = torch.cat([s["gae"] for s in samples]).double()
         moments = torch.tensor([gae.sum(), (gae ** 2).sum(), gae.numel()], dtype=torch.float64, device=device)
         dist.all_reduce(moments)
-        mean = moments[0] / moments[2]
-        std = (moments[1] / moments[2] - mean ** 2).clamp(min=0).sqrt()
-        for s in samples:
-            s["advantages"] = ((s["gae"] - mean) / (std + 1e-8)).float()
+        mean, var = moments[0] / moments[2], (moments[1] - moments[0] ** 2 / moments[2]).clamp(min=0) / (moments[2] - 1).clamp(min=1)
+        for s in samples:  # scaled by 1e4 at most: a spread of <= 1e-4 (noise, e.g. every reward equal) is not blown up
+            s["advantages"] = ((s["gae"] - mean) * (var + 1e-8).rsqrt()).float()
 
     # --- policy (and value) updates: num_epochs x num_mini_batches optimizer steps ---------------------------------------
     lr = args.learning_rate * (1 - step / args.max_steps if args.lr_scheduler_type == "linear" else 1.0)
