@@ -8,14 +8,14 @@ generator gets the policy's full weights after every optimizer step and a self-c
 
 On a laptop CPU, the embedded defaults (SmolLM2-135M-Instruct on data/rlvr_train.jsonl, GSM8K + IF constraints):
     python rlvr.py
-One node of 8 GPUs, Tulu 3.1 GRPO hyperparameters for 8B (beta, lr, group size, temperature, penalty; the batch sizes
-and step count here are illustrative):
+One node of 8 GPUs, Tulu 3.1's 8B GRPO (48 prompts x 16 samples, 2 optimizer steps per rollout; the step count is illustrative):
     torchrun --nproc_per_node 8 rlvr.py --model_name_or_path allenai/Llama-3.1-Tulu-3-8B-DPO --chat_template tulu \
         --dataset_mixer_list allenai/RLVR-GSM-MATH-IF-Mixed-Constraints 1.0 --algo grpo --num_samples_per_prompt 16 \
-        --num_unique_prompts_rollout 64 --per_device_train_batch_size 2 --response_length 2048 --beta 0.01 \
+        --num_unique_prompts_rollout 48 --num_mini_batches 2 --per_device_train_batch_size 2 --response_length 2048 --beta 0.01 \
         --learning_rate 5e-7 --lr_scheduler_type constant --temperature 1.0 --num_epochs 1 --max_steps 1000 \
-        --non_stop_penalty --vllm_gpu_memory_utilization 0.4 --output_dir output/rlvr_8b
-Tulu 3 PPO: the same with --algo ppo --beta 0.05 --learning_rate 3e-7 --num_epochs 4 (gamma 1.0, lam 0.95, clip 0.2).
+        --non_stop_penalty --penalty_reward_value 0 --vllm_gpu_memory_utilization 0.4 --output_dir output/rlvr_8b
+Tulu 3's 8B PPO instead: --algo ppo --num_unique_prompts_rollout 224 --num_samples_per_prompt 1 --num_mini_batches 1 --num_epochs 4
+    --beta 0.05 --learning_rate 3e-7 --penalty_reward_value -10 (gamma 1.0, lam 0.95, clip 0.2); see the README.
 """
 import argparse
 import importlib.util
@@ -58,7 +58,7 @@ parser.add_argument("--response_length", type=int, default=96, help="max new tok
 parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--verification_reward", type=float, default=10.0, help="reward = this x verifier score")
 parser.add_argument("--non_stop_penalty", action="store_true", help="reward a response without eos --penalty_reward_value")
-parser.add_argument("--penalty_reward_value", type=float, default=-10.0)
+parser.add_argument("--penalty_reward_value", type=float, default=-10.0, help="Tulu 3 PPO: -10; Tulu 3.1 GRPO: 0")
 parser.add_argument("--beta", type=float, default=0.01, help="KL to the reference (Tulu 3.1 GRPO 0.01, Tulu 3 PPO 0.05)")
 parser.add_argument("--cliprange", type=float, default=0.2)
 parser.add_argument("--num_epochs", type=int, default=1, help="passes over each rollout batch (PPO epochs)")
@@ -497,7 +497,7 @@ for step in progress:
     # --- advantages -----------------------------------------------------------------------------------------------------
     if args.algo == "grpo":
         # GRPO (Shao et al. 2024, eq. 3 outcome supervision): A = (r - mean(group)) / (std(group) + 1e-8) for every token
-        # of a response; the sample std (ddof 1) as Tulu 3.1 took it (open-instruct grpo_vllm_thread_ray_gtrl.py:1199)
+        # of a response; the sample std (ddof 1) as Tulu 3.1 took it (open-instruct grpo_vllm_thread_ray_gtrl.py:1166-1169@6d97283db)
         for k in range(0, len(samples), G):
             rewards = torch.tensor([s["reward"] for s in samples[k : k + G]], dtype=torch.float64)
             advantages = (rewards - rewards.mean()) / (rewards.std(correction=1) + 1e-8)
@@ -517,14 +517,14 @@ for step in progress:
                 gae[t] = running
             s["token_rewards"], s["gae"] = rewards, torch.tensor(gae, device=device)
             s["returns"] = s["gae"] + s["old_values"]
-        # whiten over every response token of the rollout batch, all ranks together, so the split does not matter
-        gae = torch.cat([s["gae"] for s in samples])
+        # whiten over every response token of the rollout batch, all ranks together, so the split does not matter; as Tulu 3's
+        # masked_whiten (ppo_vllm_thread_ray_gtrl.py:460-485@9c2d44bec): unbiased variance, the 1e-8 inside the sqrt
+        gae = torch.cat([s["gae"] for s in samples]).double()
         moments = torch.tensor([gae.sum(), (gae ** 2).sum(), gae.numel()], dtype=torch.float64, device=device)
         dist.all_reduce(moments)
-        mean = moments[0] / moments[2]
-        std = (moments[1] / moments[2] - mean ** 2).clamp(min=0).sqrt()
-        for s in samples:
-            s["advantages"] = ((s["gae"] - mean) / (std + 1e-8)).float()
+        mean, var = moments[0] / moments[2], (moments[1] - moments[0] ** 2 / moments[2]).clamp(min=0) / (moments[2] - 1).clamp(min=1)
+        for s in samples:  # scaled by 1e4 at most: a spread of <= 1e-4 (noise, e.g. every reward equal) is not blown up
+            s["advantages"] = ((s["gae"] - mean) * (var + 1e-8).rsqrt()).float()
 
     # --- policy (and value) updates: num_epochs x num_mini_batches optimizer steps ---------------------------------------
     lr = args.learning_rate * (1 - step / args.max_steps if args.lr_scheduler_type == "linear" else 1.0)

@@ -119,18 +119,21 @@ def test_gradient_checkpointing_changes_no_number(tiny_model_dir, rlvr_data, tmp
     assert kept[1]["kl"] > 0
 
 
-def test_ppo_gae_matches_a_hand_computation(tiny_model_dir, rlvr_data, tmp_path):
+@pytest.mark.parametrize("verification_reward, penalty", [(10, -3), (0, 1e-6)])
+def test_ppo_gae_matches_a_hand_computation(tiny_model_dir, rlvr_data, tmp_path, verification_reward, penalty):
+    """(0, 1e-6): every reward is 0 or 1e-6, so the advantages before whitening spread by ~1e-6, under the variance floor."""
     out = tmp_path / "ppo"
     run_script("rlvr.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", rlvr_data, "1.0",
                "--eval_every", 0, "--max_steps", 2, "--algo", "ppo", "--beta", 0.05, "--gamma", 0.9, "--lam", 0.8,
-               "--non_stop_penalty", "--penalty_reward_value", -3, "--save_rollouts", "--output_dir", out, *FAST)
+               "--verification_reward", verification_reward, "--non_stop_penalty", "--penalty_reward_value", penalty,
+               "--save_rollouts", "--output_dir", out, *FAST)
     metrics, rollouts = read_metrics(out), read_rollouts(out)
     for step in (1, 2):
         samples = [r for r in rollouts if r["step"] == step]
         all_gae = []
         for s in samples:
             n = len(s["response"])
-            assert s["reward"] == (10 * s["score"] if s["finished"] else -3)  # --non_stop_penalty replaces the reward
+            assert s["reward"] == (verification_reward * s["score"] if s["finished"] else penalty)  # --non_stop_penalty replaces it
             # per-token reward: -beta (log pi_old - log ref), plus the verifier reward on the last token
             rewards = [-0.05 * (o - r) for o, r in zip(s["old_logps"], s["ref_logps"])]
             rewards[-1] += s["reward"]
@@ -145,10 +148,14 @@ def test_ppo_gae_matches_a_hand_computation(tiny_model_dir, rlvr_data, tmp_path)
             assert s["gae"] == pytest.approx(gae, abs=1e-4)
             assert s["returns"] == pytest.approx([a + v for a, v in zip(gae, values)], abs=1e-4)
             all_gae += gae
+        # whitened as Tulu 3's masked_whiten (open-instruct ppo_vllm_thread_ray_gtrl.py:460-485@9c2d44bec): the unbiased
+        # variance, and 1e-8 added to it, so a spread below ~1e-4 stays small; before, (a - mean) / (population std + 1e-8)
         mean = sum(all_gae) / len(all_gae)
-        std = math.sqrt(sum((a - mean) ** 2 for a in all_gae) / len(all_gae))
-        whitened = [(a - mean) / (std + 1e-8) for a in all_gae]
+        var = sum((a - mean) ** 2 for a in all_gae) / (len(all_gae) - 1)
+        whitened = [(a - mean) / math.sqrt(var + 1e-8) for a in all_gae]
         assert sum((s["advantages"] for s in samples), []) == pytest.approx(whitened, abs=1e-4)
+        if penalty == 1e-6 and step == 1:  # no KL yet, V = 0: only the 1e-6 rewards, which whitening must not blow up
+            assert 0 < max(map(abs, whitened)) < 0.05
         m = metrics[step - 1]
         assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
         assert m["pg_loss"] == pytest.approx(-sum(whitened) / len(whitened), abs=1e-5)
