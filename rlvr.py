@@ -52,7 +52,7 @@ parser.add_argument("--preprocessing_num_workers", type=int, default=min(8, os.c
 parser.add_argument("--dataset_local_cache_dir", default=os.path.join(ROOT, "cache", "tokenized"), help="prompts, tokenized once")
 # RL (Tulu / open-instruct flag names)
 parser.add_argument("--algo", default="grpo", choices=["grpo", "ppo"])
-parser.add_argument("--num_unique_prompts_rollout", type=int, default=2, help="prompts per step (all ranks together; Tulu: 64)")
+parser.add_argument("--num_unique_prompts_rollout", type=int, default=2, help="prompts per step (all ranks together; Tulu 3.1 GRPO: 48, Tulu 3 PPO: 224)")
 parser.add_argument("--num_samples_per_prompt", "--num_samples_per_prompt_rollout", type=int, default=4, help="GRPO group size (Tulu 3.1: 16)")
 parser.add_argument("--response_length", type=int, default=96, help="max new tokens per response (Tulu: 2048)")
 parser.add_argument("--temperature", type=float, default=1.0)
