@@ -140,8 +140,6 @@ def preference_pair(where, row):
             messages = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]) + messages
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"{where}: field '{field}' must end with an assistant response")
-        if not messages[-1]["content"].strip():
-            raise ValueError(f"{where}: field '{field}' has an empty final response")
         if not any(m["role"] == "user" for m in messages[:-1]):  # e.g. responses alone and no (or a null) 'prompt'
             raise ValueError(f"{where}: field '{field}' has no user turn before its response, and the row no 'prompt': "
                              f"a preference needs the prompt it answers")

@@ -181,8 +181,6 @@ BAD_ROWS = [  # (row, the error it must give), all in one file: dpo.py reports e
     ({**GOOD, "rejected": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "x"}]},
      "field 'rejected[1].role' must be one of"),
     ({**GOOD, "chosen": [{"role": "user", "content": "hi"}]}, "field 'chosen' must end with an assistant response"),
-    ({**GOOD, "chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
-     "field 'chosen' has an empty final response"),
     ({**GOOD, "rejected": [{"role": "user", "content": "hey"}, {"role": "assistant", "content": "no"}]},
      "fields 'chosen' and 'rejected' have different prompts (they differ at turn 0)"),
     ({**GOOD, "prompt": "hello there"}, "field 'prompt' matches no user turn of 'chosen'"),
@@ -212,17 +210,19 @@ def test_overlong_pairs_are_truncated_by_default_and_counted(tiny_model_dir, tmp
 
     # 4 short pairs; one whose rejected side runs past 64 tokens (cut, kept); one whose prompt alone does (dropped);
     # no preference, so dropped (an error before, which stopped a whole run): one pair whose responses are the same,
-    # one whose responses differ only past the cut
+    # one whose responses differ only past the cut. Kept (an error before): an empty rejected response, which trains
+    # its end-of-turn token as open-instruct does (a generation that failed is a real, dispreferred response)
     same, long = pair(2, 3), pair(2, 200)
     same = {**same, "rejected": same["chosen"]}
     after_cut = {"chosen": long["rejected"][:1] + [{"role": "assistant", "content": " ".join(["one"] * 200) + " a"}],
                  "rejected": long["rejected"][:1] + [{"role": "assistant", "content": " ".join(["one"] * 200) + " b"}]}
-    path = write_jsonl(tmp_path / "long.jsonl", [pair(2, 3)] * 4 + [pair(2, 200), pair(200, 3), same, after_cut])
+    empty = {**same, "rejected": same["chosen"][:1] + [{"role": "assistant", "content": ""}]}
+    path = write_jsonl(tmp_path / "long.jsonl", [pair(2, 3)] * 4 + [pair(2, 200), pair(200, 3), same, after_cut, empty])
     result = run_script("dpo.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", path, "1.0",
                         "--max_seq_length", 64, "--per_device_train_batch_size", 1,
                         "--gradient_accumulation_steps", 1, "--max_steps", 1, "--output_dir", tmp_path / "out",
                         "--ref_cache_dir", tmp_path / "cache", *FAST)
-    assert ("8 rows -> 5 pairs (0 dropped with a side longer than 64 tokens, 3 truncated, "
+    assert ("9 rows -> 6 pairs (0 dropped with a side longer than 64 tokens, 3 truncated, "
             "1 dropped with a response truncated away, 2 with identical responses)") in result.stdout
 
 
