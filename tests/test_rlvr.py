@@ -179,7 +179,7 @@ def test_self_check_fires_when_the_generator_is_stale(tiny_model_dir, rlvr_data,
     assert result.returncode != 0 and "generator self-check failed: its log-probs differ" in result.stderr
 
 
-@pytest.mark.parametrize("row, message", [
+BAD_ROWS = [  # (row, the error it must give), all in one file: rlvr.py reports every bad row at once
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "3", "dataset": "trivia"}, "field 'dataset'"),
     ({"messages": [{"role": "user", "content": "Hi"}], "dataset": "gsm8k"}, "field 'ground_truth'"),
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": '{"func_name": "nope"}', "dataset": "ifeval"}, "field 'ground_truth'"),
@@ -192,13 +192,18 @@ def test_self_check_fires_when_the_generator_is_stale(tiny_model_dir, rlvr_data,
     # no question to answer: the prompt would have been the system prompt alone
     ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "3"}], "ground_truth": "3",
       "dataset": "gsm8k"}, "field 'messages' must end with a user turn"),
-])
-def test_bad_rows_name_file_line_and_field(tiny_model_dir, tmp_path, row, message):
-    path = write_jsonl(tmp_path / "bad.jsonl", [rlvr_rows(1)[0], row])
+]
+
+
+def test_bad_rows_name_file_line_and_field(tiny_model_dir, tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [rlvr_rows(1)[0]] + [row for row, _ in BAD_ROWS] + [rlvr_rows(1)[0]])
     result = run_script("rlvr.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", path, "1.0",
                         "--eval_every", 0, "--output_dir", tmp_path / "out", check=False)
     assert result.returncode != 0
-    assert "ValueError: 1 bad rows:" in result.stderr and f"\n{path}:2: {message}" in result.stderr.replace("[rank0]: ", "")
+    stderr = result.stderr.replace("[rank0]: ", "")
+    assert f"ValueError: {len(BAD_ROWS)} bad rows:" in stderr
+    for line, (_, message) in enumerate(BAD_ROWS, 2):
+        assert f"\n{path}:{line}: {message}" in stderr, message
 
 
 def test_resume_logs_the_same_metrics(tiny_model_dir, rlvr_data, tmp_path):
