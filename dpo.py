@@ -187,9 +187,11 @@ def dpo_example(where, row):
 
 # Tokenized once per machine into a memory-mapped Arrow file, which every later run, rank and --resume reads:
 # read_pair_rows(ids) reads pairs from it; lengths (N,) int32 (tokens of both sides) is all that is held in memory.
+# Its key is what the pairs depend on besides the data ("ties dropped": not a file written before ties were dropped).
 read_pair_rows, lengths, data_stats = common.tokenize_once(
     args.dataset_mixer_list, dpo_example, ["chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"],
-    key=["dpo", common.tokenizer_fingerprint(tokenizer), tokenizer.chat_template, args.max_seq_length, args.overlong],
+    key=["dpo", "ties dropped", common.tokenizer_fingerprint(tokenizer), tokenizer.chat_template, args.max_seq_length,
+         args.overlong],
     cache_dir=args.dataset_local_cache_dir, num_workers=args.preprocessing_num_workers)
 
 
