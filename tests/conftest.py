@@ -1,8 +1,10 @@
 """Shared fixtures: a tiny random-init Llama with the real SmolLM2 tokenizer, and a helper to run the stage scripts."""
+import atexit
 import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -65,15 +67,48 @@ FAKE_VLLM = os.path.join(ROOT, "tests", "fake_vllm")
 VLLM_ENV = dict(SCRIPT_ENV, PYTHONPATH=os.pathsep.join([FAKE_VLLM] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
 
 
+# One-process runs fork from tests/prefork.py, which has imported torch and transformers once (~3 s a run less; read
+# its docstring); PREFORK=0 starts each as a fresh `python script.py`. Linux only (it forks, and counts its threads).
+PREFORK = os.environ.get("PREFORK", "1") != "0" and sys.platform == "linux"
+prefork = None  # the forking process, started at the first one-process run
+
+
+def run_forked(command, env):
+    """`subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)`, with command = [python, script,
+    *args], run by a child of tests/prefork.py."""
+    global prefork
+    if prefork is None:
+        prefork = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "prefork.py")], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, text=True, env=SCRIPT_ENV, cwd=ROOT)
+        atexit.register(prefork.kill)
+    # what env's PYTHONPATH adds to prefork.py's (tests/fake_vllm), after the script's directory as in `python script.py`
+    inherited = SCRIPT_ENV.get("PYTHONPATH", "").split(os.pathsep)
+    path = [os.path.dirname(command[1])] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in inherited]
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        prefork.stdin.write(json.dumps(dict(argv=command[1:], cwd=ROOT, env=env, stdout=out, stderr=err, path=path))
+                           + "\n")
+        prefork.stdin.flush()
+        status = prefork.stdout.readline()
+        if not status:
+            raise RuntimeError(f"tests/prefork.py exited ({prefork.wait()}); PREFORK=0 runs the suite without it")
+        with open(out) as stdout, open(err) as stderr:
+            return subprocess.CompletedProcess(command, int(status), stdout.read(), stderr.read())
+
+
 def run_script(script, *args, nproc=1, check=True, env=None):
     """Run a stage script as a user would: `python script.py` for one process, torchrun for more (one node; the
     several-node launch is spelled out in test_sft.py's test_two_nodes_match_one_process)."""
+    env = env or SCRIPT_ENV
     if nproc == 1:
         command = [sys.executable, os.path.join(ROOT, script)]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
                    os.path.join(ROOT, script)]
-    run = lambda: subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=env or SCRIPT_ENV, cwd=ROOT)
+    # forked only in the environment prefork.py started with (tests/fake_vllm on the path aside: a path, not an import)
+    forked = PREFORK and nproc == 1 and {**env, "PYTHONPATH": ""} == {**SCRIPT_ENV, "PYTHONPATH": ""}
+    run = lambda: (run_forked(command + [str(a) for a in args], env) if forked else
+                   subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=ROOT))
     result = run()
     if nproc > 1 and result.returncode != 0 and "saved the model to" in result.stdout and "exitcode  : -6" in result.stderr:
         # A rank aborted (SIGABRT) after the run had saved its model, in the teardown of torch's gloo groups: seen once in

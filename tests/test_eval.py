@@ -14,15 +14,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+from conftest import SCRIPT_ENV, run_script  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def run_eval(*args, env=None, launcher=None):
-    cmd = (launcher or [sys.executable]) + [str(ROOT / "eval.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+def run_eval(*args, launcher=None):
+    if launcher is None:  # `python eval.py ...`
+        return run_script("eval.py", *args, check=False)
+    return subprocess.run(launcher + [str(ROOT / "eval.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env=SCRIPT_ENV)
 
 
 def read_jsonl(path):

@@ -1,0 +1,38 @@
+"""tests/prefork.py (one-process script runs forked from a process that has imported torch) against `python script.py`."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAKE_VLLM, PREFORK, ROOT, SCRIPT_ENV, VLLM_ENV, run_forked
+
+SCRIPT = """import os, sys
+print(__name__, sys.argv[1:], os.getcwd(), sys.path[0], sys.path[1] == {fake!r}, os.environ.get("PYTHONPATH", ""))
+print("to stderr", file=sys.stderr)
+if sys.argv[1] == "exit3":
+    sys.exit(3)
+if sys.argv[1] == "message":
+    sys.exit("error: a message")
+if sys.argv[1] == "raise":
+    raise ValueError("bad row")
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), 9)
+"""
+
+
+@pytest.mark.skipif(not PREFORK, reason="prefork is Linux-only, or PREFORK=0")
+@pytest.mark.parametrize("env", [SCRIPT_ENV, VLLM_ENV], ids=["plain", "fake_vllm"])
+def test_a_forked_run_is_a_python_run(tmp_path, env):
+    script = tmp_path / "probe.py"  # prints its sys.path[0]: the script's directory, so `import common` works in ROOT
+    script.write_text(SCRIPT.format(fake=FAKE_VLLM))
+    for case, status in [("ok", 0), ("exit3", 3), ("message", 1), ("raise", 1), ("kill", -9)]:
+        command = [sys.executable, str(script), case, "with space"]
+        fresh = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+        forked = run_forked(command, env)
+        assert fresh.returncode == forked.returncode == status, (case, fresh.stderr, forked.stderr)
+        assert forked.stdout == fresh.stdout and "__main__ ['%s', 'with space']" % case in forked.stdout
+        assert ("True" in forked.stdout) == (env is VLLM_ENV)  # tests/fake_vllm right after the script's directory
+        # stderr: the same lines, where a traceback may show prefork's and runpy's frames above the script's
+        assert forked.stderr.splitlines()[0] == fresh.stderr.splitlines()[0] == "to stderr"
+        assert forked.stderr.splitlines()[-1] == fresh.stderr.splitlines()[-1]
