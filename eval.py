@@ -128,7 +128,8 @@ MINERVA_SHOTS = [
 ]
 # Tulu 3's evaluation regime per task (OLMES gsm8k::tulu, minerva_math::tulu, ifeval::tulu), as chat turns:
 # the user turn wraps the question; GSM8K's assistant turns open with "Answer:", which also follows the generation prompt
-# (the model continues after it); a response ends at eos or at the first stop string; at most this many new tokens.
+# (the model continues after it); a response ends at eos or at the first stop string (generation stops there, and the
+# response is cut before it); at most this many new tokens.
 QUESTION_FORMAT = {"gsm8k": "Question: {}", "math500": "Problem:\n{}\n\nSolution:", "ifeval": "{}", "ifheldout": "{}"}
 ANSWER_PREFIX = {"gsm8k": "Answer:"}
 STOP_STRINGS = {"gsm8k": ["Question:", "</s>", "<|im_end|>"]}  # a model that goes on to invent the next question
@@ -182,7 +183,8 @@ def prompt_text(tokenizer, task, example):
 
 
 def until_stop(task, response):
-    """The response up to the task's first stop string: under greedy decoding, what stopping there would have given."""
+    """The response up to the task's first stop string: generation stops there, and a response given with --responses
+    is scored as if it had."""
     for stop in STOP_STRINGS.get(task, []):
         response = response.split(stop)[0]
     return response
@@ -256,7 +258,8 @@ def generate(model_path):
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         llm = vllm.LLM(model=model_path, seed=0, distributed_executor_backend="external_launcher")
         engines.append(model_path)
-        params = [vllm.SamplingParams(temperature=0, max_tokens=max_new[i], stop_token_ids=eos_ids) for i in mine]
+        params = [vllm.SamplingParams(temperature=0, max_tokens=max_new[i], stop_token_ids=eos_ids,
+                                      stop=STOP_STRINGS.get(jobs[i][0])) for i in mine]
         outputs = llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in mine], params, use_tqdm=rank == 0)
         for i, out in zip(mine, outputs):
             texts[i], counts[i] = out.outputs[0].text, len(out.outputs[0].token_ids)
@@ -316,14 +319,16 @@ def generate(model_path):
                 mask = attention_mask.to(device)  # (B, width), grows by one column per step
                 positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, shared:]  # (B, width - shared)
                 step_ids, live, new = input_ids[:, shared:].to(device), list(range(len(batch))), [[] for _ in batch]
-                cap = max_new[batch[0]]  # a batch is one task
+                cap, stops = max_new[batch[0]], STOP_STRINGS.get(jobs[batch[0]][0], [])  # a batch is one task
                 for _ in range(cap):
                     next_ids = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **{cache_name: cache},
                                      use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)  # (live rows,)
                     keep = []
                     for k, (row, token) in enumerate(zip(live, next_ids.tolist())):
                         new[row].append(token)
-                        if token not in eos_ids and len(new[row]) < cap:
+                        # a stop string just completed lies within the last few tokens (16 >= its characters)
+                        tail = tokenizer.decode(new[row][-16:], skip_special_tokens=True) if stops else ""
+                        if token not in eos_ids and len(new[row]) < cap and not any(stop in tail for stop in stops):
                             keep.append(k)
                     if not keep:
                         break

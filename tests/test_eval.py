@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-from conftest import SCRIPT_ENV, run_script  # noqa: E402
+from conftest import SCRIPT_ENV, VLLM_ENV, run_script  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -212,6 +212,45 @@ def test_generate_end_to_end(tiny_model, tmp_path):
         batched = [r["response"] for r in read_jsonl(out / f"{task}_records.jsonl")]
         one_by_one = [r["response"] for r in read_jsonl(tmp_path / "single" / f"{task}_records.jsonl")]
         assert batched == one_by_one
+
+
+@pytest.mark.parametrize("generator", ["hf", "vllm"])
+def test_gsm8k_generation_stops_at_question_hf_and_vllm(tiny_model, tmp_path, generator):
+    """A model that answers, then starts the next "Question:" and would go on forever (a cycle of tokens built into its
+    weights) stops there on GSM8K: the response ends before the stop string and no token is generated after it, with
+    the HF loop and with vLLM's `stop` (tests/fake_vllm); IFEval, which has no stop strings, runs to the cap."""
+    import shutil
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    cycle = tokenizer(" The answer is 7.\nQuestion:", add_special_tokens=False).input_ids
+    assert len(set(cycle)) == len(cycle) < 63  # one hidden dimension per token of the cycle, one for the way in
+    config = LlamaConfig.from_pretrained(tiny_model)
+    config.tie_word_embeddings = False
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # the next token depends on the last one only: attention and MLP add nothing to the residual
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight  # (V, 64) each
+        embed.zero_(), head.zero_()
+        embed[:, 63], head[cycle[0], 63] = 1, 5  # from any token outside the cycle into it
+        for i, token in enumerate(cycle):  # and round it: token i -> token i + 1 -> ... -> token 0
+            embed[token, i], head[cycle[(i + 1) % len(cycle)], i] = 4, 20
+    path = tmp_path / "cycle_model"
+    shutil.copytree(tiny_model, path)
+    model.save_pretrained(path)
+    args = ["--model_name_or_path", path, "--task", "gsm8k", "--task", "ifeval", "--limit", "gsm8k=3", "ifeval=1",
+            "--max_new_tokens", 40, "--output_dir", tmp_path / "out", "--generator", generator]
+    result = run_eval(*args) if generator == "hf" else run_script("eval.py", *args, env=VLLM_ENV, check=False)
+    assert result.returncode == 0, result.stderr
+    gsm8k = read_jsonl(tmp_path / "out" / "gsm8k_records.jsonl")
+    assert [r["response"] for r in gsm8k] == [" The answer is 7.\n"] * 3 and [r["extracted"] for r in gsm8k] == ["7"] * 3
+    ifeval = read_jsonl(tmp_path / "out" / "ifeval_records.jsonl")
+    assert "Question: The answer is 7.\nQuestion:" in ifeval[0]["response"]  # (its prompt ends inside the cycle)
+    # 3 x the cycle (its last token completes "Question:", and counts) + IFEval's 40: not 4 x 40
+    assert f"4 prompts, {3 * len(cycle) + 40} tokens in" in result.stdout
 
 
 def test_shared_prefix_cache_changes_no_token(tiny_model, tmp_path):

@@ -7,7 +7,7 @@ vllm==0.32.0 --no-deps`); file:line below refer to that wheel's vllm/ directory:
   and LOCAL_RANK from the environment (a KeyError without them) and joins torch's default process group, or makes one
   from env:// (MASTER_ADDR, MASTER_PORT) when there is none;
 - generate() takes TokensPrompt dicts and SamplingParams, returns RequestOutputs whose CompletionOutputs hold token_ids
-  (the stop token included), text, finish_reason "stop"/"length" and, with logprobs=k, per position {token id: Logprob}
+  (the stop token included), text (cut before a stop string), finish_reason "stop"/"length" and, with logprobs=k, per position {token id: Logprob}
   for the sampled token and the top k: raw log-probs, i.e. of the logits before temperature (logprobs_mode's default);
 - sleep()/wake_up(tags): no generation and no weight loading while asleep;
 - the model at llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model() has LlamaForCausalLM's
@@ -71,10 +71,13 @@ class SamplingParams:  # vllm/sampling_params.py:268-350: the fields our scripts
     top_k: int = 0
     seed: int | None = None
     stop_token_ids: list | None = None
+    stop: str | list | None = None  # strings that end the generation, cut from the text (sampling_params.py:324-326)
+    include_stop_str_in_output: bool = False
     max_tokens: int | None = 16
     logprobs: int | None = None  # None: none; k: the sampled token's plus the k most likely; -1: the whole vocabulary
 
     def __post_init__(self):  # vllm/sampling_params.py:_verify_args (from line 631), the checks that matter here
+        self.stop = [] if self.stop is None else [self.stop] if isinstance(self.stop, str) else self.stop  # :574-577
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError(f"temperature must be in [0, 2], got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
@@ -336,7 +339,18 @@ class LLM:
             if token in stop_ids:
                 finish, stop_reason = "stop", token if token in (p.stop_token_ids or []) else None
                 break
+            # Stop strings (vllm/v1/engine/detokenizer.py:132-155, check_stop_strings at :321-375), checked after every
+            # token: the text ends before the stop string (or after it, with include_stop_str_in_output); token_ids
+            # keep the token that completed it (output_processor.py:766-776).
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            found = [(text.find(stop) + len(stop), k, stop) for k, stop in enumerate(p.stop) if stop in text]
+            if found:  # the one that completes earliest, ties in list order (only this token's text can hold it)
+                end, _, stop_reason = min(found)
+                finish = "stop"
+                break
             inputs = torch.tensor([[token]])
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)  # SamplingParams.skip_special_tokens is True
+        if isinstance(stop_reason, str):
+            text = text[:end] if p.include_stop_str_in_output else text[:end - len(stop_reason)]
         return CompletionOutput(index, text, tokens, cumulative if p.logprobs is not None else None,
                                 logprobs if p.logprobs is not None else None, finish, stop_reason)
