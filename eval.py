@@ -326,7 +326,8 @@ def generate(model_path):
                     keep = []
                     for k, (row, token) in enumerate(zip(live, next_ids.tolist())):
                         new[row].append(token)
-                        # a stop string just completed lies within the last few tokens (16 >= its characters)
+                        # a stop string this token completed lies within the last 16 tokens: the longest is 10
+                        # characters, and a token is at least one (the full text is cut at scoring, as ever)
                         tail = tokenizer.decode(new[row][-16:], skip_special_tokens=True) if stops else ""
                         if token not in eos_ids and len(new[row]) < cap and not any(stop in tail for stop in stops):
                             keep.append(k)
