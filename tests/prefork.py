@@ -6,8 +6,9 @@ script as `python script.py ARGS` would: from its first line as `__main__` (runp
 sys.path, its own working directory, environment, stdout and stderr, and leaving through the interpreter's normal exit
 (a traceback or `sys.exit("message")` prints and sets the status exactly as there); only those imports are done already.
 No project module is imported here, and the fork happens while this process has a single thread (checked), so no lock
-or thread pool is inherited half-held: that leaves `datasets` out (~0.3 s), whose pyarrow starts jemalloc's thread. tests/conftest.py's run_script uses it for one-process runs in the suite's own
-environment; PREFORK=0 starts every script as a fresh process instead.
+or thread pool is inherited half-held: that leaves `datasets` out (~0.3 s), whose pyarrow starts jemalloc's thread.
+tests/conftest.py's run_script uses it for one-process runs in the suite's own environment; PREFORK=0 starts every
+script as a fresh process instead.
 
 Protocol: one JSON request per line on stdin, {"argv", "cwd", "env", "path", "stdout", "stderr"} (the last two: files
 to write); one line back on stdout per request: the child's exit status, negative for a signal, as subprocess reports it.
