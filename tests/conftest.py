@@ -2,6 +2,8 @@
 import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,9 +75,9 @@ PREFORK = os.environ.get("PREFORK", "1") != "0" and sys.platform == "linux"
 prefork = None  # the forking process, started at the first one-process run
 
 
-def run_forked(command, env):
-    """`subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)`, with command = [python, script,
-    *args], run by a child of tests/prefork.py."""
+def run_forked(command, env, timeout=None):
+    """`subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)`, with
+    command = [python, script, *args], run by a child of tests/prefork.py."""
     global prefork
     if prefork is None:
         prefork = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "prefork.py")], stdin=subprocess.PIPE,
@@ -89,14 +91,32 @@ def run_forked(command, env):
         prefork.stdin.write(json.dumps(dict(argv=command[1:], cwd=ROOT, env=env, stdout=out, stderr=err, path=path))
                            + "\n")
         prefork.stdin.flush()
-        status = prefork.stdout.readline()
-        if not status:
-            raise RuntimeError(f"tests/prefork.py exited ({prefork.wait()}); PREFORK=0 runs the suite without it")
+        pid = reply()
+        status = reply(timeout)
+        if status is None:  # still running after `timeout` seconds
+            os.kill(pid, signal.SIGKILL)
+            reply()  # its status, -9
+            with open(out, "rb") as stdout, open(err, "rb") as stderr:  # bytes, as subprocess.run gives them here
+                raise subprocess.TimeoutExpired(command, timeout, stdout.read(), stderr.read())
         with open(out) as stdout, open(err) as stderr:
-            return subprocess.CompletedProcess(command, int(status), stdout.read(), stderr.read())
+            return subprocess.CompletedProcess(command, status, stdout.read(), stderr.read())
 
 
-def run_script(script, *args, nproc=1, check=True, env=None):
+def reply(timeout=None):
+    """prefork.py's next line as an int, or None after `timeout` seconds. Read a byte at a time from the pipe itself, so
+    that no line waits in a buffer that select() cannot see."""
+    line = b""
+    while not line.endswith(b"\n"):
+        if not select.select([prefork.stdout], [], [], timeout)[0]:
+            return None
+        byte = os.read(prefork.stdout.fileno(), 1)
+        if not byte:
+            raise RuntimeError(f"tests/prefork.py exited ({prefork.wait()}); PREFORK=0 runs the suite without it")
+        line += byte
+    return int(line)
+
+
+def run_script(script, *args, nproc=1, check=True, env=None, timeout=None):
     """Run a stage script as a user would: `python script.py` for one process, torchrun for more (one node; the
     several-node launch is spelled out in test_sft.py's test_two_nodes_match_one_process)."""
     env = env or SCRIPT_ENV
@@ -107,8 +127,9 @@ def run_script(script, *args, nproc=1, check=True, env=None):
                    os.path.join(ROOT, script)]
     # forked only in the environment prefork.py started with (tests/fake_vllm on the path aside: a path, not an import)
     forked = PREFORK and nproc == 1 and {**env, "PYTHONPATH": ""} == {**SCRIPT_ENV, "PYTHONPATH": ""}
-    run = lambda: (run_forked(command + [str(a) for a in args], env) if forked else
-                   subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=ROOT))
+    run = lambda: (run_forked(command + [str(a) for a in args], env, timeout) if forked else
+                   subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=ROOT,
+                                  timeout=timeout))
     result = run()
     if nproc > 1 and result.returncode != 0 and "saved the model to" in result.stdout and "exitcode  : -6" in result.stderr:
         # A rank aborted (SIGABRT) after the run had saved its model, in the teardown of torch's gloo groups: seen once in

@@ -11,7 +11,8 @@ tests/conftest.py's run_script uses it for one-process runs in the suite's own e
 script as a fresh process instead.
 
 Protocol: one JSON request per line on stdin, {"argv", "cwd", "env", "path", "stdout", "stderr"} (the last two: files
-to write); one line back on stdout per request: the child's exit status, negative for a signal, as subprocess reports it.
+to write); two lines back on stdout per request: the child's pid when it starts (so that a caller can kill it), then
+its exit status, negative for a signal, as subprocess reports it.
 """
 import json
 import os
@@ -47,5 +48,6 @@ for line in requests:
         sys.path[:1] = request["path"]  # what `python script.py` puts first: the script's directory, then PYTHONPATH
         runpy.run_path(sys.argv[0], run_name="__main__")
         sys.exit(0)  # an exception or SystemExit from the script leaves through here too: the interpreter's own exit
+    os.write(replies, f"{pid}\n".encode())
     _, status = os.waitpid(pid, 0)
     os.write(replies, f"{os.waitstatus_to_exitcode(status)}\n".encode())

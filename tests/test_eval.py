@@ -22,7 +22,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 
 def run_eval(*args, launcher=None):
     if launcher is None:  # `python eval.py ...`
-        return run_script("eval.py", *args, check=False)
+        return run_script("eval.py", *args, check=False, timeout=600)
     return subprocess.run(launcher + [str(ROOT / "eval.py"), *map(str, args)], capture_output=True, text=True, cwd=ROOT,
                           timeout=600, env=SCRIPT_ENV)
 

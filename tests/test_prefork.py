@@ -18,6 +18,9 @@ if sys.argv[1] == "raise":
     raise ValueError("bad row")
 if sys.argv[1] == "kill":
     os.kill(os.getpid(), 9)
+if sys.argv[1] == "hang":
+    import time
+    time.sleep(600)
 """
 
 
@@ -36,3 +39,12 @@ def test_a_forked_run_is_a_python_run(tmp_path, env):
         # stderr: the same lines, where a traceback may show prefork's and runpy's frames above the script's
         assert forked.stderr.splitlines()[0] == fresh.stderr.splitlines()[0] == "to stderr"
         assert forked.stderr.splitlines()[-1] == fresh.stderr.splitlines()[-1]
+    if env is VLLM_ENV:
+        return
+    # a run past its timeout is killed and raises, as subprocess.run's; the next run goes on as before
+    for run in (lambda c: subprocess.run(c, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3),
+                lambda c: run_forked(c, env, timeout=3)):
+        with pytest.raises(subprocess.TimeoutExpired) as timeout:
+            run([sys.executable, str(script), "hang"])
+        assert b"__main__ ['hang']" in timeout.value.stdout  # what it wrote before (bytes, in subprocess's exception)
+    assert run_forked([sys.executable, str(script), "ok"], env).returncode == 0
