@@ -127,16 +127,21 @@ def run_script(script, *args, nproc=1, check=True, env=None, timeout=None):
                    os.path.join(ROOT, script)]
     # forked only in the environment prefork.py started with (tests/fake_vllm on the path aside: a path, not an import)
     forked = PREFORK and nproc == 1 and {**env, "PYTHONPATH": ""} == {**SCRIPT_ENV, "PYTHONPATH": ""}
-    run = lambda: (run_forked(command + [str(a) for a in args], env, timeout) if forked else
-                   subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=env, cwd=ROOT,
-                                  timeout=timeout))
-    result = run()
-    if nproc > 1 and result.returncode != 0 and "saved the model to" in result.stdout and "exitcode  : -6" in result.stderr:
-        # A rank aborted (SIGABRT) after the run had saved its model, in the teardown of torch's gloo groups: seen once in
-        # CI under load, never reproduced here in 30 runs; a known class of gloo/interpreter-shutdown races
-        # (pytorch/pytorch#179291). The whole run is repeated once, loudly; a second failure fails the test.
-        print(f"{script}: a rank aborted in teardown after saving; running it again:\n{readable(result.stderr)[-3000:]}")
-        result = run()
+    command += [str(a) for a in args]
+    result = (run_forked(command, env, timeout) if forked else
+              subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout))
+    if (nproc > 1 and result.returncode != 0 and "saved the model to" in result.stdout and "exitcode  : -6" in result.stderr
+            and "terminate called without an active exception" in result.stderr):
+        # A rank aborted (SIGABRT) at interpreter exit, after the final barrier, so after every output was written:
+        # fully_shard keeps the gloo process group referenced past destroy_process_group (from C++: in a two-rank script
+        # that only shards a Linear, gloo's threads are still there after the destroy), and tearing them down during
+        # finalization races with it (pytorch/pytorch#179291). Rare, but twice in a row in one CI run (2026-12-06) and
+        # once here (a rerun then found the first run's reference cache, and a test of that cache failed): a rerun is no
+        # remedy, it meets the first run's side effects. The run's outputs are what the test checks; its exit status is
+        # reported here.
+        print(f"{script}: a rank aborted at exit after the run had saved its model; its outputs are checked as they are:\n"
+              f"{readable(result.stderr)[-3000:]}")
+        result.returncode = 0
     if check and result.returncode != 0:
         raise AssertionError(f"{script} failed:\n{result.stdout[-3000:]}\n{readable(result.stderr)[-8000:]}")
     return result
