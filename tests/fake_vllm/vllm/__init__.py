@@ -7,8 +7,9 @@ vllm==0.32.0 --no-deps`); file:line below refer to that wheel's vllm/ directory:
   and LOCAL_RANK from the environment (a KeyError without them) and joins torch's default process group, or makes one
   from env:// (MASTER_ADDR, MASTER_PORT) when there is none;
 - generate() takes TokensPrompt dicts and SamplingParams, returns RequestOutputs whose CompletionOutputs hold token_ids
-  (the stop token included), text (cut before a stop string), finish_reason "stop"/"length" and, with logprobs=k, per position {token id: Logprob}
-  for the sampled token and the top k: raw log-probs, i.e. of the logits before temperature (logprobs_mode's default);
+  (the stop token included), text (cut before a stop string), finish_reason "stop"/"length" and, with logprobs=k, per
+  position {token id: Logprob} for the sampled token and the top k: raw log-probs, i.e. of the logits before
+  temperature (logprobs_mode's default);
 - sleep()/wake_up(tags): no generation and no weight loading while asleep;
 - the model at llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model() has LlamaForCausalLM's
   vLLM parameter layout (q/k/v stacked in qkv_proj, gate/up in gate_up_proj, the vocabulary padded with zero rows), and
@@ -342,7 +343,7 @@ class LLM:
             # Stop strings (vllm/v1/engine/detokenizer.py:132-155, check_stop_strings at :321-375), checked after every
             # token: the text ends before the stop string (or after it, with include_stop_str_in_output); token_ids
             # keep the token that completed it (output_processor.py:766-776).
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True) if p.stop else ""
             found = [(text.find(stop) + len(stop), k, stop) for k, stop in enumerate(p.stop) if stop in text]
             if found:  # the one that completes earliest, ties in list order (only this token's text can hold it)
                 end, _, stop_reason = min(found)
