@@ -133,12 +133,11 @@ def run_script(script, *args, nproc=1, check=True, env=None, timeout=None):
     if (nproc > 1 and result.returncode != 0 and "saved the model to" in result.stdout and "exitcode  : -6" in result.stderr
             and "terminate called without an active exception" in result.stderr):
         # A rank aborted (SIGABRT) at interpreter exit, after the final barrier, so after every output was written:
-        # fully_shard keeps the gloo process group referenced past destroy_process_group (in a two-rank script that only
-        # shards a Linear and deletes it, gloo's threads are still there after the destroy), and tearing them down during
-        # finalization races with it (pytorch/pytorch#179291). Rare, but twice in a row in one CI run (2026-12-06) and
-        # once here (a rerun then found the first run's reference cache, and a test of that cache failed): a rerun is no
-        # remedy, it meets the first run's side effects. The run's outputs are what the test checks; its exit status is
-        # reported here.
+        # the sharded model keeps the gloo process group, and its threads, alive past destroy_process_group (README,
+        # FSDP2), and they race interpreter teardown (pytorch/pytorch#179291). Rare, but twice in a row in one CI run
+        # (2026-12-06) and once here (a rerun then found the first run's reference cache, and a test of that cache
+        # failed): a rerun is no remedy, it meets the first run's side effects. The run's outputs are what the test
+        # checks; its exit status is reported here.
         print(f"{script}: a rank aborted at exit after the run had saved its model; its outputs are checked as they are:\n"
               f"{readable(result.stderr)[-3000:]}")
         result.returncode = 0
