@@ -12,7 +12,7 @@ One node of 8 GPUs, Tulu 3.1's 8B GRPO (48 prompts x 16 samples, 2 optimizer ste
     torchrun --nproc_per_node 8 rlvr.py --model_name_or_path allenai/Llama-3.1-Tulu-3-8B-DPO --chat_template tulu \
         --dataset_mixer_list allenai/RLVR-GSM-MATH-IF-Mixed-Constraints 1.0 --algo grpo --num_samples_per_prompt 16 \
         --num_unique_prompts_rollout 48 --num_mini_batches 2 --per_device_train_batch_size 2 --response_length 2048 --beta 0.01 \
-        --learning_rate 5e-7 --lr_scheduler_type constant --temperature 1.0 --num_epochs 1 --max_steps 1000 \
+        --learning_rate 5e-7 --lr_scheduler_type constant --weight_decay 0.01 --temperature 1.0 --num_epochs 1 --max_steps 1000 \
         --non_stop_penalty --penalty_reward_value 0 --vllm_gpu_memory_utilization 0.4 --output_dir output/rlvr_8b
 Tulu 3's 8B PPO instead: --algo ppo --num_unique_prompts_rollout 224 --num_samples_per_prompt 1 --num_mini_batches 1 --num_epochs 4
     --beta 0.05 --learning_rate 3e-7 --penalty_reward_value -10 (gamma 1.0, lam 0.95, clip 0.2); see the README.
@@ -75,6 +75,7 @@ parser.add_argument("--cliprange_value", type=float, default=0.2, help="PPO: val
 # that rate (small models take larger steps: SFT here uses 2e-5 where Tulu's 8B used 5e-6), hence 1e-5.
 parser.add_argument("--learning_rate", type=float, default=1e-5)
 parser.add_argument("--lr_scheduler_type", default="constant", choices=["constant", "linear"])
+parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's (policy and value); Tulu 3's and 3.1's runs had 0.01")
 parser.add_argument("--max_grad_norm", type=float, default=1.0)
 parser.add_argument("--max_steps", type=int, default=6, help="rollout steps")
 parser.add_argument("--seed", type=int, default=1)
@@ -205,14 +206,14 @@ def build_fsdp_model(auto_class, config, zero_head=False):
 
 config = AutoConfig.from_pretrained(args.model_name_or_path)
 policy = build_fsdp_model(AutoModelForCausalLM, config)
-optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=use_cuda)
+optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=use_cuda)
 # The frozen reference only serves the KL term: with --beta 0 it is not even built.
 reference = build_fsdp_model(AutoModelForCausalLM, config).requires_grad_(False) if args.beta > 0 else None
 value_model = value_optimizer = None
 if args.algo == "ppo":  # Tulu 3 initializes the value model from a reward model; we start from the policy's backbone
     value_config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1)
     value_model = build_fsdp_model(AutoModelForTokenClassification, value_config, zero_head=True)
-    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=use_cuda)
+    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=use_cuda)
 print0(f"{args.model_name_or_path}: {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, world size "
        f"{world_size}, algo {args.algo}, reference {'yes' if reference else 'no (beta 0)'}")
 
