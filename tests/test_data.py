@@ -1,6 +1,7 @@
 """The data path at Tulu scale: tokenized once into a memory-mapped Arrow file and reused, micro-batches by tokens
 balanced over ranks, a loss that never holds the full (T, V) logits, and ranks that wait for the tokenization as long
 as it takes (no collective timeout)."""
+import glob
 import hashlib
 import itertools
 import json
@@ -229,9 +230,24 @@ def test_ranks_waiting_for_tokenization_outlast_the_default_group_timeout(tiny_m
     source = tmp_path / "slow.jsonl"
     os.mkfifo(source)
 
+    def opened_anywhere():  # does any process hold the FIFO open? (Linux: the /proc/PID/fd links)
+        for link in glob.glob("/proc/[0-9]*/fd/*"):
+            try:
+                if os.readlink(link) == os.path.realpath(source):
+                    return True
+            except OSError:  # a process or descriptor gone meanwhile
+                pass
+        return False
+
     def feed():  # rank 0 opens the source twice: to count its rows (fed at once), then to tokenize them (a row a second)
         try:
             for delay in itertools.chain([0], itertools.repeat(1)):  # (any further opening is served too, slowly)
+                # A FIFO's reader sees end-of-file only at a moment when no writer holds it: reopened at once, the next
+                # session could run on into the last one's reader, and count_rows read on at a row a second (CI
+                # rehearsal, 2026-12-06: stuck for 13 minutes, where a run of this test takes 40 s). So each session
+                # starts once the last reader has closed.
+                while opened_anywhere():
+                    time.sleep(0.05)
                 with open(source, "w") as f:
                     for row in rows:
                         time.sleep(delay)
