@@ -230,10 +230,12 @@ def test_ranks_waiting_for_tokenization_outlast_the_default_group_timeout(tiny_m
     source = tmp_path / "slow.jsonl"
     os.mkfifo(source)
 
+    fifo = os.path.realpath(source)  # what /proc/PID/fd links to it read
+
     def opened_anywhere():  # does any process hold the FIFO open? (Linux: the /proc/PID/fd links)
         for link in glob.glob("/proc/[0-9]*/fd/*"):
             try:
-                if os.readlink(link) == os.path.realpath(source):
+                if os.readlink(link) == fifo:
                     return True
             except OSError:  # a process or descriptor gone meanwhile
                 pass
