@@ -310,7 +310,8 @@ def generate(model_path):
             with torch.no_grad():
                 cache = DynamicCache(config=model.config)
                 if shared:
-                    model(input_ids=input_ids[:1, :shared].to(device), **{cache_name: cache}, use_cache=True)
+                    model(input_ids=input_ids[:1, :shared].to(device), **{cache_name: cache}, use_cache=True,
+                          logits_to_keep=1)  # only the cache is kept: no (shared, V) logits
                     cache.batch_repeat_interleave(len(batch))
                 # Greedy decoding written out, so that a finished row leaves the batch: model.generate computes every
                 # row until the longest ends, and most answers are short (held-out IF: ~40 of 96 tokens), so on CPU

@@ -324,7 +324,9 @@ class LLM:
         # the KV cache's name: `cache` from transformers 5.24 on (which warns at `past_key_values`), `past_key_values` before
         cache_name = "cache" if "cache" in inspect.signature(self.hf_model.forward).parameters else "past_key_values"
         for _ in range(max_tokens):
-            out = self.hf_model(input_ids=inputs, **{cache_name: cache}, use_cache=True)
+            # logits of the last position only, as vLLM (logits_indices: each request's last token, v1/worker/
+            # gpu_model_runner.py:2191, 4241); a few-shot prompt's prefill would otherwise make (T, V) of them
+            out = self.hf_model(input_ids=inputs, **{cache_name: cache}, use_cache=True, logits_to_keep=1)
             cache, logits = getattr(out, cache_name), out.logits[0, -1].float()
             raw = logits.log_softmax(-1)
             if p.temperature == 0:
