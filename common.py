@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 from fractions import Fraction
 
 import langdetect
@@ -677,15 +678,16 @@ MAX_RESPONSE_CHARS = 100_000
 # It starts only where a run of digits starts: tried inside a run, "\d+" would rescan the rest of it from every digit,
 # quadratic on a response of digits (a 99,999-digit response, under MAX_RESPONSE_CHARS, took 2 minutes).
 _COMMA_NUMBER = re.compile(r"(?<!\d)\d+(?:,\d+)+")
-_THOUSANDS_GROUPED = re.compile(r"\d{1,3}(?:,\d{3})+")
+_THOUSANDS_GROUPED = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")  # (gsm8k_extract: digits and commas only)
 _MAX_NUMBER_CHARS = 100  # a GSM8K answer is a few digits; a megabyte of digits is not an answer (and int() refuses it)
 # A number, with a minus sign only when it is not a subtraction ("10-5" yields 10 and 5, not -5).
 _NUMBER = re.compile(r"(?:(?<![\d.])-)?(?:\d+(?:\.\d+)?|\.\d+)")
 
 
 def gsm8k_extract(response: str) -> str | None:
-    """The last number in the response (thousands separators removed), or None."""
-    ungrouped = _COMMA_NUMBER.sub(lambda m: m[0].replace(",", "") if _THOUSANDS_GROUPED.fullmatch(m[0]) else m[0], response)
+    """The last number in the response (thousands separators removed; U+2212 is a minus sign), or None."""
+    ungrouped = _COMMA_NUMBER.sub(lambda m: m[0].replace(",", "") if _THOUSANDS_GROUPED.fullmatch(m[0]) else m[0],
+                                  response.replace("\u2212", "-"))
     last = None
     for m in _NUMBER.finditer(ungrouped):
         last = m.group(0)
@@ -770,7 +772,7 @@ def math_extract(response: str) -> list[str]:
 # The Minerva rules, applied in order. Some are blunt (deleting "an " turns "\tan x" into "\tx"),
 # but the gold goes through the same steps, so string comparison stays fair.
 _MINERVA_REPLACE = [
-    ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
+    (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
     (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"),
 ]
 _MINERVA_DELETE = [
@@ -802,16 +804,21 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     \\frac, drop \\left, \\right, '\\!' and '\\%' (as Hendrycks' strip_string, which the release also tries: "10\\%" is
     the gold 10 of a percent question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is the interval the question
     asks for), and spaces around a matrix row break '\\\\' (applied first; Minerva's "\\ " -> "" rule would otherwise
-    eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}' intact, strip a trailing '.'. One rule is
-    narrower than Minerva's: commas are dropped only from thousands groups ("100,000"), never from a list of solutions
-    ("3, 5, 7" is not the number 357), as in gsm8k_extract.
+    eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}' intact, strip a trailing '.', read U+2212
+    as '-'. Narrower than Minerva's, where its rule made a wrong answer or a menu equal: commas are dropped only from
+    thousands groups ("100,000", "-1,000", "10,000.5"), never from a list of solutions ("3, 5, 7" is not the number
+    357), as in gsm8k_extract; an article is deleted only before a word ("a + 5" is not 5); $...$ is unwrapped only
+    when there is one span ("$4$ or $5$" is not 4); a repeating decimal keeps its bar (0.\\overline{3} is not 0.3).
     """
     s = "\\\\".join(part.strip() for part in answer.split("\\\\"))  # "-7 \\ 16" -> "-7\\16", as a model writes it
     for before, after in [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
                           ("\\!", ""), ("\\%", "")]:
         s = s.replace(before, after)
+    s = s.replace("\u2212", "-")
     if not keep_equation:
         s = s.split("=")[-1]
+    # Minerva deletes every "an " and "a ", which made "a + 5" the number 5: only an article (before a word) goes
+    s = re.sub(r"(?<![A-Za-z\\])an? (?=[A-Za-z])", "", s)
     for before, after in _MINERVA_REPLACE:
         s = s.replace(before, after)
     for junk in _MINERVA_DELETE:
@@ -819,8 +826,9 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     s = re.sub(r"^[a-zA-Z]\\in(?![a-zA-Z])", "", s)  # "x\in[-2,7]" -> "[-2,7]" (spaces are gone by now)
     first = s.find("$")
     second = s.find("$", first + 1) if first >= 0 else -1
-    if second >= 0:  # the answer is the first $...$ span
-        s = s[first + 1:second]
+    if second >= 0 and s.find("$", second + 1) < 0:  # one $...$ span: the answer (Minerva: the first of several,
+        s = s[first + 1:second]  # which paid "$4$ or $5$" for 4; several stay as written, dollars dropped below)
+    s = re.sub(r"(\d\.\d*)\\overline\{(\d+)\}", r"\1(\2)", s)  # 0.\overline{3} -> 0.(3): only itself, not 0.3
     for command in ("\\text{", "\\textbf{", "\\overline{"):
         s = _unwrap(s, command)
     start, end = s.find("\\boxed{"), s.rfind("}")
@@ -1162,7 +1170,9 @@ def _math_answer_matches(answer: str, gold: str) -> bool:
     """Does one committed answer equal the gold? Equal normalized strings, or equal exact rationals, or sympy says
     the difference simplifies to 0 (in the worker, under MATH_SYMBOLIC_TIMEOUT_S).
 
-    Equations: a gold without '=' is compared with what follows the answer's last '=' (Minerva: "x = 5" is 5). A
+    Equations: a gold without '=' is compared with what follows each '=' of the answer (Minerva: "x = 5" is 5, and
+    "x = 2 + 3 = 5" too), and what precedes the first '=' must name the answer ("x", "f(3)", "AB") or equal it as well:
+    "x = 4 \\text{ or } x = 5", "x = 4, x = 5" and "3 = 5" are not the answer 5 (Minerva reads the last '=' only). A
     gold "x = 5" / "y = 2x + 3" (one letter on the left) takes "5" / "2x+3" or the same letter's equation; any other
     equation gold (the plane "5x - 7y + 11z + 4 = 0") only its own equation, never its right-hand side alone.
     """
@@ -1179,6 +1189,23 @@ def _math_answer_matches(answer: str, gold: str) -> bool:
         expected = math_normalize(value)
     else:
         expected = math_normalize(gold)
+    name, *values = answer.split("=")
+    if not values:
+        return _math_value_matches(name, expected)
+    if len(values) > 3 or not all(_math_value_matches(value, expected) for value in values):
+        return False
+    # before the first '=': a name (no list, no alternatives, not a number), or one more form of the right value
+    name_tree = _parse_latex(math_normalize(name))
+    is_name = (not _ALTERNATIVES.search(name) and len(_split_top_level(math_normalize(name)) or "xx") == 1
+               and (name_tree is None or _rational_value(name_tree) is None))
+    return is_name or _math_value_matches(name, expected)
+
+
+_ALTERNATIVES = re.compile(r";|\\q?quad|\\lor|\\vee|\bor\b|\band\b")  # between two answers, as "4 or x = 5"
+
+
+def _math_value_matches(answer: str, expected: str) -> bool:
+    """One side of an answer (no '=' left) against the gold's normalized value."""
     normalized = math_normalize(answer)
     if not expected or not normalized:
         return False
@@ -1447,6 +1474,7 @@ def ifeval_follow(response, instruction_id_list, kwargs_list, prompt, loose=Fals
 # meaning exactly N capital words... Where the release is buggy, or pays for a degenerate answer an RL policy would
 # find, we depart from it; each departure is marked "release:" and listed, with an example, in README's verifier table.
 
+_BLANKS = set("\u115f\u1160\u3164\uffa0\u2800\u034f")  # letters and symbols drawn as nothing
 _TULU_SENTENCE_END = re.compile(r"(?<=[.?])(?<![A-Z][a-z]\.)(?<!\w\.\w.)\s")  # ". " or "? ", not after "Mr." / "e.g."
 
 
@@ -1494,15 +1522,16 @@ def _tulu_choice(text, options):
 
 def _tulu_sections(text, n, splitter):
     sections = text.split(splitter)
-    return len(sections) - (sections[0] == "") == n
+    # release: "SECTION SECTION" (two splitters, nothing in them) was two sections
+    return len(sections) - (sections[0] == "") == n and all(section.strip() for section in sections[1:])
 
 
 def _tulu_json(text):
-    try:
-        json.loads(text)  # the whole response, no markdown fences (Google allows them)
+    try:  # the whole response, no markdown fences (Google allows them); NaN / Infinity are not JSON
+        value = json.loads(text, parse_constant=lambda name: json.loads("x"))
     except (ValueError, RecursionError):
         return False
-    return True
+    return isinstance(value, (dict, list)) and bool(value)  # release: "0" or "[]" was a response in JSON format
 
 
 def _tulu_two_responses(text):
@@ -1533,7 +1562,9 @@ _TULU_CHECKS = {
     "verify_postscript": lambda t, kw: _tulu_postscript(t, kw["postscript_marker"]),
     # release: returned a (bool, list) tuple, always truthy, so every response was paid. "[]" does not count here
     "validate_placeholders": lambda t, kw: sum(1 for m in re.finditer(r"\[([^\[\]\n]*)\]", t) if m[1].strip()) >= kw["N"],
-    "verify_bullet_points": lambda t, kw: sum(line.strip().startswith(("*", "-")) for line in t.split("\n")) == kw["N"],
+    # release: a line of a lone "-" was a bullet point
+    "verify_bullet_points": lambda t, kw: sum(line.strip()[:1] in ("*", "-") and bool(line.strip()[1:].strip())
+                                              for line in t.split("\n")) == kw["N"],
     "validate_title": lambda t, kw: _has_title(t),  # release: an empty "<<>>" was a title
     "validate_choice": lambda t, kw: _tulu_choice(t, kw["options"]),
     # release: "**" (an empty highlight) counted. Google's count, which skips blank highlights but still counts a
@@ -1563,7 +1594,11 @@ def ifeval_rlvr_score(response, ground_truth):
     constraints = constraints if isinstance(constraints, list) else [constraints]
     if not constraints:
         raise ValueError("empty IFEval ground truth")
-    text = response.strip()  # the release strips the response before every check
+    # The release strips the response before every check. Invisible characters go first (zero-width spaces, soft
+    # hyphens, controls: Unicode's C* categories, Hangul and Braille blanks): "\u200b" is a blank response, and
+    # "<<\u200b>>" an empty title
+    text = "".join(ch for ch in response
+                   if ch in "\t\n\r" or not (unicodedata.category(ch)[0] == "C" or ch in _BLANKS)).strip()
     usable = bool(text) and len(text) <= MAX_RESPONSE_CHARS
     followed = []
     for c in constraints:

@@ -171,6 +171,28 @@ HACKS = [  # (dataset, response, ground truth)
     ("ifeval", '"', IF_TRUTHS[8]),
     ("ifeval", "Yes.\n******\n", IF_TRUTHS[9]),
     ("ifeval", "1234 5678.", [IF_TRUTHS[1], IF_TRUTHS[2], IF_TRUTHS[10]]),  # no letters: no case, no language
+    # (found by a review, 2026-12-06) two equations, one of them right; a false one; a menu of $...$ spans in a box
+    ("math", "\\boxed{x = 4 \\text{ or } x = 5}", "5"),
+    ("math", "\\boxed{x=4, x=5}", "5"),
+    ("math", "\\boxed{x=3, x=5}", "x=5"),
+    ("math", "\\boxed{3 = 5}", "5"),
+    ("math", "\\boxed{4 \\text{ or } x = 5}", "5"),
+    ("math", "\\boxed{$4$ or $5$}", "4"),
+    ("math", "Final Answer: The final answer is $4$ or $5$. I hope it is correct.", "4"),
+    ("math", "\\boxed{a + 5}", "5"),  # Minerva's article rule deleted "a "
+    ("math", "\\boxed{b}", "a + b"),
+    ("math", "\\boxed{0.\\overline{3}}", "0.3"),  # a repeating decimal is not the finite one
+    # invisible characters are no content: a blank response, an empty title, quotation, highlights, placeholders
+    ("ifeval", "\u200b", [IF_TRUTHS[0], IF_TRUTHS[3], IF_TRUTHS[11]]),
+    ("ifeval", "\ufeff\u2060\u00ad\x00\u3164", IF_TRUTHS[0]),
+    ("ifeval", '"\u200b"', IF_TRUTHS[8]),
+    ("ifeval", "<<\u200b>> and *\u200b* *\u200b* and [\u200b] [\u200b]", [IF_TRUTHS[7], IF_TRUTHS[6], IF_TRUTHS[5]]),
+    ("ifeval", "Yes.\n******\n\u200b", IF_TRUTHS[9]),
+    ("ifeval", "0", {"func_name": "validate_json_format"}),  # JSON, degenerate
+    ("ifeval", "NaN", {"func_name": "validate_json_format"}),  # not even JSON
+    ("ifeval", "[]", {"func_name": "validate_json_format"}),
+    ("ifeval", "-\n-\n-", {"func_name": "verify_bullet_points", "N": 3}),  # empty bullets
+    ("ifeval", "SECTION SECTION", {"func_name": "validate_sections", "N": 2, "section_splitter": "SECTION"}),
 ]
 BLANKS = ["", " ", "\n\n\t"]
 MEGABYTE_OF_DIGITS = "7" * 1_000_000
@@ -207,6 +229,19 @@ def test_right_answers_still_earn_the_reward():  # the positive controls of the 
     assert verify("ifeval", '"Quoted."', IF_TRUTHS[8]) == 1.0
     assert verify("ifeval", "Yes.\n******\nNo.", IF_TRUTHS[9]) == 1.0
     assert verify("ifeval", "HELLO THERE, 1234.", IF_TRUTHS[1]) == 1.0
+    # the controls of the review's hacks: one answer through '=' chains and names; articles; repeating decimals
+    for response, gold in [("\\boxed{x = 5}", "5"), ("\\boxed{x = 2 + 3 = 5}", "5"), ("\\boxed{\\frac{10}{2} = 5}", "5"),
+                           ("\\boxed{(x, y) = (4, 5)}", "(4,5)"), ("\\boxed{f(3) = 7}", "7"), ("\\boxed{AB = 12}", "12"),
+                           ("\\boxed{y = 2x + 3}", "y = 2x + 3"), ("\\boxed{(a + 5)(b + 2)}", "(a+5)(b+2)"),
+                           ("\\boxed{0.\\overline{3}}", "0.\\overline{3}"), ("\\boxed{$4, 5$}", "4,5"),
+                           ("\\boxed{-1,000}", "-1000"), ("\\boxed{10,000.5}", "10000.5"), ("\\boxed{\u22125}", "-5")]:
+        assert verify("math", response, gold) == 1.0, (response, gold)
+    assert verify("gsm8k", "The answer is \u22127.", "-7") == 1.0  # U+2212, the minus sign
+    assert verify("ifeval", "\u200bHello there\u200b", IF_TRUTHS[0]) == 1.0  # invisible characters around text
+    assert verify("ifeval", '{"a": 1}', {"func_name": "validate_json_format"}) == 1.0
+    assert verify("ifeval", "- one\n- two\n* three", {"func_name": "verify_bullet_points", "N": 3}) == 1.0
+    assert verify("ifeval", "SECTION 1\nfoo\nSECTION 2\nbar",
+                  {"func_name": "validate_sections", "N": 2, "section_splitter": "SECTION"}) == 1.0
 
 
 # ----------------------------------------------------------------------------- README's difference table, row by row
@@ -227,7 +262,10 @@ TABLE = [
     ("math-list-first-element", "math", "\\boxed{1, 99}", "1,-2", 1, None, 0),
     ("math-interval-x-in", "math", "\\boxed{[-2, 7]}", "x \\in [-2,7]", 0, None, 1),
     ("math-restated-question", "math", "What is the value of $513^2 - 487^2$?", "26000", 1, None, 0),
+    ("math-equation-hedge", "math", "\\boxed{x = 4 \\text{ or } x = 5}", "5", 1, None, 0),
+    ("math-dollar-menu", "math", "\\boxed{$4$ or $5$}", "4", 1, None, 0),
     ("if-blank", "ifeval", "", {"func_name": "validate_no_commas"}, 1, 0, 0),
+    ("if-invisible", "ifeval", "\u200b", {"func_name": "validate_no_commas"}, 1, None, 0),
     ("if-list", "ifeval", "an apple, a pear.",
      [{"func_name": "validate_lowercase"}, {"func_name": "validate_no_commas"}], 0, None, 0.5),
     ("if-placeholders", "ifeval", "No placeholders here.", {"func_name": "validate_placeholders", "N": 2}, 1, 0, 0),
@@ -244,6 +282,10 @@ TABLE = [
     ("if-empty-highlights", "ifeval", "** and **", {"func_name": "validate_highlighted_sections", "N": 2}, 1, 0, 0),
     ("if-lone-quote", "ifeval", '"', {"func_name": "validate_quotation"}, 1, 0, 0),
     ("if-two-responses-empty", "ifeval", "Yes.\n******", {"func_name": "validate_two_responses"}, 1, 0, 0),
+    ("if-json-scalar", "ifeval", "0", {"func_name": "validate_json_format"}, 1, None, 0),
+    ("if-empty-bullets", "ifeval", "-\n-\n-", {"func_name": "verify_bullet_points", "N": 3}, 1, None, 0),
+    ("if-empty-sections", "ifeval", "SECTION SECTION",
+     {"func_name": "validate_sections", "N": 2, "section_splitter": "SECTION"}, 1, None, 0),
     ("if-first-word-prefix", "ifeval", "A.\n\nTherefore, yes.",
      {"func_name": "validate_paragraphs", "N": 2, "i": 2, "first_word": "The"}, 1, 0, 0),
     ("if-less-than", "ifeval", "Two words.", {"func_name": "validate_word_constraint", "N": 5, "quantifier": "less than"},
