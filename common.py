@@ -112,6 +112,13 @@ def iter_rows(source):
                 raise ValueError(f"{source}[{i}]: expected a JSON object, got {type(row).__name__}")
             yield f"{source}[{i}]", row
         return
+    if source.endswith(".parquet"):
+        i = 0
+        for batch in _parquet_file(source).iter_batches(batch_size=1000):  # streamed, a batch of rows at a time
+            for row in batch.to_pylist():
+                yield f"{source}[row {i}]", row
+                i += 1
+        return
     for i, row in enumerate(_arrow_table(source)):  # memory-mapped by datasets: rows are read as they are needed
         yield f"{source}[row {i}]", row
 
@@ -144,12 +151,25 @@ def _parse_json(data, where):
 
 
 def _arrow_table(source):
-    import datasets  # only needed for parquet and the hub; keeps `python sft.py` on jsonl light
+    import datasets  # only needed for the hub; keeps `python sft.py` on jsonl light
 
-    if source.endswith(".parquet"):
-        return datasets.load_dataset("parquet", data_files=source, split="train")
     name, _, split = source.partition(":")
     return datasets.load_dataset(name, split=split or "train")
+
+
+def _parquet_file(source):
+    """A local .parquet file, read by pyarrow itself: datasets.load_dataset would serve it from its own cache, which
+    knows a local file by its modification time alone (a file rewritten with its old time kept, by `cp -p`, `rsync
+    -a` or tar, gave the old rows)."""
+    import pyarrow
+    import pyarrow.parquet
+
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{source}: no such file")
+    try:
+        return pyarrow.parquet.ParquetFile(source)
+    except pyarrow.ArrowException as e:
+        raise ValueError(f"{source}: not a readable parquet file ({e})") from None
 
 
 def count_rows(source):
@@ -161,6 +181,8 @@ def count_rows(source):
             return sum(1 for line in f if line.strip())
     if source.endswith(".json"):
         return sum(1 for _ in iter_rows(source))
+    if source.endswith(".parquet"):
+        return _parquet_file(source).metadata.num_rows
     return len(_arrow_table(source))
 
 
@@ -215,6 +237,10 @@ def source_fingerprint(dataset_mixer_list):
         stat = os.stat(source) if os.path.exists(source) else None
         parts.append([os.path.abspath(source) if stat else source, str(weight), stat and stat.st_size,
                       stat and stat.st_mtime_ns])
+        if stat and os.path.isdir(source):  # a local dataset directory (for datasets.load_dataset): every file in it
+            parts[-1] += sorted([os.path.relpath(os.path.join(root, name), source), file.st_size, file.st_mtime_ns]
+                                for root, _, names in os.walk(source) for name in names
+                                for file in [os.stat(os.path.join(root, name))])
     return parts
 
 
@@ -251,7 +277,7 @@ def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num
         # Until the file is complete: build it if no one else is, else wait. A lock that goes away with no file means
         # its builder failed (bad rows, say): we take over, and so report that error ourselves, where waiting for the
         # file (as before) waited forever for a lock that was no longer there.
-        while not os.path.exists(path + ".json"):
+        while not (os.path.exists(path) and os.path.exists(path + ".json")):  # (a deleted .arrow is rebuilt)
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # whoever creates the lock builds the file
             except FileExistsError:  # another run, or machine (shared filesystem), builds it, or died doing so
@@ -259,7 +285,7 @@ def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num
                 time.sleep(10)
                 continue
             try:
-                if not os.path.exists(path + ".json"):  # not completed between our check and our lock
+                if not (os.path.exists(path) and os.path.exists(path + ".json")):  # not completed meanwhile
                     _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets)
             finally:
                 os.close(fd)
@@ -375,6 +401,8 @@ def _make_example_star(task):
         return where, make_example(where, row)
     except ValueError as error:
         return where, ValueError(str(error) if str(error).startswith(where) else f"{where}: {error}")
+    except Exception as error:  # the chat template's own checks (jinja2's TemplateError: "roles must alternate"...)
+        return where, ValueError(f"{where}: {type(error).__name__}: {error}")
 
 
 def check_messages(messages, where, field="messages"):
@@ -388,6 +416,10 @@ def check_messages(messages, where, field="messages"):
             raise ValueError(f"{where}: field '{field}[{i}].role' must be one of {ROLES}, got {message.get('role')!r}")
         if not isinstance(message.get("content"), str):
             raise ValueError(f"{where}: field '{field}[{i}].content' must be a string")
+        try:
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as e:  # valid JSON ("\\ud83d", half an emoji cut by a scraper), but not text
+            raise ValueError(f"{where}: field '{field}[{i}].content' is not valid Unicode ({e.reason} at {e.start})") from None
 
 
 # ----------------------------------------------------------------------------- Chat templating and label masks

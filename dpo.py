@@ -101,6 +101,8 @@ for flag in ["--model_revision", "--exp_name", "--dataset_mix_dir", "--logging_s
     parser.add_argument(flag, default=None, help="accepted for compatibility; no effect")
 parser.add_argument("--use_lora", default="False", choices=["False", "false"], help="Tulu 3 passed False; no LoRA here")
 args = parser.parse_args()
+if args.max_seq_length < 1:  # -1 would cut the last token of every example without a word
+    parser.error(f"--max_seq_length must be >= 1, got {args.max_seq_length}")
 common.require_model_directory(args.model_name_or_path)
 beta = args.beta if args.beta is not None else {"dpo_norm": 5.0, "dpo": 0.1, "simpo": 2.0}[args.loss_type]
 

@@ -82,6 +82,8 @@ for flag in ["--use_flash_attn", "--use_slow_tokenizer"]:
 for flag in ["--model_revision", "--exp_name", "--dataset_mix_dir", "--logging_steps"]:
     parser.add_argument(flag, default=None, help="accepted for compatibility; no effect")
 args = parser.parse_args()
+if args.max_seq_length < 1:  # -1 would cut the last token of every example without a word
+    parser.error(f"--max_seq_length must be >= 1, got {args.max_seq_length}")
 common.require_model_directory(args.model_name_or_path)
 
 # ----------------------------------------------------------------------------- Distributed setup

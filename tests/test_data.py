@@ -376,3 +376,60 @@ def test_a_run_waiting_for_a_build_that_failed_builds_itself(tmp_path, monkeypat
         dist.destroy_process_group()
     assert len(waits) == 1 and stats["how"].startswith("tokenized in") and list(lengths) == [3, 3, 3]
     assert [r["text"] for r in read(range(3))] == [f"{data}:{i}" for i in (1, 2, 3)] and not lock.exists()
+
+
+# ----------------------------------------------------------------------------- found by a review (2026-12-06)
+
+def test_a_row_the_chat_template_refuses_is_a_bad_row_named_by_its_line():
+    """A template's own check (Mistral's, Gemma's, Llama 2's "roles must alternate") raised jinja2's TemplateError
+    out of the tokenization, naming no row; now it is one of the bad rows, reported with the others."""
+    import jinja2
+
+    def make_example(where, row):
+        raise jinja2.exceptions.TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
+
+    where, error = common._make_example_star((make_example, "alt.jsonl:4", {"messages": []}))
+    assert isinstance(error, ValueError)
+    assert str(error) == "alt.jsonl:4: TemplateError: Conversation roles must alternate user/assistant/user/assistant/..."
+
+
+def test_a_parquet_file_rewritten_with_its_old_mtime_gives_its_new_rows(tmp_path):
+    """datasets.load_dataset served a local parquet file from its own cache, which knows the file by its mtime only:
+    rewritten with the old mtime kept (cp -p, rsync -a, tar), the old rows came back while the new size made us
+    tokenize again. The file is now read by pyarrow itself."""
+    import pyarrow
+    import pyarrow.parquet
+
+    path = str(tmp_path / "rows.parquet")
+    pyarrow.parquet.write_table(pyarrow.table({"i": list(range(10)), "v": ["v1"] * 10}), path)
+    assert [row["v"] for _, row in common.load_mixture([path, "1.0"])] == ["v1"] * 10
+    mtime = os.stat(path).st_mtime_ns
+    pyarrow.parquet.write_table(pyarrow.table({"i": list(range(12)), "v": ["v2"] * 12}), path)
+    os.utime(path, ns=(mtime, mtime))
+    assert common.count_rows(path) == 12
+    assert [(where, row) for where, row in common.load_mixture([path, "0.5"])] == \
+        [(f"{path}[row {i}]", {"i": i, "v": "v2"}) for i in range(6)]
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match="bad.parquet: not a readable parquet file"):
+        common.count_rows(str(tmp_path / "bad.parquet"))
+
+
+def test_a_dataset_directory_is_fingerprinted_by_its_files(tmp_path):
+    """A local directory (datasets.load_dataset reads one) was known by the directory's own size and mtime, which do
+    not change when a file in it is rewritten: the run reused the old tokenization."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"a": 1}\n')
+    before = common.source_fingerprint([str(tmp_path / "data"), "1.0"])
+    (tmp_path / "data" / "train.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    assert common.source_fingerprint([str(tmp_path / "data"), "1.0"]) != before
+
+
+def test_a_deleted_arrow_file_is_rebuilt(tiny_model_dir, tmp_path):
+    """The .arrow file deleted, its .arrow.json left: the next run failed opening it; now it tokenizes again."""
+    data = write_jsonl(tmp_path / "rows.jsonl", varied_rows(8))
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0", "--per_device_train_batch_size", 2,
+            "--gradient_accumulation_steps", 1, "--max_steps", 1, "--dataset_local_cache_dir", tmp_path / "cache", *FAST]
+    first = run_script("sft.py", *args, "--output_dir", tmp_path / "one").stdout
+    os.remove(stored_path(first))
+    second = run_script("sft.py", *args, "--output_dir", tmp_path / "two").stdout
+    assert "tokenized in" in second and stored_path(second) == stored_path(first) and os.path.exists(stored_path(first))

@@ -205,6 +205,9 @@ def test_saved_model_reloads_with_the_trained_weights(tiny_model_dir, sft_data, 
     ('{"messages": [{"role": "bot", "content": "hi"}]}', ":2: field 'messages[0].role' must be one of"),
     ('{"messages": [{"role": "user", "content": 5}]}', ":2: field 'messages[0].content' must be a string"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', ":2: field 'messages' has no assistant turn"),
+    # valid JSON, half of an emoji's surrogate pair: was a TypeError from the tokenizer, naming no row
+    ('{"messages": [{"role": "user", "content": "\\ud83d"}, {"role": "assistant", "content": "yo"}]}',
+     ":2: field 'messages[0].content' is not valid Unicode"),
 ])
 def test_bad_input_names_file_line_and_field(tiny_model_dir, tmp_path, line, message):
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
