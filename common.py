@@ -222,7 +222,9 @@ def mixture_count(source, weight, total):
     if value > 1 and value != int(value):
         raise ValueError(f"--dataset_mixer_list {source}: weight {weight!r} is neither a fraction in [0, 1] nor a whole "
                          f"number of rows")
-    return round(value * total) if value <= 1 else int(value)
+    # a fraction rounds down, as open-instruct's int(frac * len(dataset)) (utils.py:362@9c2d44bec): round() took
+    # one row more of a source where the product ends in .5 or more
+    return int(value * total) if value <= 1 else int(value)
 
 
 def load_mixture(dataset_mixer_list):

@@ -329,6 +329,7 @@ def test_readable_variants_read_every_row(tmp_path):
 
 @pytest.mark.parametrize("weight, expected", [
     ("0", 0), ("0.5", 2), ("1.0", 4), ("1", 4), ("3", 3), ("3.0", 3),
+    ("0.9", 3), ("0.2", 0),  # 3.6 and 0.8 rows: rounded down as open-instruct's int(frac * len) (round gave 4 and 1)
     ("-0.5", "must be a fraction in [0, 1] or a row count"),  # was islice's error, naming no source
     ("nan", "must be a fraction in [0, 1] or a row count"), ("inf", "must be a fraction in [0, 1] or a row count"),
     ("1.5", "neither a fraction in [0, 1] nor a whole number of rows"),  # was int(1.5): 1 row, silently
