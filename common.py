@@ -153,6 +153,8 @@ def _parse_json(data, where):
 def _arrow_table(source):
     import datasets  # only needed for the hub; keeps `python sft.py` on jsonl light
 
+    if os.path.isfile(source):  # not a hub name: "Couldn't find any data file" would not say what is wrong
+        raise ValueError(f"{source}: a local file must end in .jsonl, .json or .parquet (lower case)")
     name, _, split = source.partition(":")
     return datasets.load_dataset(name, split=split or "train")
 

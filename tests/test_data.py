@@ -434,3 +434,11 @@ def test_a_deleted_arrow_file_is_rebuilt(tiny_model_dir, tmp_path):
     os.remove(stored_path(first))
     second = run_script("sft.py", *args, "--output_dir", tmp_path / "two").stdout
     assert "tokenized in" in second and stored_path(second) == stored_path(first) and os.path.exists(stored_path(first))
+
+
+def test_a_local_file_of_another_extension_says_which_extensions_are_read(tmp_path):
+    """data.JSONL / data.txt were taken for hub names: "Couldn't find any data file", which hid the cause."""
+    for name in ("data.JSONL", "data.txt"):
+        (tmp_path / name).write_text('{"a": 1}\n')
+        with pytest.raises(ValueError, match=f"{name}: a local file must end in .jsonl, .json or .parquet"):
+            common.count_rows(str(tmp_path / name))
