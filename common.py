@@ -805,8 +805,9 @@ def math_extract(response: str) -> list[str]:
 
 # --- MATH: normalization (Minerva's normalize_final_answer, plus a few fixes) -----
 
-# The Minerva rules, applied in order. Some are blunt (deleting "an " turns "\tan x" into "\tx"),
-# but the gold goes through the same steps, so string comparison stays fair.
+# The Minerva rules, applied in order. Some are blunt (deleting "mph" or "ft" wherever they stand), but the gold goes
+# through the same steps, so string comparison stays fair. Its article rule ("a " and "an " deleted everywhere) was
+# not: it made "a + 5" the number 5, so math_normalize deletes an article only before a word.
 _MINERVA_REPLACE = [
     (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
     (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"),
