@@ -1623,6 +1623,14 @@ _TULU_CHECKS = {
 }
 
 
+def _visible(text):
+    """`text` without invisible characters (zero-width spaces, soft hyphens, controls: Unicode's C* categories, and
+    the Hangul and Braille blanks): "\u200b" is a blank response, "<<\u200b>>" an empty title."""
+    if "".join(text.split()).isprintable() and _BLANKS.isdisjoint(text):  # the common case, checked in C
+        return text
+    return "".join(ch for ch in text if ch in "\t\n\r" or not (unicodedata.category(ch)[0] == "C" or ch in _BLANKS))
+
+
 def ifeval_rlvr_score(response, ground_truth):
     """Reward in [0, 1] for a Tulu RLVR IF ground truth: a {"func_name": ..., **kwargs} dict or its JSON, or a
     list (or JSON list) of them, scored as the fraction of constraints followed, each with the meaning it had in the
@@ -1631,11 +1639,7 @@ def ifeval_rlvr_score(response, ground_truth):
     constraints = constraints if isinstance(constraints, list) else [constraints]
     if not constraints:
         raise ValueError("empty IFEval ground truth")
-    # The release strips the response before every check. Invisible characters go first (zero-width spaces, soft
-    # hyphens, controls: Unicode's C* categories, Hangul and Braille blanks): "\u200b" is a blank response, and
-    # "<<\u200b>>" an empty title
-    text = "".join(ch for ch in response
-                   if ch in "\t\n\r" or not (unicodedata.category(ch)[0] == "C" or ch in _BLANKS)).strip()
+    text = _visible(response).strip()  # the release strips the response before every check
     usable = bool(text) and len(text) <= MAX_RESPONSE_CHARS
     followed = []
     for c in constraints:
