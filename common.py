@@ -852,6 +852,10 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
                           ("\\!", ""), ("\\%", "")]:
         s = s.replace(before, after)
     s = s.replace("\u2212", "-")
+    # "2 \cdot x" would lose its space below and read as the unknown command "\cdotx": the operators become symbols
+    s = re.sub(r"\\(cdot|times)(?![a-zA-Z])", "*", s)
+    s = re.sub(r"\\div(?![a-zA-Z])", "/", s)
+    s = re.sub(r"\\(pi|infty) +(?=[a-zA-Z])", r"\\\1*", s)  # "2 \pi r": likewise "\pir"
     if not keep_equation:
         s = s.split("=")[-1]
     # Minerva deletes every "an " and "a ", which made "a + 5" the number 5: only an article (before a word) goes

@@ -234,7 +234,9 @@ def test_right_answers_still_earn_the_reward():  # the positive controls of the 
                            ("\\boxed{(x, y) = (4, 5)}", "(4,5)"), ("\\boxed{f(3) = 7}", "7"), ("\\boxed{AB = 12}", "12"),
                            ("\\boxed{y = 2x + 3}", "y = 2x + 3"), ("\\boxed{(a + 5)(b + 2)}", "(a+5)(b+2)"),
                            ("\\boxed{0.\\overline{3}}", "0.\\overline{3}"), ("\\boxed{$4, 5$}", "4,5"),
-                           ("\\boxed{-1,000}", "-1000"), ("\\boxed{10,000.5}", "10000.5"), ("\\boxed{\u22125}", "-5")]:
+                           ("\\boxed{-1,000}", "-1000"), ("\\boxed{10,000.5}", "10000.5"), ("\\boxed{\u22125}", "-5"),
+                           ("\\boxed{2 \\cdot x}", "2x"), ("\\boxed{3 \\times x}", "3x"), ("\\boxed{6 \\div x}", "\\frac{6}{x}"),
+                           ("\\boxed{2 \\pi r}", "2r\\pi")]:
         assert verify("math", response, gold) == 1.0, (response, gold)
     assert verify("gsm8k", "The answer is \u22127.", "-7") == 1.0  # U+2212, the minus sign
     assert verify("ifeval", "\u200bHello there\u200b", IF_TRUTHS[0]) == 1.0  # invisible characters around text
