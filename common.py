@@ -113,11 +113,9 @@ def iter_rows(source):
             yield f"{source}[{i}]", row
         return
     if source.endswith(".parquet"):
-        i = 0
-        for batch in _parquet_file(source).iter_batches(batch_size=1000):  # streamed, a batch of rows at a time
-            for row in batch.to_pylist():
-                yield f"{source}[row {i}]", row
-                i += 1
+        batches = _parquet_file(source).iter_batches(batch_size=1000)  # streamed, a batch of rows at a time
+        for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
+            yield f"{source}[row {i}]", row
         return
     for i, row in enumerate(_arrow_table(source)):  # memory-mapped by datasets: rows are read as they are needed
         yield f"{source}[row {i}]", row
@@ -281,7 +279,8 @@ def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num
         # Until the file is complete: build it if no one else is, else wait. A lock that goes away with no file means
         # its builder failed (bad rows, say): we take over, and so report that error ourselves, where waiting for the
         # file (as before) waited forever for a lock that was no longer there.
-        while not (os.path.exists(path) and os.path.exists(path + ".json")):  # (a deleted .arrow is rebuilt)
+        complete = lambda: os.path.exists(path) and os.path.exists(path + ".json")  # (a deleted .arrow is rebuilt)
+        while not complete():
             try:
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # whoever creates the lock builds the file
             except FileExistsError:  # another run, or machine (shared filesystem), builds it, or died doing so
@@ -289,7 +288,7 @@ def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num
                 time.sleep(10)
                 continue
             try:
-                if not (os.path.exists(path) and os.path.exists(path + ".json")):  # not completed meanwhile
+                if not complete():  # not completed between our check and our lock
                     _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets)
             finally:
                 os.close(fd)
@@ -1236,8 +1235,9 @@ def _math_answer_matches(answer: str, gold: str) -> bool:
     if len(values) > 3 or not all(_math_value_matches(value, expected) for value in values):
         return False
     # before the first '=': a name (no list, no alternatives, not a number), or one more form of the right value
-    name_tree = _parse_latex(math_normalize(name))
-    is_name = (not _ALTERNATIVES.search(name) and len(_split_top_level(math_normalize(name)) or "xx") == 1
+    normalized_name = math_normalize(name)
+    name_tree = _parse_latex(normalized_name)
+    is_name = (not _ALTERNATIVES.search(name) and len(_split_top_level(normalized_name) or "xx") == 1
                and (name_tree is None or _rational_value(name_tree) is None))
     return is_name or _math_value_matches(name, expected)
 
