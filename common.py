@@ -462,11 +462,19 @@ def tokenizer_fingerprint(tokenizer):
     return key.hexdigest()
 
 
-TOKENIZED_FORMAT = 3  # bump when what is stored can change (tokenize_conversation, a make_example, reading), so old files are not reused
+TOKENIZED_FORMAT = 4  # bump when what is stored can change (tokenize_conversation, a make_example, reading), so old files are not reused
 
 
 def render(tokenizer, messages, add_generation_prompt=False):
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def special_token_text(tokenizer):
+    """A regex that finds the text of any of the tokenizer's added tokens ("<|im_end|>", "<file_sep>", ...) in a message.
+    Such text tokenizes as the token itself (in open-instruct and HF's apply_chat_template alike), so an answer that
+    quotes "<|im_end|>" trains an end of turn in its middle. The stages tokenize it so too, and count those rows."""
+    texts = sorted({token.content for token in tokenizer.added_tokens_decoder.values()}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts)) or "(?!)")
 
 
 def tokenize_conversation(tokenizer, messages):

@@ -124,6 +124,7 @@ torch.manual_seed(args.seed)
 
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
 common.set_chat_template(tokenizer, args.chat_template)
+special_text = common.special_token_text(tokenizer)
 
 
 def preference_pair(where, row):
@@ -173,12 +174,14 @@ def tokenize(pair):
 
 def dpo_example(where, row):
     """(reason, columns) of one preference row for common.tokenize_once: a bad row raises ValueError naming the field."""
-    (chosen, rejected), reasons = tokenize(preference_pair(where, row)), ()
+    pair = preference_pair(where, row)
+    chosen, rejected = tokenize(pair)
+    reasons = ("special text",) if any(special_text.search(m["content"]) for side in pair for m in side) else ()
     if max(len(chosen[0]), len(rejected[0])) > args.max_seq_length:
         if args.overlong == "drop":
-            return "overlong", None
+            return reasons + ("overlong",), None
         chosen, rejected = [(ids[: args.max_seq_length], labels[: args.max_seq_length]) for ids, labels in (chosen, rejected)]
-        reasons = ("truncated",)
+        reasons += ("truncated",)
     if any(all(label == -100 for label in labels[1:]) for _, labels in (chosen, rejected)):  # a response truncated away
         return reasons + ("untrained",), None
     if chosen == rejected:  # the same response (or the same after the cut): no preference, its margin is 0 for any
@@ -213,7 +216,8 @@ total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.n
 counts = collections.Counter(data_stats["counts"])
 print0(f"{data_stats['rows']} rows -> {len(lengths)} pairs ({counts['overlong']} dropped with a side longer than "
        f"{args.max_seq_length} tokens, {counts['truncated']} truncated, {counts['untrained']} dropped with a response "
-       f"truncated away, {counts['identical']} with identical responses); {data_stats['how']} {data_stats['path']}; "
+       f"truncated away, {counts['identical']} with identical responses, {counts['special text']} with a special "
+       f"token's text in a message, tokenized as that token); {data_stats['how']} {data_stats['path']}; "
        f"global batch {global_batch_size} pairs, {steps_per_epoch} steps per epoch, {total_steps} steps; "
        f"{args.loss_type}, beta {beta}")
 

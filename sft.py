@@ -107,6 +107,7 @@ torch.manual_seed(args.seed)
 
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
 common.set_chat_template(tokenizer, args.chat_template)
+special_text = common.special_token_text(tokenizer)
 
 
 def sft_example(where, row):
@@ -115,11 +116,11 @@ def sft_example(where, row):
     if not any(m["role"] == "assistant" for m in row["messages"]):
         raise ValueError(f"{where}: field 'messages' has no assistant turn to train on")
     input_ids, labels = common.tokenize_conversation(tokenizer, row["messages"])
-    reasons = ()
+    reasons = ("special text",) if any(special_text.search(m["content"]) for m in row["messages"]) else ()
     if len(input_ids) > args.max_seq_length:
         if args.overlong == "drop":
-            return "overlong", None
-        input_ids, labels, reasons = input_ids[: args.max_seq_length], labels[: args.max_seq_length], ("truncated",)
+            return reasons + ("overlong",), None
+        input_ids, labels, reasons = input_ids[: args.max_seq_length], labels[: args.max_seq_length], reasons + ("truncated",)
     if all(label == -100 for label in labels[1:]):  # the first label is never a target (nothing predicts it)
         return reasons + ("untrained",), None
     return reasons, {"input_ids": input_ids, "labels": labels}
@@ -141,7 +142,8 @@ total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.n
 counts = collections.Counter(data_stats["counts"])
 print0(f"{data_stats['rows']} rows -> {len(lengths)} examples ({counts['overlong']} dropped as longer than "
        f"{args.max_seq_length} tokens, {counts['truncated']} truncated, {counts['untrained']} dropped with no trained "
-       f"token); {data_stats['how']} {data_stats['path']}; global batch {global_batch_size}, "
+       f"token, {counts['special text']} with a special token's text in a message, tokenized as that token); "
+       f"{data_stats['how']} {data_stats['path']}; global batch {global_batch_size}, "
        f"{steps_per_epoch} steps per epoch ({len(lengths) % global_batch_size} examples of each epoch's shuffle left "
        f"over), {total_steps} steps")
 

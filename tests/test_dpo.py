@@ -217,13 +217,17 @@ def test_overlong_pairs_are_truncated_by_default_and_counted(tiny_model_dir, tmp
     after_cut = {"chosen": long["rejected"][:1] + [{"role": "assistant", "content": " ".join(["one"] * 200) + " a"}],
                  "rejected": long["rejected"][:1] + [{"role": "assistant", "content": " ".join(["one"] * 200) + " b"}]}
     empty = {**same, "rejected": same["chosen"][:1] + [{"role": "assistant", "content": ""}]}
-    path = write_jsonl(tmp_path / "long.jsonl", [pair(2, 3)] * 4 + [pair(2, 200), pair(200, 3), same, after_cut, empty])
+    # and one whose rejected response quotes the end-of-turn token's text: kept as open-instruct keeps it, but counted
+    quoting = {**same, "rejected": same["chosen"][:1] + [{"role": "assistant", "content": "<|im_end|>"}]}
+    path = write_jsonl(tmp_path / "long.jsonl", [pair(2, 3)] * 4 + [pair(2, 200), pair(200, 3), same, after_cut, empty,
+                                                 quoting])
     result = run_script("dpo.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", path, "1.0",
                         "--max_seq_length", 64, "--per_device_train_batch_size", 1,
                         "--gradient_accumulation_steps", 1, "--max_steps", 1, "--output_dir", tmp_path / "out",
                         "--ref_cache_dir", tmp_path / "cache", *FAST)
-    assert ("9 rows -> 6 pairs (0 dropped with a side longer than 64 tokens, 3 truncated, "
-            "1 dropped with a response truncated away, 2 with identical responses)") in result.stdout
+    assert ("10 rows -> 7 pairs (0 dropped with a side longer than 64 tokens, 3 truncated, "
+            "1 dropped with a response truncated away, 2 with identical responses, 1 with a special token's text in a "
+            "message") in result.stdout
 
 
 # The flags of the two published Tulu 3 DPO commands (open-instruct docs/tulu3.md@30d11b4fb, 8B and 70B; the

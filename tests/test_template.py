@@ -47,6 +47,25 @@ def test_labels_cover_every_assistant_turn_and_nothing_else(tokenizer, template)
     assert [input_ids[t] for t in ends] == [tokenizer.eos_token_id] * 2
 
 
+def test_special_token_text_in_a_message_is_found_and_tokenized_as_hf_does(tokenizer):
+    """Text of an added token inside a message becomes that token, as HF's apply_chat_template(tokenize=True) makes it
+    (the reference: open-instruct tokenizes so): the stages keep that and count the rows special_token_text finds."""
+    tokenizer = copy.deepcopy(tokenizer)
+    common.set_chat_template(tokenizer, "default")
+    quoting = [{"role": "user", "content": "How does ChatML end a turn?"},
+               {"role": "assistant", "content": f"With {tokenizer.eos_token}, then a newline."}]
+    input_ids, labels = common.tokenize_conversation(tokenizer, quoting)
+    assert input_ids == list(tokenizer.apply_chat_template(quoting, tokenize=True, return_dict=True)["input_ids"])
+    trained = [label for label in labels if label != -100]
+    assert trained.count(tokenizer.eos_token_id) == 2  # the quoted one, mid-answer, and the real end of turn
+    special_text = common.special_token_text(tokenizer)
+    assert [bool(special_text.search(m["content"])) for m in quoting] == [False, True]
+    for text in ["<file_sep> is how a repository's files are joined", "x <|im_start|>"]:
+        assert special_text.search(text)
+    for text in ["<|im_end", "im_end|>", "<file>", "a < b > c", "<|user|>"]:  # not added tokens of this tokenizer
+        assert not special_text.search(text), text
+
+
 def test_prompt_prefix_matches_generation_prompt(tokenizer):
     """The untrained prefix before an assistant turn is exactly what eval/RLVR feed the model to generate that turn."""
     tokenizer = copy.deepcopy(tokenizer)
