@@ -12,10 +12,10 @@ One node of 8 GPUs, Tulu 3.1's 8B GRPO (48 prompts x 16 samples, 2 optimizer ste
     torchrun --nproc_per_node 8 rlvr.py --model_name_or_path allenai/Llama-3.1-Tulu-3-8B-DPO --chat_template tulu \
         --dataset_mixer_list allenai/RLVR-GSM-MATH-IF-Mixed-Constraints 1.0 --algo grpo --num_samples_per_prompt 16 \
         --num_unique_prompts_rollout 48 --num_mini_batches 2 --per_device_train_batch_size 2 --response_length 2048 --beta 0.01 \
-        --learning_rate 5e-7 --lr_scheduler_type constant --weight_decay 0.01 --temperature 1.0 --num_epochs 1 --max_steps 1000 \
-        --non_stop_penalty --penalty_reward_value 0 --vllm_gpu_memory_utilization 0.4 --output_dir output/rlvr_8b
+        --max_prompt_token_length 2048 --learning_rate 5e-7 --lr_scheduler_type constant --weight_decay 0.01 --temperature 1.0 \
+        --max_steps 1000 --non_stop_penalty --penalty_reward_value 0 --vllm_gpu_memory_utilization 0.4 --output_dir output/rlvr_8b
 Tulu 3's 8B PPO instead: --algo ppo --num_unique_prompts_rollout 224 --num_samples_per_prompt 1 --num_mini_batches 1 --num_epochs 4
-    --beta 0.05 --learning_rate 3e-7 --penalty_reward_value -10 (gamma 1.0, lam 0.95, clip 0.2); see the README.
+    --beta 0.05 --learning_rate 3e-7 --lr_scheduler_type linear --max_steps 44642 --penalty_reward_value -10; see the README.
 """
 import argparse
 import importlib.util
