@@ -63,7 +63,7 @@ parser.add_argument("--clip_grad_norm", type=float, default=1.0,
 parser.add_argument("--num_train_epochs", type=int, default=1)
 parser.add_argument("--max_steps", type=int, default=-1, help="> 0 overrides --num_train_epochs")
 parser.add_argument("--reduce_loss", default="sum", choices=["sum", "mean"],
-                    help="sum: summed token losses (Tulu 3); mean: divided by the trained tokens of the whole global batch")
+                    help="sum: summed token losses / micro-batches (Tulu 3's gradient); mean: / trained tokens of the global batch")
 parser.add_argument("--seed", type=int, default=123)
 parser.add_argument("--gradient_checkpointing", action="store_true")
 parser.add_argument("--mixed_precision", default=None, choices=["bf16", "no"],
@@ -269,7 +269,9 @@ for step in progress:
     # Every rank knows the whole global batch, so the normalizer for --reduce_loss mean needs no communication:
     # the trained tokens of all ranks and all accumulation steps together.
     global_tokens = sum(sum(label != -100 for label in labels[1:]) for _, labels in read_examples(batch))
-    loss_scale = world_size / (global_tokens if args.reduce_loss == "mean" else 1)  # FSDP averages over ranks: undo it
+    # mean: the global token mean (FSDP averages over ranks: undone). sum: the gradient Tulu 3's DeepSpeed computed,
+    # each micro-batch's summed loss / accumulation steps, averaged over ranks, so AdamW's eps and the clip act on it
+    loss_scale = world_size / global_tokens if args.reduce_loss == "mean" else 1 / args.gradient_accumulation_steps
     shares = common.micro_batch_shares(batch, lengths, world_size, args.per_device_train_batch_size,
                                        args.gradient_accumulation_steps, args.max_tokens_per_micro_batch)
     mine = shares[rank]
@@ -288,10 +290,9 @@ for step in progress:
         attended += sum(len(ids) ** 2 for ids, _ in micro_examples)
     # Tulu 3 clipped at 1.0 though no flag says so: open-instruct's DeepSpeed config has "gradient_clipping": "auto",
     # which accelerate 0.31 (the version it pinned) fills with 1.0 (accelerator.py:1621; its own --clip_grad_norm is a
-    # no-op under DeepSpeed). DeepSpeed clips the gradient of each micro-batch's loss divided by the accumulation steps
-    # and averaged over ranks; a summed loss is here summed over all of them, so its threshold is scaled alike.
-    max_norm = args.clip_grad_norm * (args.gradient_accumulation_steps * world_size if args.reduce_loss == "sum" else 1)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    # no-op under DeepSpeed).
+    max_norm = args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     lr = learning_rate(step)
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -133,26 +133,38 @@ def test_two_nodes_match_one_process(tiny_model_dir, sft_data, tmp_path):
     assert [m["grad_norm"] for m in metrics_two] == pytest.approx([m["grad_norm"] for m in metrics_one], rel=1e-4)
 
 
-def test_clipping_threshold_is_tulu_3s_deepspeed_one_whatever_the_accumulation_and_ranks(tiny_model_dir, sft_data, tmp_path):
-    """Tulu 3's DeepSpeed clipped the gradient of the loss / accumulation steps, averaged over ranks; a summed loss here
-    is summed over both, so --clip_grad_norm c must clip our gradient at c x steps x ranks. Read back from Adam's first
-    moment after the first step (exp_avg = (1 - beta1) g): unclipped it is the logged norm, clipped half of it."""
+def test_sum_loss_gradient_and_clipping_are_tulu_3s_deepspeed_ones(tiny_model_dir, tokenizer, tmp_path):
+    """Tulu 3's DeepSpeed took the gradient of each micro-batch's summed loss / accumulation steps, averaged over ranks,
+    and clipped that at 1.0: --reduce_loss sum must give the same gradient (so AdamW's eps and the clip see Tulu's
+    numbers), checked against an independent computation of the first global batch (all 8 rows; 1 rank x 4 micro-steps of 2, and
+    2 ranks x 2), and --clip_grad_norm c must clip it at c: read back from Adam's first moment, (1 - beta1) g."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
 
     def first_moment_norm(output_dir):
         dcp_to_torch_save(output_dir / "checkpoint-1", output_dir / "state.pt")
         state = torch.load(output_dir / "state.pt", weights_only=False)["optimizer"]["state"]
         return torch.sqrt(sum((entry["exp_avg"].double() ** 2).sum() for entry in state.values())).item() / (1 - 0.9)
 
-    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "16", "--max_steps", "2",
+    conversations = [[m for m in conversation(i) if m] for i in range(8)]
+    data = write_jsonl(tmp_path / "eight.jsonl", [{"messages": messages} for messages in conversations])
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0", "--max_steps", "2",
             "--checkpointing_steps", "1", "--reduce_loss", "sum", "--per_device_train_batch_size", 2, *FAST]
     unclipped = tmp_path / "unclipped"
     run_script("sft.py", *args, "--gradient_accumulation_steps", 4, "--clip_grad_norm", -1, "--output_dir", unclipped)
     norm = read_metrics(unclipped)[0]["grad_norm"]
     assert first_moment_norm(unclipped) == pytest.approx(norm, rel=1e-4)
-    # the same global batch of 8 as 2 ranks x 2 steps; a threshold of half the norm in DeepSpeed's units
+    # independent: every token loss of the 8 conversations summed, one at a time, unpacked; / (4 micro-batches)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    for messages in conversations:
+        input_ids, labels = common.tokenize_conversation(tokenizer, messages)
+        logits = model(input_ids=torch.tensor([input_ids])).logits[0]
+        F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=-100, reduction="sum").backward()
+    expected = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())).item() / 4
+    assert norm == pytest.approx(expected, rel=1e-4)
+    # the same global batch as 2 ranks x 2 micro-steps, clipped at half that norm
     clipped = tmp_path / "clipped"
-    run_script("sft.py", *args, "--gradient_accumulation_steps", 2, "--clip_grad_norm", norm / 2 / (2 * 2),
+    run_script("sft.py", *args, "--gradient_accumulation_steps", 2, "--clip_grad_norm", norm / 2,
                "--output_dir", clipped, nproc=2)
     assert read_metrics(clipped)[0]["grad_norm"] == pytest.approx(norm, rel=1e-4)  # logged before clipping
     assert first_moment_norm(clipped) == pytest.approx(norm / 2, rel=1e-4)
