@@ -1,7 +1,7 @@
 """
 Evaluate a chat model the Tulu 3 way on three skills, with greedy decoding:
   gsm8k    GSM8K test, 8-shot chain of thought (Wei et al. exemplars), last number vs gold
-  math500  MATH-500, 4-shot Minerva format, "flex" answer matching (boxed / Minerva sentence / last $..$)
+  math500  MATH-500, 4-shot Minerva format, the RLVR verifier's matching (boxed / Minerva sentence / last $..$, all right)
   ifeval   IFEval, 0-shot, Google's 25 checks, prompt- and instruction-level, strict and loose
   ifheldout  the pipeline's held-out IF-constraint prompts (data/if_heldout.jsonl, data/build_if.py), scored as ifeval
 
@@ -367,7 +367,7 @@ def stderr(values):
 
 
 def score(pairs, output_dir):
-    """Score every (example, response, prompt text) as the task's reference implementation does, the response cut at
+    """Score every (example, response, prompt text) with common.verify's rules (IFEval: Google's), the response cut at
     the task's first stop string; write <task>_records.jsonl (with the whole prompt as "input" when generated here) and
     results.json to output_dir; return ({task: {metric: value}}, {task: [per-prompt score of the headline metric]})."""
     os.makedirs(output_dir, exist_ok=True)
