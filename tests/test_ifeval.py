@@ -21,6 +21,15 @@ INPUTS = {row["prompt"]: row for row in _jsonl("data/ifeval_input_data.jsonl")}
 RESPONSES = {row["prompt"]: row["response"] for row in _jsonl("tests/fixtures/ifeval_gpt4_responses.jsonl")}
 
 
+def test_the_data_is_googles_541_prompts():
+    """The copy this project started from had 540 (key 2785 missing); eval.py's IFEval is Google's 541."""
+    rows = _jsonl("data/ifeval_input_data.jsonl")
+    assert len(rows) == len({row["key"] for row in rows}) == len(INPUTS) == 541
+    shinto = next(row for row in rows if row["key"] == 2785)
+    response = "*Torii* and *the main hall* and *offerings* at [name], [address] and [date]."
+    assert ifeval_follow(response, shinto["instruction_id_list"], shinto["kwargs"], shinto["prompt"]) == [True, True]
+
+
 @pytest.mark.parametrize("mode", ["strict", "loose"])
 def test_reproduces_google_scoring_of_gpt4(mode):
     google = _jsonl(f"tests/fixtures/ifeval_gpt4_eval_{mode}.jsonl")
