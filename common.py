@@ -1237,20 +1237,32 @@ def _math_answer_matches(answer: str, gold: str) -> bool:
         expected = math_normalize(value)
     else:
         expected = math_normalize(gold)
+        gold_tree = _parse_latex(expected)
+        if "=" in answer and gold_tree is not None and gold_tree[:3] == ["seq", "", ""]:
+            # a list of solutions ("1,-2", "1 \\pm \\sqrt{19}") stated as equations, "x = 1, x = -2" or
+            # "x = 1 \\text{ or } x = -2": one named value per solution, compared as the list (any order, each once)
+            equations = [piece.split("=") for piece in _SOLUTION_SEPARATORS.split(answer)]
+            if len(equations) == len(gold_tree[3]) and all(len(eq) == 2 and _is_name(eq[0]) for eq in equations):
+                return _math_value_matches(",".join(value for _, value in equations), expected)
     name, *values = answer.split("=")
     if not values:
         return _math_value_matches(name, expected)
     if len(values) > 3 or not all(_math_value_matches(value, expected) for value in values):
         return False
-    # before the first '=': a name (no list, no alternatives, not a number), or one more form of the right value
-    normalized_name = math_normalize(name)
-    name_tree = _parse_latex(normalized_name)
-    is_name = (not _ALTERNATIVES.search(name) and len(_split_top_level(normalized_name) or "xx") == 1
-               and (name_tree is None or _rational_value(name_tree) is None))
-    return is_name or _math_value_matches(name, expected)
+    # before the first '=': a name, or one more form of the right value
+    return _is_name(name) or _math_value_matches(name, expected)
 
 
 _ALTERNATIVES = re.compile(r";|\\q?quad|\\lor|\\vee|\bor\b|\band\b")  # between two answers, as "4 or x = 5"
+_SOLUTION_SEPARATORS = re.compile(r",|;|\\q?quad|\\lor|\\vee|\\text\{\s*(?:or|and)\s*\}|\b(?:or|and)\b")
+
+
+def _is_name(text: str) -> bool:
+    """The left of an answer's '=' names what it gives ("x", "f(3)", "AB"): no list, no alternatives, not a number."""
+    normalized = math_normalize(text)
+    tree = _parse_latex(normalized)
+    return (not _ALTERNATIVES.search(text) and len(_split_top_level(normalized) or "xx") == 1
+            and (tree is None or _rational_value(tree) is None))
 
 
 def _math_value_matches(answer: str, expected: str) -> bool:

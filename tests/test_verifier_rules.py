@@ -91,6 +91,13 @@ def test_math_solution_lists_are_sets_and_not_numbers():
     assert math_score("$\\boxed{1 - \\sqrt{19}, 1 + \\sqrt{19}}$", "1 \\pm \\sqrt{19}") == 1.0  # before: 0
     assert math_score("$\\boxed{1 + \\sqrt{19}}$", "1 \\pm \\sqrt{19}") == 0.0  # half of the solutions
     assert math_score("$\\boxed{4 \\pm 0}$", "4") == 0.0
+    # the solutions stated as equations, one per solution (before: 0, as the release, which reads the last '=' only)
+    assert math_score("$\\boxed{x = 1, x = -2}$", "1,-2") == 1.0
+    assert math_score("$\\boxed{x = -2 \\text{ or } x = 1}$", "1,-2") == 1.0
+    assert math_score("$\\boxed{x_1 = 1 - \\sqrt{19}, x_2 = 1 + \\sqrt{19}}$", "1 \\pm \\sqrt{19}") == 1.0
+    assert math_score("$\\boxed{x = 3, x = 5, x = 7}$", "3, 5, 7") == 1.0
+    for wrong in ["x = 1, x = 2", "x = 1, x = -2, x = 3", "x = 1, x = 1", "1 = 1, -2 = -2", "x = 1 \\text{ or } x = 1"]:
+        assert math_score(f"$\\boxed{{{wrong}}}$", "1,-2") == 0.0, wrong
     assert math_score("$\\boxed{[-2, 7]}$", "x \\in [-2,7]") == 1.0  # before: 0 (the question asks for an interval)
     assert math_score("$\\boxed{[-2, 8]}$", "x \\in [-2,7]") == 0.0
     assert math_score("$\\boxed{(2, 1)}$", "(1, 2)") == 0.0  # a tuple keeps its order
@@ -262,6 +269,7 @@ TABLE = [
     ("math-bare", "math", "9", "9", 1, None, 0),
     ("math-list-any-order", "math", "\\boxed{-2, 1}", "1,-2", 0, None, 1),
     ("math-list-first-element", "math", "\\boxed{1, 99}", "1,-2", 1, None, 0),
+    ("math-list-equations", "math", "\\boxed{x = 1, x = -2}", "1,-2", 0, None, 1),
     ("math-interval-x-in", "math", "\\boxed{[-2, 7]}", "x \\in [-2,7]", 0, None, 1),
     ("math-restated-question", "math", "What is the value of $513^2 - 487^2$?", "26000", 1, None, 0),
     ("math-equation-hedge", "math", "\\boxed{x = 4 \\text{ or } x = 5}", "5", 1, None, 0),
