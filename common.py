@@ -926,6 +926,10 @@ def _parse_latex(s: str):
     s = s.replace(" ", "")
     if not s or len(s) > _MAX_PARSE_CHARS:
         return None
+    if s.startswith("\\{") and s.endswith("\\}"):  # a set, {1\pm\sqrt{5}, -2}: the bare list of its elements
+        s = s[2:-2]
+        if not s:
+            return None
     try:
         if s[0] in "([" and s[-1] in ")]":  # (1,2), [2,5), (-\infty,3]
             items = _split_top_level(s[1:-1])

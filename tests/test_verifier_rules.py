@@ -96,6 +96,12 @@ def test_math_solution_lists_are_sets_and_not_numbers():
     assert math_score("$\\boxed{x = -2 \\text{ or } x = 1}$", "1,-2") == 1.0
     assert math_score("$\\boxed{x_1 = 1 - \\sqrt{19}, x_2 = 1 + \\sqrt{19}}$", "1 \\pm \\sqrt{19}") == 1.0
     assert math_score("$\\boxed{x = 3, x = 5, x = 7}$", "3, 5, 7") == 1.0
+    # a set is its bare list (MATH-500 has one set gold): before, 0 for any other way of writing it
+    assert "\\{1\\pm\\sqrt{5},-2\\}" in golds
+    assert math_score("$\\boxed{-2, 1 + \\sqrt{5}, 1 - \\sqrt{5}}$", "\\{1\\pm\\sqrt{5},-2\\}") == 1.0
+    assert math_score("$\\boxed{\\{-2, 1\\}}$", "1,-2") == 1.0
+    assert math_score("$\\boxed{-2, 1 + \\sqrt{5}}$", "\\{1\\pm\\sqrt{5},-2\\}") == 0.0
+    assert math_score("$\\boxed{\\{\\}}$", "4") == 0.0
     for wrong in ["x = 1, x = 2", "x = 1, x = -2, x = 3", "x = 1, x = 1", "1 = 1, -2 = -2", "x = 1 \\text{ or } x = 1"]:
         assert math_score(f"$\\boxed{{{wrong}}}$", "1,-2") == 0.0, wrong
     assert math_score("$\\boxed{[-2, 7]}$", "x \\in [-2,7]") == 1.0  # before: 0 (the question asks for an interval)
