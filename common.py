@@ -594,7 +594,15 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 def materialize(model, device):
     """A model built on the meta device (and sharded) gets real, uninitialized storage on `device`; the rotary
-    embeddings' non-persistent buffers, which no checkpoint stores, are rebuilt, since loading weights never fills them."""
+    embeddings' non-persistent buffers, which no checkpoint stores, are rebuilt, since loading weights never fills them.
+    A config that ties the LM head to the input embeddings must have built one matrix: transformers 5.0.0 built two on
+    the meta device, so the head trained apart and was lost when the saved model was reloaded tied."""
+    head = model.get_output_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) and head is not None and head.weight is not model.get_input_embeddings().weight:
+        import transformers
+
+        raise SystemExit(f"error: the config ties the LM head to the input embeddings, but transformers "
+                         f"{transformers.__version__} built them apart; use transformers >= 5.1")
     model.to_empty(device=device)
     for module in model.modules():
         if hasattr(module, "inv_freq"):

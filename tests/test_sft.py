@@ -136,6 +136,22 @@ def test_two_nodes_match_one_process(tiny_model_dir, sft_data, tmp_path):
     assert [m["grad_norm"] for m in metrics_two] == pytest.approx([m["grad_norm"] for m in metrics_one], rel=1e-4)
 
 
+def test_a_tied_lm_head_built_apart_is_refused(tiny_model_dir, sft_data, tmp_path):
+    """transformers 5.0.0 built a tied config's LM head as a second matrix on the meta device: it trained apart from
+    the embeddings, and the saved model, reloaded tied, lost it. Simulated by making tie_weights a no-op (the test's
+    2-layer Llama ties): the stages (common.materialize) must refuse to train, not train the wrong model."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import transformers\n"
+                                           "transformers.PreTrainedModel.tie_weights = lambda self, *args, **kwargs: None\n")
+    result = run_script("sft.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "8",
+                        "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--max_steps", 1,
+                        "--output_dir", tmp_path / "out", *FAST, check=False,  # an environment of its own: a fresh
+                        env=dict(SCRIPT_ENV, PYTHONPATH=str(site), UNTIED="1"))  # interpreter, which runs sitecustomize
+    assert result.returncode != 0 and "built them apart; use transformers >= 5.1" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_sum_loss_gradient_and_clipping_are_tulu_3s_deepspeed_ones(tiny_model_dir, tokenizer, tmp_path):
     """Tulu 3's DeepSpeed took the gradient of each micro-batch's summed loss / accumulation steps, averaged over ranks,
     and clipped that at 1.0: --reduce_loss sum must give the same gradient (so AdamW's eps and the clip see Tulu's
