@@ -1266,7 +1266,7 @@ def _math_answer_matches(answer: str, gold: str) -> bool:
 
 
 _ALTERNATIVES = re.compile(r";|\\q?quad|\\lor|\\vee|\bor\b|\band\b")  # between two answers, as "4 or x = 5"
-_SOLUTION_SEPARATORS = re.compile(r",|;|\\q?quad|\\lor|\\vee|\\text\{\s*(?:or|and)\s*\}|\b(?:or|and)\b")
+_SOLUTION_SEPARATORS = re.compile(r",|\\text\{\s*(?:or|and)\s*\}|" + _ALTERNATIVES.pattern)  # "x = 1, x = -2"
 
 
 def _is_name(text: str) -> bool:
