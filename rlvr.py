@@ -233,9 +233,7 @@ def forward(model, samples, temperature=args.temperature):
 
 # vLLM's engine must live in this process (not a V1 engine-core subprocess) for its weights to be reachable: set before import
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-backend = args.generator
-if backend == "auto":
-    backend = "vllm" if use_cuda and importlib.util.find_spec("vllm") else "hf"
+backend = ("vllm" if use_cuda and importlib.util.find_spec("vllm") else "hf") if args.generator == "auto" else args.generator
 gen_tp = args.vllm_tensor_parallel_size if backend == "vllm" else 1
 gen_dtype = getattr(torch, args.generator_dtype or ("bfloat16" if bf16 else "float32"))
 tolerance = args.self_check_tolerance or (0.5 if gen_dtype == torch.bfloat16 else 1e-4)
@@ -528,14 +526,16 @@ for step in progress:
             s["advantages"] = ((s["gae"] - mean) * (var + 1e-8).rsqrt()).float()
 
     # --- policy (and value) updates: num_epochs x num_mini_batches optimizer steps ---------------------------------------
-    lr = args.learning_rate * (1 - step / args.max_steps if args.lr_scheduler_type == "linear" else 1.0)
-    for group in optimizer.param_groups + (value_optimizer.param_groups if value_optimizer else []):
-        group["lr"] = lr
     per_mini = P // args.num_mini_batches  # prompts per mini-batch; mini-batch m = batch positions [m * per_mini, ...)
     sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in ("pg_loss", "vf_loss", "clipped", "entropy", "tokens")}
     first_ratio, grad_norms, value_grad_norms = None, [], []
     for epoch in range(args.num_epochs):
         for m in range(args.num_mini_batches):
+            # "linear" decays at every optimizer step, to 0 after the last, as open-instruct's (grpo_fast.py:376-382@e6c3044aa)
+            done = ((step * args.num_epochs + epoch) * args.num_mini_batches + m) / (args.max_steps * args.num_epochs * args.num_mini_batches)
+            lr = args.learning_rate * (1 - done if args.lr_scheduler_type == "linear" else 1.0)
+            for group in optimizer.param_groups + (value_optimizer.param_groups if value_optimizer else []):
+                group["lr"] = lr
             mini = [s for s in samples if s["position"] // per_mini == m]
             tokens = torch.tensor(float(sum(len(s["response"]) for s in mini)), dtype=torch.float64, device=device)
             dist.all_reduce(tokens)  # token-level normalization over the whole mini-batch, all ranks

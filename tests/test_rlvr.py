@@ -106,19 +106,26 @@ def test_two_processes_match_one(tiny_model_dir, rlvr_data, tmp_path):
     assert one[1]["kl"] > 0
 
 
-def test_weight_decay_alone_shrinks_every_weight_by_lr_times_decay_per_step(tiny_model_dir, rlvr_data, tmp_path):
+@pytest.mark.parametrize("schedule, epochs, mini_batches", [("constant", 1, 1), ("linear", 2, 2)])
+def test_weight_decay_alone_shrinks_every_weight_by_lr_times_decay_per_step(tiny_model_dir, rlvr_data, tmp_path, schedule,
+                                                                           epochs, mini_batches):
     """--weight_decay reaches AdamW (Tulu 3's runs kept torch's 0.01): with every reward 0 (--verification_reward 0) the
     advantages are 0 and, with no reference (--beta 0), so is every gradient, hence Adam's step; what is left is the
-    decoupled decay, w <- w (1 - lr wd), once per optimizer step: 2 steps here."""
+    decoupled decay, w <- w (1 - lr_s wd), once per optimizer step s. That reads the learning rate of every optimizer
+    step: 2 rollouts x epochs x mini-batches of them. "linear" decays at each one, lr_s = lr (1 - s / 8) for s = 0..7 as
+    open-instruct's scheduler (grpo_fast.py:376-382@e6c3044aa), not once per rollout (that gave a factor 1 - 6 lr wd)."""
     lr, decay = 1e-3, 0.5
     run_script("rlvr.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", rlvr_data, "1.0", "--max_steps", 2,
                "--verification_reward", 0, "--beta", 0, *FAST, "--learning_rate", lr, "--weight_decay", decay,
+               "--lr_scheduler_type", schedule, "--num_epochs", epochs, "--num_mini_batches", mini_batches,
                "--output_dir", tmp_path / "out")
     from safetensors.torch import load_file
 
+    n = 2 * epochs * mini_batches
+    factor = math.prod(1 - lr * (1 - s / n if schedule == "linear" else 1) * decay for s in range(n))
     initial, trained = (load_file(os.path.join(d, "model.safetensors")) for d in (tiny_model_dir, tmp_path / "out"))
     for name, weight in initial.items():
-        torch.testing.assert_close(trained[name], weight * (1 - lr * decay) * (1 - lr * decay), rtol=1e-6, atol=0, msg=name)
+        torch.testing.assert_close(trained[name], weight * factor, rtol=1e-6, atol=0, msg=name)
 
 
 def test_gradient_checkpointing_changes_no_number(tiny_model_dir, rlvr_data, tmp_path):
