@@ -97,7 +97,8 @@ def iter_rows(source):
             for line_number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                row = _parse_json(line, f"{source}:{line_number}")
+                # without its line end, a row cut short is reported at its end, not at "column 1" after the newline
+                row = _parse_json(line.rstrip(b"\r\n"), f"{source}:{line_number}")
                 if not isinstance(row, dict):
                     raise ValueError(f"{source}:{line_number}: expected a JSON object, got {type(row).__name__}")
                 yield f"{source}:{line_number}", row

@@ -305,6 +305,8 @@ def test_tokenizing_workers_run_whatever_multiprocessing_start_method_is_the_def
     ("twice.jsonl", b'{"messages": [{"role": "user", "content": "a"}], "messages": []}\n', "twice.jsonl:1: duplicate key 'messages'"),
     # lone "\r" line ends: text mode read 2 rows while count_rows counted 1 line, so weight 1.0 kept only the first
     ("mac.jsonl", b'{"a": 1}\r{"a": 2}\r', "mac.jsonl:1: not valid JSON (Extra data at column 10)"),
+    # a row cut short (its closing brace lost): the error stood at "column 1", after the line's newline
+    ("cut.jsonl", b'{"a": 1}\n{"a": [2]\r\n{"a": 3}\n', "cut.jsonl:2: not valid JSON (Expecting ',' delimiter at column 10)"),
     # .json: json.load's errors named no file, and a non-object element reached make_example (AttributeError there)
     ("bad.json", b'[{"a": 1},\n {"a": 2}', "bad.json: not valid JSON (Expecting ',' delimiter at line 2, column 10)"),
     ("lines.json", b'{"a": 1}\n{"a": 2}\n', "lines.json: not valid JSON (Extra data at line 2, column 1)"),
