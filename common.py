@@ -1229,7 +1229,8 @@ def _symbolic_match(gold_tree, candidate_trees, timeout: float = MATH_SYMBOLIC_T
 
 def _math_answer_matches(answer: str, gold: str) -> bool:
     """Does one committed answer equal the gold? Equal normalized strings, or equal exact rationals, or sympy says
-    the difference simplifies to 0 (in the worker, under MATH_SYMBOLIC_TIMEOUT_S).
+    the difference simplifies to 0 (in the worker, under MATH_SYMBOLIC_TIMEOUT_S); a word gold ("\\text{east}") only
+    as written.
 
     Equations: a gold without '=' is compared with what follows each '=' of the answer (Minerva: "x = 5" is 5, and
     "x = 2 + 3 = 5" too), and what precedes the first '=' must name the answer ("x", "f(3)", "AB") or equal it as well:
@@ -1239,6 +1240,10 @@ def _math_answer_matches(answer: str, gold: str) -> bool:
     """
     if len(answer) > _MAX_PARSE_CHARS:  # a "final answer" longer than this is not one
         return False
+    if _TEXT_WORDS.fullmatch(gold.strip()):
+        # a word ("\\text{east}", "\\text{Evelyn}") is compared as written: parsed, it is the product of its letters,
+        # which every anagram equals ("seat": the release pays it)
+        return math_normalize(answer) == math_normalize(gold)
     gold_equation = math_normalize(gold, keep_equation=True)
     if "=" in gold_equation:
         if math_normalize(answer, keep_equation=True) == gold_equation:
@@ -1266,6 +1271,7 @@ def _math_answer_matches(answer: str, gold: str) -> bool:
     return _is_name(name) or _math_value_matches(name, expected)
 
 
+_TEXT_WORDS = re.compile(r"\\(?:text|textbf|mbox)\{[A-Za-z ]+\}")
 _ALTERNATIVES = re.compile(r";|\\q?quad|\\lor|\\vee|\bor\b|\band\b")  # between two answers, as "4 or x = 5"
 _SOLUTION_SEPARATORS = re.compile(r",|\\text\{\s*(?:or|and)\s*\}|" + _ALTERNATIVES.pattern)  # "x = 1, x = -2"
 

@@ -112,6 +112,24 @@ def test_math_solution_lists_are_sets_and_not_numbers():
     assert math_score("$\\boxed{11\\%}$", "10") == 0.0
 
 
+
+def test_math_words_are_words_not_products_of_letters():
+    # MATH-500's word golds: parsed, "\text{east}" is e*a*s*t, which every anagram equals (before: "seat" paid 1)
+    golds = {r["answer"] for r in MATH500}
+    assert {"\\text{east}", "\\text{Evelyn}", "\\text{Navin}", "\\text{even}", "\\text{ellipse}"} <= golds
+    for response in ["$\\boxed{\\text{east}}$", "$\\boxed{east}$", "$\\boxed{\\textbf{ east }}$",
+                     "Final Answer: The final answer is east. I hope it is correct."]:
+        assert math_score(response, "\\text{east}") == 1.0, response
+    for wrong in ["\\text{seat}", "seat", "\\text{teas}", "\\text{eats}", "e \\cdot a \\cdot s \\cdot t"]:
+        assert math_score(f"$\\boxed{{{wrong}}}$", "\\text{east}") == 0.0, wrong
+    assert math_score("$\\boxed{\\text{Nivan}}$", "\\text{Navin}") == 0.0
+    assert math_score("$\\boxed{\\text{Navin}}$", "\\text{Navin}") == 1.0
+    # algebra keeps its products: a gold that is not a \text word still equals its rearrangements
+    assert math_score("$\\boxed{yx}$", "xy") == 1.0
+    assert math_score("$\\boxed{2ba}$", "2ab") == 1.0
+    assert math_score("$\\boxed{\\text{(C)}}$", "\\text{(C)}") == 1.0
+
+
 ALL_CAPS_ENGLISH = [
     "NASA LAUNCHED A NEW SATELLITE IN 2021.", "THE MEETING STARTS AT NINE.", "I LIKE GREEN TEA.",
     "OUR TEAM WON THE MATCH YESTERDAY.", "PLEASE CALL ME BACK TOMORROW.", "THE CAT SLEPT ON THE MAT ALL DAY.",
@@ -280,6 +298,7 @@ TABLE = [
     ("math-restated-question", "math", "What is the value of $513^2 - 487^2$?", "26000", 1, None, 0),
     ("math-equation-hedge", "math", "\\boxed{x = 4 \\text{ or } x = 5}", "5", 1, None, 0),
     ("math-dollar-menu", "math", "\\boxed{$4$ or $5$}", "4", 1, None, 0),
+    ("math-word-anagram", "math", "\\boxed{\\text{seat}}", "\\text{east}", 1, None, 0),
     ("if-blank", "ifeval", "", {"func_name": "validate_no_commas"}, 1, 0, 0),
     ("if-invisible", "ifeval", "\u200b", {"func_name": "validate_no_commas"}, 1, None, 0),
     ("if-list", "ifeval", "an apple, a pear.",
