@@ -854,18 +854,20 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     "5x - 7y + 11z + 4 = 0" must not collapse to "0"); delete articles, spaces, '\\$', unit words and degree signs;
     unwrap $...$, \\text{}, \\textbf{}, \\overline{}, \\boxed{}; expand \\frac12 and \\sqrt2 shorthands; drop '$';
     "100,000" -> "100000". Our additions, which only ever make more equal answers compare equal: \\dfrac/\\tfrac ->
-    \\frac, drop \\left, \\right, '\\!' and '\\%' (as Hendrycks' strip_string, which the release also tries: "10\\%" is
-    the gold 10 of a percent question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is the interval the question
-    asks for), and spaces around a matrix row break '\\\\' (applied first; Minerva's "\\ " -> "" rule would otherwise
-    eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}' intact, strip a trailing '.', read U+2212
-    as '-'. Narrower than Minerva's, where its rule made a wrong answer or a menu equal: commas are dropped only from
-    thousands groups ("100,000", "-1,000", "10,000.5"), never from a list of solutions ("3, 5, 7" is not the number
-    357), as in gsm8k_extract; an article is deleted only before a word ("a + 5" is not 5); $...$ is unwrapped only
-    when there is one span ("$4$ or $5$" is not 4); a repeating decimal keeps its bar (0.\\overline{3} is not 0.3).
+    \\frac, unwrap \\mathrm{} and \\mathbf{}, drop \\displaystyle and \\textstyle, read the spaces '\\,' and '~' as
+    spaces ("10\\,080" is 10080), drop \\left, \\right, '\\!' and '\\%' (as Hendrycks' strip_string, which the release
+    also tries: "10\\%" is the gold 10 of a percent question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is
+    the interval the question asks for, also inside $...$), and spaces around a matrix row break '\\\\' (applied first;
+    Minerva's "\\ " -> "" rule would otherwise eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}'
+    intact, strip a trailing '.' (also after thousands groups: "58,500." is 58500), read U+2212 as '-'. Narrower than
+    Minerva's, where its rule made a wrong answer or a menu equal: commas are dropped only from thousands groups
+    ("100,000", "-1,000", "10,000.5"), never from a list of solutions ("3, 5, 7" is not the number 357), as in
+    gsm8k_extract; an article is deleted only before a word ("a + 5" is not 5); $...$ is unwrapped only when there is
+    one span ("$4$ or $5$" is not 4); a repeating decimal keeps its bar (0.\\overline{3} is not 0.3).
     """
     s = "\\\\".join(part.strip() for part in answer.split("\\\\"))  # "-7 \\ 16" -> "-7\\16", as a model writes it
     for before, after in [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
-                          ("\\!", ""), ("\\%", "")]:
+                          ("\\!", ""), ("\\%", ""), ("\\displaystyle", ""), ("\\textstyle", ""), ("\\,", " "), ("~", " ")]:
         s = s.replace(before, after)
     s = s.replace("\u2212", "-")
     # "2 \cdot x" would lose its space below and read as the unknown command "\cdotx": the operators become symbols
@@ -880,23 +882,23 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
         s = s.replace(before, after)
     for junk in _MINERVA_DELETE:
         s = s.replace(junk, "")
-    s = re.sub(r"^[a-zA-Z]\\in(?![a-zA-Z])", "", s)  # "x\in[-2,7]" -> "[-2,7]" (spaces are gone by now)
     first = s.find("$")
     second = s.find("$", first + 1) if first >= 0 else -1
     if second >= 0 and s.find("$", second + 1) < 0:  # one $...$ span: the answer (Minerva: the first of several,
         s = s[first + 1:second]  # which paid "$4$ or $5$" for 4; several stay as written, dollars dropped below)
+    s = re.sub(r"^[a-zA-Z]\\in(?![a-zA-Z])", "", s)  # "x\in[-2,7]" -> "[-2,7]" (spaces are gone by now)
     s = re.sub(r"(\d\.\d*)\\overline\{(\d+)\}", r"\1(\2)", s)  # 0.\overline{3} -> 0.(3): only itself, not 0.3
-    for command in ("\\text{", "\\textbf{", "\\overline{"):
+    for command in ("\\text{", "\\textbf{", "\\mathrm{", "\\mathbf{", "\\overline{"):
         s = _unwrap(s, command)
     start, end = s.find("\\boxed{"), s.rfind("}")
     if 0 <= start < end:  # greedy, as Minerva: up to the LAST closing brace
         s = s[:start] + s[start + len("\\boxed{"):end] + s[end + 1:]
     s = re.sub(r"frac([^{])(.)", r"frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}, \frac1b -> \frac{1}{b}
     s = re.sub(r"sqrt([^{\[])", r"sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
-    s = s.replace("$", "")
+    s = s.replace("$", "").strip().rstrip(".")  # (the final '.' first: "58,500." is the number 58500)
     if _THOUSANDS_GROUPED.fullmatch(s):
         s = s.replace(",", "")
-    return s.strip().rstrip(".")
+    return s
 
 
 # --- MATH: a small, safe LaTeX parser -------------------------------------------

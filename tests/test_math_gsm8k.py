@@ -85,6 +85,16 @@ def test_math_extract_commitments():
     ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
     ("4.", "4"),
     ("$\\frac{2}{3}$", "\\frac{2}{3}"),
+    # as models write them (before, each stayed apart from the plain form): spacing commands, \displaystyle,
+    # \mathrm / \mathbf, a final '.' after thousands groups, "x \in" inside $...$
+    ("10\\,080", "10080"),
+    ("5~\\text{cm}", "5"),
+    ("5\\mathrm{~cm}", "5"),
+    ("\\displaystyle \\frac{1}{2}", "\\frac{1}{2}"),
+    ("\\mathbf{(C)}", "(C)"),
+    ("58,500.", "58500"),
+    ("$x \\in [-2,7]$", "[-2,7]"),
+    ("2\\pi\\,r", "2\\pi*r"),
 ])
 def test_math_normalize(raw, normalized):
     assert math_normalize(raw) == normalized
