@@ -853,21 +853,23 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     Minerva's steps: keep what follows the last '=' (unless `keep_equation`: an equation gold such as the plane
     "5x - 7y + 11z + 4 = 0" must not collapse to "0"); delete articles, spaces, '\\$', unit words and degree signs;
     unwrap $...$, \\text{}, \\textbf{}, \\overline{}, \\boxed{}; expand \\frac12 and \\sqrt2 shorthands; drop '$';
-    "100,000" -> "100000". Our additions, which only ever make more equal answers compare equal: \\dfrac/\\tfrac ->
-    \\frac, unwrap \\mathrm{} and \\mathbf{}, drop \\displaystyle and \\textstyle, read the spaces '\\,' and '~' as
-    spaces ("10\\,080" is 10080), drop \\left, \\right, '\\!' and '\\%' (as Hendrycks' strip_string, which the release
-    also tries: "10\\%" is the gold 10 of a percent question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is
-    the interval the question asks for, also inside $...$), and spaces around a matrix row break '\\\\' (applied first;
-    Minerva's "\\ " -> "" rule would otherwise eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}'
-    intact, strip a trailing '.' (also after thousands groups: "58,500." is 58500), read U+2212 as '-'. Narrower than
-    Minerva's, where its rule made a wrong answer or a menu equal: commas are dropped only from thousands groups
-    ("100,000", "-1,000", "10,000.5"), never from a list of solutions ("3, 5, 7" is not the number 357), as in
-    gsm8k_extract; an article is deleted only before a word ("a + 5" is not 5); $...$ is unwrapped only when there is
-    one span ("$4$ or $5$" is not 4); a repeating decimal keeps its bar (0.\\overline{3} is not 0.3).
+    "100,000" -> "100000". Our additions, which only ever make more equal answers compare equal: \\dfrac/\\tfrac/\\cfrac
+    -> \\frac, \\varnothing -> \\emptyset, drop '%', the degree sign and the unit "radians", unwrap \\mathrm{} and
+    \\mathbf{}, drop \\displaystyle and \\textstyle, read the spaces '\\,' and '~' as spaces ("10\\,080" is 10080), drop
+    \\left, \\right, '\\!' and '\\%' (as Hendrycks' strip_string, which the release also tries: "10\\%" is the gold 10
+    of a percent question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is the interval the question asks for,
+    also inside $...$), and spaces around a matrix row break '\\\\' (applied first; Minerva's "\\ " -> "" rule would
+    otherwise eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}' intact, strip a trailing '.' (also
+    after thousands groups: "58,500." is 58500), read U+2212 as '-'. Narrower than Minerva's, where its rule made a
+    wrong answer or a menu equal: commas are dropped only from thousands groups ("100,000", "-1,000", "10,000.5"), never
+    from a list of solutions ("3, 5, 7" is not the number 357), as in gsm8k_extract; an article is deleted only before a
+    word ("a + 5" is not 5); $...$ is unwrapped only when there is one span ("$4$ or $5$" is not 4); a repeating decimal
+    keeps its bar (0.\\overline{3} is not 0.3).
     """
     s = "\\\\".join(part.strip() for part in answer.split("\\\\"))  # "-7 \\ 16" -> "-7\\16", as a model writes it
-    for before, after in [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),
-                          ("\\!", ""), ("\\%", ""), ("\\displaystyle", ""), ("\\textstyle", ""), ("\\,", " "), ("~", " ")]:
+    for before, after in [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\left", ""),
+                          ("\\right", ""), ("\\!", ""), ("\\%", ""), ("%", ""), ("\\displaystyle", ""), ("\\textstyle", ""),
+                          ("\\,", " "), ("~", " "), ("\u00b0", ""), ("radians", ""), ("\\varnothing", "\\emptyset")]:
         s = s.replace(before, after)
     s = s.replace("\u2212", "-")
     # "2 \cdot x" would lose its space below and read as the unknown command "\cdotx": the operators become symbols

@@ -95,6 +95,11 @@ def test_math_extract_commitments():
     ("58,500.", "58500"),
     ("$x \\in [-2,7]$", "[-2,7]"),
     ("2\\pi\\,r", "2\\pi*r"),
+    ("10%", "10"),
+    ("\\cfrac{1}{2}", "\\frac{1}{2}"),
+    ("30\u00b0", "30"),
+    ("\\frac{\\pi}{2}\\text{ radians}", "\\frac{\\pi}{2}"),
+    ("\\varnothing", "\\emptyset"),
 ])
 def test_math_normalize(raw, normalized):
     assert math_normalize(raw) == normalized
