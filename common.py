@@ -835,6 +835,9 @@ _MINERVA_DELETE = [
     "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}",
     "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;", ",\\!", "{,}", '"', "\\dots",
 ]
+# Minerva deletes them wherever they stand, in "\\infty" too ("ft": "\\iny", which no parser knows, so an interval
+# with an infinite end was compared only as a string); we skip command names
+_UNIT_WORDS = re.compile(r"\\[A-Za-z]+|" + "|".join(re.escape(junk) for junk in _MINERVA_DELETE if junk.isalpha()))
 
 
 def _unwrap(s: str, opener: str) -> str:
@@ -882,8 +885,10 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     s = re.sub(r"(?<![A-Za-z\\])an? (?=[A-Za-z])", "", s)
     for before, after in _MINERVA_REPLACE:
         s = s.replace(before, after)
+    s = _UNIT_WORDS.sub(lambda m: m[0] if m[0][0] == "\\" else "", s)  # a unit word, but not inside a command
     for junk in _MINERVA_DELETE:
-        s = s.replace(junk, "")
+        if not junk.isalpha():
+            s = s.replace(junk, "")
     first = s.find("$")
     second = s.find("$", first + 1) if first >= 0 else -1
     if second >= 0 and s.find("$", second + 1) < 0:  # one $...$ span: the answer (Minerva: the first of several,
@@ -908,7 +913,9 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
 # tiny grammar ourselves into a JSON-able tree of lists:
 #   ["num", "2.5"] ["sym", "x"] ["pi"] ["inf"] ["neg", a] ["add"|"sub"|"mul"|"div"|"pow", a, b]
 #   ["sqrt", a] ["root", a, n] ["seq", open, close, [items]]   (tuples, intervals, bare lists)
-# Anything outside it (matrices, \pm, \cup, functions, text) returns None and is compared as a string.
+#   ["union", [intervals]]   (intervals joined by \cup)
+# Anything outside it (matrices, \pm, functions, text, \cup of anything but intervals) returns None and is compared
+# as a string.
 
 _MAX_PARSE_CHARS = 1000  # real answers are short (MATH-500's longest is 53 chars)
 _MAX_PARSE_DEPTH = 50
@@ -943,6 +950,11 @@ def _parse_latex(s: str):
         s = s[2:-2]
         if not s:
             return None
+    if "\\cup" in s:  # (-\infty,2)\cup(3,\infty): a union of intervals (\cup in anything else: outside the grammar)
+        intervals = [_parse_latex(part) for part in s.split("\\cup")]
+        if all(t is not None and t[0] == "seq" and t[1] in ("(", "[") and len(t[3]) == 2 for t in intervals):
+            return ["union", intervals]
+        return None
     try:
         if s[0] in "([" and s[-1] in ")]":  # (1,2), [2,5), (-\infty,3]
             items = _split_top_level(s[1:-1])
@@ -1153,20 +1165,27 @@ def _to_sympy(node):
             "div": lambda: a / b, "pow": lambda: a ** b}[kind]()
 
 
+def _each_once(xs, ys) -> bool:
+    """Each tree of xs equals its own tree of ys (as many of each): the elements of two sets, in any order."""
+    rest = list(ys)
+    for x in xs:
+        match = next((i for i, y in enumerate(rest) if _sympy_equal(x, y)), None)
+        if match is None:
+            return False
+        rest.pop(match)
+    return not rest
+
+
 def _sympy_equal(a, b) -> bool:
     import sympy
 
+    if a[0] == "union" or b[0] == "union":  # a union of intervals is a set: the same intervals, in any order
+        return a[0] == b[0] and len(a[1]) == len(b[1]) and _each_once(a[1], b[1])
     if a[0] == "seq" or b[0] == "seq":  # tuples and intervals: same brackets, element by element
         if not (a[0] == b[0] and a[1:3] == b[1:3] and len(a[3]) == len(b[3])):
             return False
         if a[1] == a[2] == "":  # a bare list answers "enter all the solutions": in any order, each one once
-            rest = list(b[3])
-            for x in a[3]:
-                match = next((i for i, y in enumerate(rest) if _sympy_equal(x, y)), None)
-                if match is None:
-                    return False
-                rest.pop(match)
-            return True
+            return _each_once(a[3], b[3])
         return all(_sympy_equal(x, y) for x, y in zip(a[3], b[3]))
     x, y = _to_sympy(a), _to_sympy(b)
     if x == y:

@@ -100,6 +100,8 @@ def test_math_extract_commitments():
     ("30\u00b0", "30"),
     ("\\frac{\\pi}{2}\\text{ radians}", "\\frac{\\pi}{2}"),
     ("\\varnothing", "\\emptyset"),
+    ("(-\\infty, 2)", "(-\\infty,2)"),  # a unit word ("ft") is not deleted from inside a command
+    ("\\sigma^2\\text{ cm}", "\\sigma^2"),
 ])
 def test_math_normalize(raw, normalized):
     assert math_normalize(raw) == normalized
@@ -133,6 +135,12 @@ def test_math_normalize(raw, normalized):
     ("Final Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct.", "-\\frac23"),  # Minerva
     ("therefore the sum is $.0000672$", ".0000672"),  # last $...$
     ("$\\boxed{\\begin{pmatrix} -1 \\\\ 2 \\end{pmatrix}}$", "\\begin{pmatrix} -1 \\\\ 2 \\end{pmatrix}"),
+    # an infinite end (before: Minerva's unit "ft" made \infty "\iny", so these were compared as strings only)
+    ("$\\boxed{(-\\infty, -0.5)}$", "(-\\infty,-\\frac12)"),
+    # a union of intervals is a set: its intervals in any order, each compared as an interval (before: as a string)
+    ("$\\boxed{(3, \\infty) \\cup (-\\infty, 2)}$", "(-\\infty, 2) \\cup (3, \\infty)"),
+    ("$\\boxed{(-\\infty,-0.5)\\cup(3,\\infty)}$", "(-\\infty,-\\frac{1}{2})\\cup(3,\\infty)"),
+    ("$\\boxed{(12,102) \\cup (2,12)}$", "(2,12) \\cup (12,102)"),
 ])
 def test_math_equivalent_forms_score_1(response, gold):
     assert math_score(response, gold) == 1.0
@@ -153,6 +161,11 @@ def test_math_equivalent_forms_score_1(response, gold):
     ("I am not sure.", "5"),
     ("$\\boxed{}$", "5"),
     ("$\\boxed{__import__('os').system('true')}$", "5"),  # model text is never evaluated
+    ("$\\boxed{(-\\infty, -0.5]}$", "(-\\infty,-\\frac12)"),
+    ("$\\boxed{(-\\infty, 2) \\cup (4, \\infty)}$", "(-\\infty, 2) \\cup (3, \\infty)"),
+    ("$\\boxed{(0, 9)}$", "(0,9) \\cup (9,36)"),  # part of the set
+    ("$\\boxed{(0,9) \\cup (9,36) \\cup (0,9)}$", "(0,9) \\cup (9,36)"),  # each interval once
+    ("$\\boxed{(0,9), (9,36)}$", "(0,9) \\cup (9,36)"),
 ])
 def test_math_wrong_answers_score_0(response, gold):
     assert math_score(response, gold) == 0.0
