@@ -857,22 +857,25 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     "5x - 7y + 11z + 4 = 0" must not collapse to "0"); delete articles, spaces, '\\$', unit words and degree signs;
     unwrap $...$, \\text{}, \\textbf{}, \\overline{}, \\boxed{}; expand \\frac12 and \\sqrt2 shorthands; drop '$';
     "100,000" -> "100000". Our additions, which only ever make more equal answers compare equal: \\dfrac/\\tfrac/\\cfrac
-    -> \\frac, \\varnothing -> \\emptyset, drop '%', the degree sign and the unit "radians", unwrap \\mathrm{} and
-    \\mathbf{}, drop \\displaystyle and \\textstyle, read the spaces '\\,' and '~' as spaces ("10\\,080" is 10080), drop
-    \\left, \\right, '\\!' and '\\%' (as Hendrycks' strip_string, which the release also tries: "10\\%" is the gold 10
-    of a percent question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is the interval the question asks for,
-    also inside $...$), and spaces around a matrix row break '\\\\' (applied first; Minerva's "\\ " -> "" rule would
-    otherwise eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}' intact, strip a trailing '.' (also
-    after thousands groups: "58,500." is 58500), read U+2212 as '-'. Narrower than Minerva's, where its rule made a
-    wrong answer or a menu equal: commas are dropped only from thousands groups ("100,000", "-1,000", "10,000.5"), never
-    from a list of solutions ("3, 5, 7" is not the number 357), as in gsm8k_extract; an article is deleted only before a
-    word ("a + 5" is not 5); $...$ is unwrapped only when there is one span ("$4$ or $5$" is not 4); a repeating decimal
+    -> \\frac, \\varnothing -> \\emptyset, drop '%' and the degree sign, unwrap \\mathrm{} and \\mathbf{}, drop
+    \\displaystyle and \\textstyle, read the spaces '\\,' and '~' as spaces ("10\\,080" is 10080), drop \\left, \\right,
+    '\\!' and '\\%' (as Hendrycks' strip_string, which the release also tries: "10\\%" is the gold 10 of a percent
+    question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is the interval the question asks for, also inside
+    $...$), and spaces around a matrix row break '\\\\' (applied first; Minerva's "\\ " -> "" rule would otherwise eat
+    one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}' intact, strip a trailing '.' (also after thousands
+    groups: "58,500." is 58500), read U+2212 as '-'. Narrower than Minerva's, where its rule made a wrong answer or a
+    menu equal: commas are dropped only from thousands groups ("100,000", "-1,000", "10,000.5"), never from a list of
+    solutions ("3, 5, 7" is not the number 357), as in gsm8k_extract; an article is deleted only before a word ("a + 5"
+    is not 5); $...$ is unwrapped only when there is one span and no other answer beside it ("$4$ or $5$" and "3 \\text{
+    or } $5$" are not 4 or 5); a unit word is not deleted from inside a command ("ft" from \\infty); a repeating decimal
     keeps its bar (0.\\overline{3} is not 0.3).
     """
     s = "\\\\".join(part.strip() for part in answer.split("\\\\"))  # "-7 \\ 16" -> "-7\\16", as a model writes it
+    # beside the one $...$ span, another answer ("3 \\text{ or } $5$", "3, $5$"): not unwrapped, so not read as 5
+    menu = bool(_ALTERNATIVES.search(answer)) or "," in re.sub(r"\$[^$]*\$", "", answer)
     for before, after in [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\left", ""),
                           ("\\right", ""), ("\\!", ""), ("\\%", ""), ("%", ""), ("\\displaystyle", ""), ("\\textstyle", ""),
-                          ("\\,", " "), ("~", " "), ("\u00b0", ""), ("radians", ""), ("\\varnothing", "\\emptyset")]:
+                          ("\\,", " "), ("~", " "), ("\u00b0", ""), ("\\varnothing", "\\emptyset")]:
         s = s.replace(before, after)
     s = s.replace("\u2212", "-")
     # "2 \cdot x" would lose its space below and read as the unknown command "\cdotx": the operators become symbols
@@ -891,8 +894,8 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
             s = s.replace(junk, "")
     first = s.find("$")
     second = s.find("$", first + 1) if first >= 0 else -1
-    if second >= 0 and s.find("$", second + 1) < 0:  # one $...$ span: the answer (Minerva: the first of several,
-        s = s[first + 1:second]  # which paid "$4$ or $5$" for 4; several stay as written, dollars dropped below)
+    if second >= 0 and s.find("$", second + 1) < 0 and not menu:  # one $...$ span: the answer (Minerva: the first of
+        s = s[first + 1:second]  # several, which paid "$4$ or $5$" for 4); several stay as written, dollars dropped below
     s = re.sub(r"^[a-zA-Z]\\in(?![a-zA-Z])", "", s)  # "x\in[-2,7]" -> "[-2,7]" (spaces are gone by now)
     s = re.sub(r"(\d\.\d*)\\overline\{(\d+)\}", r"\1(\2)", s)  # 0.\overline{3} -> 0.(3): only itself, not 0.3
     for command in ("\\text{", "\\textbf{", "\\mathrm{", "\\mathbf{", "\\overline{"):
@@ -959,16 +962,32 @@ def _parse_latex(s: str):
         if s[0] in "([" and s[-1] in ")]":  # (1,2), [2,5), (-\infty,3]
             items = _split_top_level(s[1:-1])
             if items is not None and len(items) > 1:
-                return ["seq", s[0], s[-1], [_parse_expression(item) for item in items]]
+                return ["seq", s[0], s[-1], [_committed_value(item) for item in items]]
         items = _split_top_level(s)
         if items is not None:  # "1\pm\sqrt{19}" states the two solutions 1+\sqrt{19} and 1-\sqrt{19}
             items = [x for item in items for x in ([item.replace("\\pm", sign) for sign in "+-"]
                                                    if item.count("\\pm") == 1 else [item])]
         if items is not None and len(items) > 1:
-            return ["seq", "", "", [_parse_expression(item) for item in items]]
-        return _parse_expression(s)
+            return ["seq", "", "", [_committed_value(item) for item in items]]
+        return _committed_value(s)
     except (_NotInGrammar, RecursionError):
         return None
+
+
+def _committed_value(s: str):
+    """_parse_expression, refusing what no committed answer is: a product with a zero factor ("4 \\text{ or } 0" reads
+    4*o*r*0 = 0, a hedge that would be paid for 0) and infinity inside arithmetic (1/\\infty = 0, \\infty^0 = 1);
+    \\infty and -\\infty alone (an interval's end) stay."""
+    tree = _parse_expression(s)
+    if tree not in (["inf"], ["neg", ["inf"]]) and _degenerate(tree):
+        raise _NotInGrammar
+    return tree
+
+
+def _degenerate(node) -> bool:
+    if node[0] == "inf" or (node[0] == "mul" and 0 in (_rational_value(node[1]), _rational_value(node[2]))):
+        return True
+    return any(isinstance(child, list) and _degenerate(child) for child in node[1:])
 
 
 def _parse_expression(s: str):
@@ -1263,10 +1282,9 @@ def _math_answer_matches(answer: str, gold: str) -> bool:
     """
     if len(answer) > _MAX_PARSE_CHARS:  # a "final answer" longer than this is not one
         return False
-    if _TEXT_WORDS.fullmatch(gold.strip()):
-        # a word ("\\text{east}", "\\text{Evelyn}") is compared as written: parsed, it is the product of its letters,
-        # which every anagram equals ("seat": the release pays it)
-        return math_normalize(answer) == math_normalize(gold)
+    # a word ("\\text{east}", "\\text{Evelyn}") is compared as written: parsed, it is the product of its letters,
+    # which every anagram equals ("seat": the release pays it)
+    as_written = bool(_TEXT_WORDS.fullmatch(gold.strip()))
     gold_equation = math_normalize(gold, keep_equation=True)
     if "=" in gold_equation:
         if math_normalize(answer, keep_equation=True) == gold_equation:
@@ -1287,14 +1305,14 @@ def _math_answer_matches(answer: str, gold: str) -> bool:
                 return _math_value_matches(",".join(value for _, value in equations), expected)
     name, *values = answer.split("=")
     if not values:
-        return _math_value_matches(name, expected)
-    if len(values) > 3 or not all(_math_value_matches(value, expected) for value in values):
+        return _math_value_matches(name, expected, as_written)
+    if len(values) > 3 or not all(_math_value_matches(value, expected, as_written) for value in values):
         return False
     # before the first '=': a name, or one more form of the right value
-    return _is_name(name) or _math_value_matches(name, expected)
+    return _is_name(name) or _math_value_matches(name, expected, as_written)
 
 
-_TEXT_WORDS = re.compile(r"\\(?:text|textbf|mbox)\{[A-Za-z ]+\}")
+_TEXT_WORDS = re.compile(r"\\(?:text|textbf|mbox)\{ *[A-Za-z][A-Za-z ]*[A-Za-z] *\}")  # two letters or more
 _ALTERNATIVES = re.compile(r";|\\q?quad|\\lor|\\vee|\bor\b|\band\b")  # between two answers, as "4 or x = 5"
 _SOLUTION_SEPARATORS = re.compile(r",|\\text\{\s*(?:or|and)\s*\}|" + _ALTERNATIVES.pattern)  # "x = 1, x = -2"
 
@@ -1307,13 +1325,13 @@ def _is_name(text: str) -> bool:
             and (tree is None or _rational_value(tree) is None))
 
 
-def _math_value_matches(answer: str, expected: str) -> bool:
-    """One side of an answer (no '=' left) against the gold's normalized value."""
+def _math_value_matches(answer: str, expected: str, as_written: bool = False) -> bool:
+    """One side of an answer (no '=' left) against the gold's normalized value (`as_written`: as a string only)."""
     normalized = math_normalize(answer)
     if not expected or not normalized:
         return False
-    if normalized == expected:
-        return True
+    if normalized == expected or as_written:
+        return normalized == expected
     gold_tree, tree = _parse_latex(expected), _parse_latex(normalized)
     if gold_tree is None or tree is None:
         return False

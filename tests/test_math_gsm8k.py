@@ -98,7 +98,6 @@ def test_math_extract_commitments():
     ("10%", "10"),
     ("\\cfrac{1}{2}", "\\frac{1}{2}"),
     ("30\u00b0", "30"),
-    ("\\frac{\\pi}{2}\\text{ radians}", "\\frac{\\pi}{2}"),
     ("\\varnothing", "\\emptyset"),
     ("(-\\infty, 2)", "(-\\infty,2)"),  # a unit word ("ft") is not deleted from inside a command
     ("\\sigma^2\\text{ cm}", "\\sigma^2"),
@@ -166,6 +165,16 @@ def test_math_equivalent_forms_score_1(response, gold):
     ("$\\boxed{(0, 9)}$", "(0,9) \\cup (9,36)"),  # part of the set
     ("$\\boxed{(0,9) \\cup (9,36) \\cup (0,9)}$", "(0,9) \\cup (9,36)"),  # each interval once
     ("$\\boxed{(0,9), (9,36)}$", "(0,9) \\cup (9,36)"),
+    # a product with a zero factor is 0 whatever else it holds: "4 or 0" read as 4*o*r*0 was a hedge paid for 0
+    ("$\\boxed{4 \\text{ or } 0}$", "0"),
+    ("$\\boxed{0 \\text{ or maybe } 4}$", "0"),
+    # infinity inside arithmetic is not an answer (1/oo = 0, oo^0 = 1 for sympy)
+    ("$\\boxed{\\frac{1}{\\infty}}$", "0"),
+    ("$\\boxed{\\infty^0}$", "1"),
+    ("$\\boxed{(2, \\infty \\pi)}$", "(2, \\infty)"),
+    # beside the one $...$ span, another answer: a menu, not the span (before: both paid 1)
+    ("$\\boxed{3 \\text{ or } $5$}$", "5"),
+    ("\\boxed{3, $5$}", "5"),
 ])
 def test_math_wrong_answers_score_0(response, gold):
     assert math_score(response, gold) == 0.0

@@ -128,6 +128,15 @@ def test_math_words_are_words_not_products_of_letters():
     assert math_score("$\\boxed{yx}$", "xy") == 1.0
     assert math_score("$\\boxed{2ba}$", "2ab") == 1.0
     assert math_score("$\\boxed{\\text{(C)}}$", "\\text{(C)}") == 1.0
+    # the word rule compares values: an equation or a hedge before the word is judged as any other ('=' rules)
+    assert math_score("$\\boxed{x = \\text{east}}$", "\\text{east}") == 1.0
+    for hedge in ["\\text{north} \\text{ or } x = \\text{east}", "3 = \\text{east}", "\\text{west} = \\text{south} = \\text{east}"]:
+        assert math_score(f"$\\boxed{{{hedge}}}$", "\\text{east}") == 0.0, hedge
+    # one letter is no word (no anagram to fear): "(C)" still pays for \text{C}
+    assert math_score("$\\boxed{(C)}$", "\\text{C}") == 1.0
+    # a word that normalizes to nothing (a Minerva unit word) pays nothing, an empty box least of all
+    assert math_score("I have no idea. $\\boxed{}$", "\\text{square}") == 0.0
+    assert math_score("$\\boxed{\\text{units}}$", "\\text{square}") == 0.0
 
 
 ALL_CAPS_ENGLISH = [
@@ -299,6 +308,7 @@ TABLE = [
     ("math-equation-hedge", "math", "\\boxed{x = 4 \\text{ or } x = 5}", "5", 1, None, 0),
     ("math-dollar-menu", "math", "\\boxed{$4$ or $5$}", "4", 1, None, 0),
     ("math-word-anagram", "math", "\\boxed{\\text{seat}}", "\\text{east}", 1, None, 0),
+    ("math-zero-product-hedge", "math", "\\boxed{4 \\text{ or } 0}", "0", 1, None, 0),
     ("if-blank", "ifeval", "", {"func_name": "validate_no_commas"}, 1, 0, 0),
     ("if-invisible", "ifeval", "\u200b", {"func_name": "validate_no_commas"}, 1, None, 0),
     ("if-list", "ifeval", "an apple, a pear.",
