@@ -838,6 +838,7 @@ _MINERVA_DELETE = [
 # Minerva deletes them wherever they stand, in "\\infty" too ("ft": "\\iny", which no parser knows, so an interval
 # with an infinite end was compared only as a string); we skip command names
 _UNIT_WORDS = re.compile(r"\\[A-Za-z]+|" + "|".join(re.escape(junk) for junk in _MINERVA_DELETE if junk.isalpha()))
+_MINERVA_DELETE_SYMBOLS = [junk for junk in _MINERVA_DELETE if not junk.isalpha()]  # the rest, deleted anywhere
 
 
 def _unwrap(s: str, opener: str) -> str:
@@ -871,8 +872,6 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     keeps its bar (0.\\overline{3} is not 0.3).
     """
     s = "\\\\".join(part.strip() for part in answer.split("\\\\"))  # "-7 \\ 16" -> "-7\\16", as a model writes it
-    # beside the one $...$ span, another answer ("3 \\text{ or } $5$", "3, $5$"): not unwrapped, so not read as 5
-    menu = bool(_ALTERNATIVES.search(answer)) or "," in re.sub(r"\$[^$]*\$", "", answer)
     for before, after in [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\left", ""),
                           ("\\right", ""), ("\\!", ""), ("\\%", ""), ("%", ""), ("\\displaystyle", ""), ("\\textstyle", ""),
                           ("\\,", " "), ("~", " "), ("\u00b0", ""), ("\\varnothing", "\\emptyset")]:
@@ -889,13 +888,15 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     for before, after in _MINERVA_REPLACE:
         s = s.replace(before, after)
     s = _UNIT_WORDS.sub(lambda m: m[0] if m[0][0] == "\\" else "", s)  # a unit word, but not inside a command
-    for junk in _MINERVA_DELETE:
-        if not junk.isalpha():
-            s = s.replace(junk, "")
+    for junk in _MINERVA_DELETE_SYMBOLS:
+        s = s.replace(junk, "")
     first = s.find("$")
     second = s.find("$", first + 1) if first >= 0 else -1
-    if second >= 0 and s.find("$", second + 1) < 0 and not menu:  # one $...$ span: the answer (Minerva: the first of
-        s = s[first + 1:second]  # several, which paid "$4$ or $5$" for 4); several stay as written, dollars dropped below
+    # one $...$ span: the answer (Minerva: the first of several, which paid "$4$ or $5$" for 4); several, or one beside
+    # another answer ("3 \\text{ or } $5$", "3, $5$"), stay as written, dollars dropped below
+    if (second >= 0 and s.find("$", second + 1) < 0 and not _ALTERNATIVES.search(answer)
+            and "," not in re.sub(r"\$[^$]*\$", "", answer)):
+        s = s[first + 1:second]
     s = re.sub(r"^[a-zA-Z]\\in(?![a-zA-Z])", "", s)  # "x\in[-2,7]" -> "[-2,7]" (spaces are gone by now)
     s = re.sub(r"(\d\.\d*)\\overline\{(\d+)\}", r"\1(\2)", s)  # 0.\overline{3} -> 0.(3): only itself, not 0.3
     for command in ("\\text{", "\\textbf{", "\\mathrm{", "\\mathbf{", "\\overline{"):
@@ -1330,8 +1331,10 @@ def _math_value_matches(answer: str, expected: str, as_written: bool = False) ->
     normalized = math_normalize(answer)
     if not expected or not normalized:
         return False
-    if normalized == expected or as_written:
-        return normalized == expected
+    if normalized == expected:
+        return True
+    if as_written:
+        return False
     gold_tree, tree = _parse_latex(expected), _parse_latex(normalized)
     if gold_tree is None or tree is None:
         return False
