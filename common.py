@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -854,27 +855,28 @@ def _unwrap(s: str, opener: str) -> str:
 def math_normalize(answer: str, keep_equation: bool = False) -> str:
     """Canonical string form of a final answer, Minerva style.
 
-    Minerva's steps: keep what follows the last '=' (unless `keep_equation`: an equation gold such as the plane
-    "5x - 7y + 11z + 4 = 0" must not collapse to "0"); delete articles, spaces, '\\$', unit words and degree signs;
-    unwrap $...$, \\text{}, \\textbf{}, \\overline{}, \\boxed{}; expand \\frac12 and \\sqrt2 shorthands; drop '$';
-    "100,000" -> "100000". Our additions, which only ever make more equal answers compare equal: \\dfrac/\\tfrac/\\cfrac
-    -> \\frac, \\varnothing -> \\emptyset, drop '%' and the degree sign, unwrap \\mathrm{} and \\mathbf{}, drop
-    \\displaystyle and \\textstyle, read the spaces '\\,' and '~' as spaces ("10\\,080" is 10080), drop \\left, \\right,
-    '\\!' and '\\%' (as Hendrycks' strip_string, which the release also tries: "10\\%" is the gold 10 of a percent
-    question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is the interval the question asks for, also inside
-    $...$), and spaces around a matrix row break '\\\\' (applied first; Minerva's "\\ " -> "" rule would otherwise eat
-    one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}' intact, strip a trailing '.' (also after thousands
-    groups: "58,500." is 58500), read U+2212 as '-'. Narrower than Minerva's, where its rule made a wrong answer or a
-    menu equal: commas are dropped only from thousands groups ("100,000", "-1,000", "10,000.5"), never from a list of
-    solutions ("3, 5, 7" is not the number 357), as in gsm8k_extract; an article is deleted only before a word ("a + 5"
-    is not 5); $...$ is unwrapped only when there is one span and no other answer beside it ("$4$ or $5$" and "3 \\text{
-    or } $5$" are not 4 or 5); a unit word is not deleted from inside a command ("ft" from \\infty); a repeating decimal
-    keeps its bar (0.\\overline{3} is not 0.3).
+    Minerva's steps: keep what follows the last '=' (unless `keep_equation`: an equation gold such as the plane "5x - 7y
+    + 11z + 4 = 0" must not collapse to "0"); delete articles, spaces, '\\$', unit words and degree signs; unwrap $...$,
+    \\text{}, \\textbf{}, \\overline{}, \\boxed{}; expand \\frac12 and \\sqrt2 shorthands; drop '$'; "100,000" ->
+    "100000". Our additions, which only ever make more equal answers compare equal: \\dfrac/\\tfrac/\\cfrac -> \\frac,
+    \\dbinom/\\tbinom -> \\binom (and \\binom52 -> \\binom{5}{2}), \\varnothing -> \\emptyset, drop '%' and the degree
+    sign, unwrap \\mathrm{} and \\mathbf{}, drop \\displaystyle and \\textstyle, read the spaces '\\,' and '~' as spaces
+    ("10\\,080" is 10080), drop \\left, \\right, '\\!' and '\\%' (as Hendrycks' strip_string, which the release also
+    tries: "10\\%" is the gold 10 of a percent question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is the
+    interval the question asks for, also inside $...$), and spaces around a matrix row break '\\\\' (applied first;
+    Minerva's "\\ " -> "" rule would otherwise eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}'
+    intact, strip a trailing '.' (also after thousands groups: "58,500." is 58500), read U+2212 as '-'. Narrower than
+    Minerva's, where its rule made a wrong answer or a menu equal: commas are dropped only from thousands groups
+    ("100,000", "-1,000", "10,000.5"), never from a list of solutions ("3, 5, 7" is not the number 357), as in
+    gsm8k_extract; an article is deleted only before a word ("a + 5" is not 5); $...$ is unwrapped only when there is
+    one span and no other answer beside it ("$4$ or $5$" and "3 \\text{ or } $5$" are not 4 or 5); a unit word is not
+    deleted from inside a command ("ft" from \\infty); a repeating decimal keeps its bar (0.\\overline{3} is not 0.3).
     """
     s = "\\\\".join(part.strip() for part in answer.split("\\\\"))  # "-7 \\ 16" -> "-7\\16", as a model writes it
-    for before, after in [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\left", ""),
-                          ("\\right", ""), ("\\!", ""), ("\\%", ""), ("%", ""), ("\\displaystyle", ""), ("\\textstyle", ""),
-                          ("\\,", " "), ("~", " "), ("\u00b0", ""), ("\\varnothing", "\\emptyset")]:
+    for before, after in [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\dbinom", "\\binom"),
+                          ("\\tbinom", "\\binom"), ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\%", ""), ("%", ""),
+                          ("\\displaystyle", ""), ("\\textstyle", ""), ("\\,", " "), ("~", " "), ("\u00b0", ""),
+                          ("\\varnothing", "\\emptyset")]:
         s = s.replace(before, after)
     s = s.replace("\u2212", "-")
     # "2 \cdot x" would lose its space below and read as the unknown command "\cdotx": the operators become symbols
@@ -904,7 +906,7 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     start, end = s.find("\\boxed{"), s.rfind("}")
     if 0 <= start < end:  # greedy, as Minerva: up to the LAST closing brace
         s = s[:start] + s[start + len("\\boxed{"):end] + s[end + 1:]
-    s = re.sub(r"frac([^{])(.)", r"frac{\1}{\2}", s)  # \frac12 -> \frac{1}{2}, \frac1b -> \frac{1}{b}
+    s = re.sub(r"(frac|binom)([^{])(.)", r"\1{\2}{\3}", s)  # \frac12 -> \frac{1}{2}, \frac1b -> \frac{1}{b}, \binom52
     s = re.sub(r"sqrt([^{\[])", r"sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
     s = s.replace("$", "").strip().rstrip(".")  # (the final '.' first: "58,500." is the number 58500)
     if _THOUSANDS_GROUPED.fullmatch(s):
@@ -916,13 +918,16 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
 # Model text is never handed to sympify/parse_expr/eval (they can run code or hang). We parse a
 # tiny grammar ourselves into a JSON-able tree of lists:
 #   ["num", "2.5"] ["sym", "x"] ["pi"] ["inf"] ["neg", a] ["add"|"sub"|"mul"|"div"|"pow", a, b]
-#   ["sqrt", a] ["root", a, n] ["seq", open, close, [items]]   (tuples, intervals, bare lists)
+#   ["sqrt", a] ["root", a, n] ["fact", n] ["binom", n, k]
+#   ["seq", open, close, [items]]   (tuples, intervals, bare lists)
 #   ["union", [intervals]]   (intervals joined by \cup)
 # Anything outside it (matrices, \pm, functions, text, \cup of anything but intervals) returns None and is compared
-# as a string.
+# as a string. n! and \binom{n}{k} are in it because a counting answer is often left so ("\frac{8!}{4!4!}"), and the
+# release's parse_latex pays it; numbers in them are integers 0..1000 (1000! has 2,568 digits; 10^9! would eat memory).
 
 _MAX_PARSE_CHARS = 1000  # real answers are short (MATH-500's longest is 53 chars)
 _MAX_PARSE_DEPTH = 50
+_MAX_FACTORIAL = 1000
 
 
 class _NotInGrammar(Exception):
@@ -1070,11 +1075,21 @@ def _parse_expression(s: str):
         elif name in ("pi", "infty"):
             pos += len(name) + 1
             node = ["pi"] if name == "pi" else ["inf"]
+        elif name == "binom":
+            pos += len(name) + 1
+            node = ["binom", group(), group()]
         else:
             raise _NotInGrammar
+        if at("!"):
+            pos += 1
+            node = ["fact", node]
+            if at("!"):  # 5!! is the double factorial (15), not (5!)!: outside the grammar
+                raise _NotInGrammar
         while at("^"):
             pos += 1
             node = ["pow", node, group()]
+        if at("!"):  # 2^3! is 2^(3!) or (2^3)!: outside the grammar
+            raise _NotInGrammar
         return node
 
     def unary():
@@ -1097,7 +1112,7 @@ def _parse_expression(s: str):
                 pos += len(name) + 1
                 node = ["div" if name == "div" else "mul", node, unary()]
             elif (at("0123456789.({") or (pos < len(s) and s[pos].isascii() and s[pos].isalpha())
-                  or name in ("frac", "dfrac", "tfrac", "sqrt", "pi", "infty")):
+                  or name in ("frac", "dfrac", "tfrac", "sqrt", "pi", "infty", "binom")):
                 node = ["mul", node, atom()]  # implicit product: 2x, 3\sqrt{2}, (a+5)(b+2)
             else:
                 return node
@@ -1116,11 +1131,22 @@ def _parse_expression(s: str):
     return tree
 
 
+def _small_natural(value) -> bool:
+    """An integer 0.._MAX_FACTORIAL: what n! and binom(n, k) take here (a Fraction or a sympy number)."""
+    return value is not None and value == int(value) and 0 <= value <= _MAX_FACTORIAL
+
+
 def _rational_value(node) -> Fraction | None:
-    """Exact value of a tree made of numbers and + - * / and small integer powers, else None."""
+    """Exact value of a tree made of numbers and + - * / and small integer powers, n! and binom(n, k), else None."""
     kind = node[0]
     if kind == "num":
         return Fraction(node[1])
+    if kind in ("fact", "binom"):
+        args = [_rational_value(child) for child in node[1:]]
+        if not all(_small_natural(a) for a in args):
+            return None
+        n = [a.numerator for a in args]
+        return Fraction(math.factorial(*n) if kind == "fact" else math.comb(*n))
     if kind == "neg":
         value = _rational_value(node[1])
         return None if value is None else -value
@@ -1177,6 +1203,11 @@ def _to_sympy(node):
         return sympy.sqrt(_to_sympy(node[1]))
     if kind == "root":
         return sympy.root(_to_sympy(node[1]), _to_sympy(node[2]))
+    if kind in ("fact", "binom"):  # a number in them: a small natural number (a symbol: what sympy makes of it)
+        args = [_to_sympy(child) for child in node[1:]]
+        if not all(_small_natural(a) for a in args if a.is_Number):
+            raise _NotInGrammar
+        return sympy.factorial(*args) if kind == "fact" else sympy.binomial(*args)
     a, b = _to_sympy(node[1]), _to_sympy(node[2])
     if kind == "pow" and b.is_Number and (abs(b) > _MAX_EXPONENT or (a.is_Rational and abs(b) * max(
             abs(a.p).bit_length(), abs(a.q).bit_length()) > 100_000)):

@@ -101,6 +101,8 @@ def test_math_extract_commitments():
     ("\\varnothing", "\\emptyset"),
     ("(-\\infty, 2)", "(-\\infty,2)"),  # a unit word ("ft") is not deleted from inside a command
     ("\\sigma^2\\text{ cm}", "\\sigma^2"),
+    ("\\dbinom{8}{4}", "\\binom{8}{4}"),
+    ("\\tbinom52", "\\binom{5}{2}"),
 ])
 def test_math_normalize(raw, normalized):
     assert math_normalize(raw) == normalized
@@ -140,6 +142,14 @@ def test_math_normalize(raw, normalized):
     ("$\\boxed{(3, \\infty) \\cup (-\\infty, 2)}$", "(-\\infty, 2) \\cup (3, \\infty)"),
     ("$\\boxed{(-\\infty,-0.5)\\cup(3,\\infty)}$", "(-\\infty,-\\frac{1}{2})\\cup(3,\\infty)"),
     ("$\\boxed{(12,102) \\cup (2,12)}$", "(2,12) \\cup (12,102)"),
+    # a counting answer left as factorials and binomials (the release's parse_latex pays these; before: 0)
+    ("$\\boxed{\\dbinom{8}{4}}$", "70"),
+    ("$\\boxed{\\frac{8!}{4!\\,4!}}$", "70"),
+    ("$\\boxed{\\frac{\\binom{4}{2}}{\\binom{8}{2}}}$", "\\frac{3}{14}"),
+    ("$\\boxed{3\\binom{4}{2}}$", "18"),
+    ("$\\boxed{(3+2)!}$", "120"),
+    ("$\\boxed{\\binom{n}{2}}$", "\\frac{n(n-1)}{2}"),
+    ("$\\boxed{5! = 120}$", "120"),
 ])
 def test_math_equivalent_forms_score_1(response, gold):
     assert math_score(response, gold) == 1.0
@@ -175,6 +185,15 @@ def test_math_equivalent_forms_score_1(response, gold):
     # beside the one $...$ span, another answer: a menu, not the span (before: both paid 1)
     ("$\\boxed{3 \\text{ or } $5$}$", "5"),
     ("\\boxed{3, $5$}", "5"),
+    # n! and binom(n, k): a wrong value, the double factorial (5!! = 15), an ambiguous 2^3!, numbers past 1000
+    ("$\\boxed{\\binom{8}{3}}$", "70"),
+    ("$\\boxed{5!!}$", "15"),
+    ("$\\boxed{5!!}$", "120"),
+    ("$\\boxed{2^3!}$", "64"),
+    ("$\\boxed{\\binom{1001}{0}}$", "1"),
+    ("$\\boxed{(10^{9})!}$", "1"),
+    ("$\\boxed{\\binom{1.5}{1}}$", "\\frac{3}{2}"),
+    ("$\\boxed{5! = 121}$", "120"),
 ])
 def test_math_wrong_answers_score_0(response, gold):
     assert math_score(response, gold) == 0.0
@@ -188,6 +207,8 @@ def test_math_wrong_answers_score_0(response, gold):
     ("10k unclosed braces", "\\boxed{" + "{" * 10_000),
     ("10k nested parens", "$" + "(" * 10_000 + "1" + ")" * 10_000 + "$"),
     ("power tower", "\\boxed{9^{9^{9^{9}}}}"),
+    ("factorial tower", "\\boxed{((((5!)!)!)!)!}"),
+    ("big factorials", "\\boxed{" + "1000!" * 20 + "}"),
     ("huge power", "\\boxed{(x+1)^{100000}}"),
     ("many \\text{", "\\text{" * 100_000),
     ("many Minerva prefixes", "Final Answer: The final answer is " * 30_000),
