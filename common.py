@@ -928,6 +928,7 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
 _MAX_PARSE_CHARS = 1000  # real answers are short (MATH-500's longest is 53 chars)
 _MAX_PARSE_DEPTH = 50
 _MAX_FACTORIAL = 1000
+_MAX_EXACT_BITS = 16_384  # exact values past this many bits (~4,900 digits; 1000! has 8,530 bits) are not computed
 
 
 class _NotInGrammar(Exception):
@@ -990,10 +991,11 @@ def _committed_value(s: str):
     return tree
 
 
-def _degenerate(node) -> bool:
-    if node[0] == "inf" or (node[0] == "mul" and 0 in (_rational_value(node[1]), _rational_value(node[2]))):
+def _degenerate(node, values=None) -> bool:
+    values = {} if values is None else values  # every subtree's exact value, computed once for the whole walk
+    if node[0] == "inf" or (node[0] == "mul" and 0 in (_rational_value(node[1], values), _rational_value(node[2], values))):
         return True
-    return any(isinstance(child, list) and _degenerate(child) for child in node[1:])
+    return any(isinstance(child, list) and _degenerate(child, values) for child in node[1:])
 
 
 def _parse_expression(s: str):
@@ -1136,37 +1138,49 @@ def _small_natural(value) -> bool:
     return value is not None and value == int(value) and 0 <= value <= _MAX_FACTORIAL
 
 
-def _rational_value(node) -> Fraction | None:
-    """Exact value of a tree made of numbers and + - * / and small integer powers, n! and binom(n, k), else None."""
+def _rational_value(node, values=None) -> Fraction | None:
+    """Exact value of a tree made of numbers and + - * / and small integer powers, n! and binom(n, k), else None.
+    `values` ({id(subtree): value}) keeps the values of subtrees already computed, for a caller that asks for many."""
+    values = {} if values is None else values
+    if id(node) not in values:
+        values[id(node)] = _exact_value(node, values)
+    return values[id(node)]
+
+
+def _exact_value(node, values) -> Fraction | None:
     kind = node[0]
     if kind == "num":
         return Fraction(node[1])
     if kind in ("fact", "binom"):
-        args = [_rational_value(child) for child in node[1:]]
+        args = [_rational_value(child, values) for child in node[1:]]
         if not all(_small_natural(a) for a in args):
             return None
         n = [a.numerator for a in args]
         return Fraction(math.factorial(*n) if kind == "fact" else math.comb(*n))
     if kind == "neg":
-        value = _rational_value(node[1])
+        value = _rational_value(node[1], values)
         return None if value is None else -value
     if kind in ("add", "sub", "mul", "div", "pow"):
-        a, b = _rational_value(node[1]), _rational_value(node[2])
+        a, b = _rational_value(node[1], values), _rational_value(node[2], values)
         if a is None or b is None:
             return None
         if kind == "add":
-            return a + b
-        if kind == "sub":
-            return a - b
-        if kind == "mul":
-            return a * b
-        if kind == "div":
-            return None if b == 0 else a / b
-        # Powers only while the result stays small: 9^{9^{9^9}} must not be computed.
-        size = max(a.numerator.bit_length(), a.denominator.bit_length(), 1)
-        if b.denominator != 1 or abs(b.numerator) * size > 4096 or (a == 0 and b < 0):
+            value = a + b
+        elif kind == "sub":
+            value = a - b
+        elif kind == "mul":
+            value = a * b
+        elif kind == "div":
+            value = None if b == 0 else a / b
+        else:  # powers only while the result stays small: 9^{9^{9^9}} must not be computed
+            size = max(a.numerator.bit_length(), a.denominator.bit_length(), 1)
+            if b.denominator != 1 or abs(b.numerator) * size > 4096 or (a == 0 and b < 0):
+                return None
+            value = a ** b.numerator
+        # nor a product of 48 factorials: no answer is that long
+        if value is not None and max(value.numerator.bit_length(), value.denominator.bit_length()) > _MAX_EXACT_BITS:
             return None
-        return a ** b.numerator
+        return value
     return None
 
 
@@ -1357,6 +1371,11 @@ def _is_name(text: str) -> bool:
             and (tree is None or _rational_value(tree) is None))
 
 
+def _letters(tree) -> set:
+    """The letters (symbols) a parsed tree holds."""
+    return set(re.findall(r'\["sym", "([^"]*)"\]', json.dumps(tree)))
+
+
 def _math_value_matches(answer: str, expected: str, as_written: bool = False) -> bool:
     """One side of an answer (no '=' left) against the gold's normalized value (`as_written`: as a string only)."""
     normalized = math_normalize(answer)
@@ -1369,6 +1388,8 @@ def _math_value_matches(answer: str, expected: str, as_written: bool = False) ->
     gold_tree, tree = _parse_latex(expected), _parse_latex(normalized)
     if gold_tree is None or tree is None:
         return False
+    if not _letters(tree) <= _letters(gold_tree):  # text read as letters ("4 \text{ or } 5" is 4·o·r·5), or a variable
+        return False  # the gold lacks: no part of its value, whatever it multiplies out to ("4 \text{ or } (x - x)" = 0)
     a, b = _rational_value(tree), _rational_value(gold_tree)
     if a is not None and b is not None:  # plain numbers: exact, in-process, no worker needed
         return a == b
@@ -1383,13 +1404,35 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     """1.0 if `response` commits to an answer (math_extract) and every answer it commits to equals `gold`.
 
     An answer that writes again an expression of `problem` ("What is $513^2 - 487^2$?" answered 513^2 - 487^2, equal
-    in value to the gold 26000) has done none of the work: it pays only if it is the gold as written. Minerva's and
+    in value to the gold 26000) has done none of the work: it pays only if it is the gold as written; so does one that
+    holds such a computation as a part (513^2 - 487^2 + 0), or keeps a factorial or binomial where the problem writes
+    one. Minerva's and
     the release's checks pay it (25 of MATH-500's problems, each fed back as its own response, scored 1 before)."""
     answers = math_extract(response) if len(response) <= MAX_RESPONSE_CHARS else []
-    copied = {math_normalize("".join(span)) for span in _MATH_SPANS.findall(problem[:MAX_RESPONSE_CHARS])}
-    copied.discard(math_normalize(str(gold)))
-    return float(bool(answers) and all(math_normalize(answer) not in copied and _math_answer_matches(answer, str(gold))
-                                       for answer in answers))
+    gold_text = math_normalize(str(gold))
+    copied = {math_normalize("".join(span)) for span in _MATH_SPANS.findall(problem[:MAX_RESPONSE_CHARS])} - {gold_text}
+    # The problem's arithmetic (a computation with a rational value, not a number as written): an answer that holds
+    # one as a part ("513^2 - 487^2 + 0", "1 \cdot \binom{31}{28}") restates it too.
+    trees = [tree for tree in map(_parse_latex, copied) if tree is not None and _rational_value(tree) is not None]
+    computations = [json.dumps(tree) for tree in trees if not _number_as_written(tree)]
+    # A problem that writes a factorial or a binomial asks for its value: an answer still holding one did not compute
+    # it ("Compute $\dbinom{31}{28}$." answered \binom{31}{3} or \frac{31!}{3!\,28!}).
+    unevaluated = lambda text: "!" in text or "\\binom" in text
+    counting = any(map(unevaluated, copied))
+
+    def restated(answer):
+        text = math_normalize(answer)
+        tree = json.dumps(_parse_latex(text))
+        return text != gold_text and (text in copied or any(c in tree for c in computations) or (counting and unevaluated(text)))
+
+    return float(bool(answers) and all(not restated(answer) and _math_answer_matches(answer, str(gold)) for answer in answers))
+
+
+def _number_as_written(tree) -> bool:
+    """5, -5, 2.5, \frac{1}{2}, -\frac{1}{2}: a number, not a computation."""
+    if tree[0] == "neg":
+        tree = tree[1]
+    return tree[0] == "num" or (tree[0] == "div" and tree[1][0] == tree[2][0] == "num")
 
 
 # ----------------------------------------------------------------------------- IFEval verifier

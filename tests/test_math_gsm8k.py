@@ -1,5 +1,6 @@
 """GSM8K and MATH verifiers: equivalent forms, wrong answers, hostile input, routing, real data."""
 import json
+import math
 import sys
 import threading
 import time
@@ -194,6 +195,14 @@ def test_math_equivalent_forms_score_1(response, gold):
     ("$\\boxed{(10^{9})!}$", "1"),
     ("$\\boxed{\\binom{1.5}{1}}$", "\\frac{3}{2}"),
     ("$\\boxed{5! = 121}$", "120"),
+    # letters the gold lacks are no part of its value, whatever they multiply out to: text ("or" is o·r) beside a
+    # factor that cancels it (x - x, \binom{x}{x+1} = 0, ^0, \binom{.}{0} = 1), a hedge the zero-factor rule missed
+    ("$\\boxed{4 \\text{ or } (x-x)}$", "0"),
+    ("$\\boxed{(4 \\text{ or } 5)\\binom{x}{x+1}}$", "0"),
+    ("$\\boxed{(4 \\text{ or } 5)(\\binom{x}{0}-1)}$", "0"),
+    ("$\\boxed{4(\\text{or } 5)^0}$", "4"),
+    ("$\\boxed{4\\binom{\\text{or } 5}{0}}$", "4"),
+    ("$\\boxed{3x^0}$", "3"),
 ])
 def test_math_wrong_answers_score_0(response, gold):
     assert math_score(response, gold) == 0.0
@@ -209,6 +218,7 @@ def test_math_wrong_answers_score_0(response, gold):
     ("power tower", "\\boxed{9^{9^{9^{9}}}}"),
     ("factorial tower", "\\boxed{((((5!)!)!)!)!}"),
     ("big factorials", "\\boxed{" + "1000!" * 20 + "}"),
+    ("lists of big factorials", "\\boxed{" + ",".join(["1000!" * 47 + "\\pm1"] * 4) + "}"),
     ("huge power", "\\boxed{(x+1)^{100000}}"),
     ("many \\text{", "\\text{" * 100_000),
     ("many Minerva prefixes", "Final Answer: The final answer is " * 30_000),
@@ -224,6 +234,17 @@ def test_hostile_responses_finish_fast(name, response):
     start = time.perf_counter()
     math_normalize(response)
     assert time.perf_counter() - start < 3.0
+
+
+def test_exact_values_are_computed_once_and_bounded():
+    """The in-process half has no time limit: each subtree's exact value is computed once (the zero-factor check asks
+    for every product's factors; before, a list of 47-factorial products took seconds), and none grows past
+    _MAX_EXACT_BITS."""
+    start = time.perf_counter()
+    assert common._parse_latex(",".join(["1000!" * 47 + "\\pm1"] * 4))[0] == "seq"
+    assert time.perf_counter() - start < 1.0
+    assert common._rational_value(common._parse_latex("1000!")) == math.factorial(1000)
+    assert common._rational_value(common._parse_latex("1000!1000!")) is None  # 17,000 bits
 
 
 def test_symbolic_timeout_kills_and_recovers():

@@ -45,6 +45,16 @@ def test_math_does_not_pay_an_expression_copied_from_the_problem():
     assert verify("math", "\\boxed{\\sqrt{242}}", "11\\sqrt2", simplify) == 0.0
     assert verify("math", "\\boxed{11 \\sqrt{2}}", "11\\sqrt2", simplify) == 1.0
     assert verify("math", "\\boxed{\\frac{6}{8}}", "\\frac34", "Reduce \\(\\frac{6}{8}\\).") == 0.0  # exact rationals too
+    # the problem's computation as a part of the answer: restated too (before: paid)
+    assert verify("math", "\\boxed{513^2 - 487^2 + 0}", "26000", problem) == 0.0
+    assert verify("math", "\\boxed{1000 \\cdot 26}", "26000", problem) == 1.0  # another computation of the value
+    # a factorial or binomial the problem writes must be computed (before: \binom{31}{3} etc. paid 4495)
+    binomial = "Compute $\\dbinom{31}{28}$."  # MATH-500's
+    for answer in ["\\binom{31}{3}", "\\frac{31!}{3!\\,28!}", "\\binom{31}{28} + 0", "1 \\cdot \\dbinom{31}{28}"]:
+        assert verify("math", f"\\boxed{{{answer}}}", "4495", binomial) == 0.0, answer
+        assert verify("math", f"\\boxed{{{answer}}}", "4495") == 1.0, answer  # equal in value
+    assert verify("math", "\\boxed{4495}", "4495", binomial) == 1.0
+    assert verify("math", "\\boxed{\\binom{8}{4}}", "70", "How many ways can 4 of 8 people be chosen?") == 1.0
     # the gold as written still pays where the problem holds it ("What is $\\sqrt{53}$ in simplest radical form?")
     assert verify("math", "\\boxed{\\sqrt{53}}", "\\sqrt{53}", "What is $\\sqrt{53}$ in simplest radical form?") == 1.0
     # MATH-500, each problem fed back as its own response: paid only where the problem writes its gold itself
