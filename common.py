@@ -6,6 +6,7 @@ packed documents apart) and its loss, and the verifiers that score model answers
 import atexit
 import collections
 import datetime
+import functools
 import hashlib
 import inspect
 import itertools
@@ -993,7 +994,7 @@ def _committed_value(s: str):
 
 def _degenerate(node, values=None) -> bool:
     values = {} if values is None else values  # every subtree's exact value, computed once for the whole walk
-    if node[0] == "inf" or (node[0] == "mul" and 0 in (_rational_value(node[1], values), _rational_value(node[2], values))):
+    if node[0] == "inf" or (node[0] == "mul" and 0 in [_rational_value(factor, values) for factor in node[1:]]):
         return True
     return any(isinstance(child, list) and _degenerate(child, values) for child in node[1:])
 
@@ -1364,11 +1365,13 @@ _SOLUTION_SEPARATORS = re.compile(r",|\\text\{\s*(?:or|and)\s*\}|" + _ALTERNATIV
 
 
 def _is_name(text: str) -> bool:
-    """The left of an answer's '=' names what it gives ("x", "f(3)", "AB"): no list, no alternatives, not a number."""
+    """The left of an answer's '=' names what it gives ("x", "f(3)", "AB", "a_1", "x^2"): no list, no alternatives, not
+    a number, no number of its own outside an argument, subscript or power ("5 \\text{ else } x" is two answers)."""
     normalized = math_normalize(text)
     tree = _parse_latex(normalized)
+    bare = re.sub(r"\([^()]*\)|[_^](?:\{[^{}]*\}|\\?\w)", "", normalized)
     return (not _ALTERNATIVES.search(text) and len(_split_top_level(normalized) or "xx") == 1
-            and (tree is None or _rational_value(tree) is None))
+            and (tree is None or _rational_value(tree) is None) and not re.search(r"\d", bare))
 
 
 def _letters(tree) -> set:
@@ -1388,8 +1391,10 @@ def _math_value_matches(answer: str, expected: str, as_written: bool = False) ->
     gold_tree, tree = _parse_latex(expected), _parse_latex(normalized)
     if gold_tree is None or tree is None:
         return False
-    if not _letters(tree) <= _letters(gold_tree):  # text read as letters ("4 \text{ or } 5" is 4·o·r·5), or a variable
-        return False  # the gold lacks: no part of its value, whatever it multiplies out to ("4 \text{ or } (x - x)" = 0)
+    # letters the gold lacks are no part of its value, whatever they multiply out to: text read as letters ("4 \text{
+    # or } 5" is 4·o·r·5) beside a factor that cancels them ("4 \text{ or } (x - x)" is 0), or such a variable
+    if not _letters(tree) <= _letters(gold_tree):
+        return False
     a, b = _rational_value(tree), _rational_value(gold_tree)
     if a is not None and b is not None:  # plain numbers: exact, in-process, no worker needed
         return a == b
@@ -1404,34 +1409,59 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     """1.0 if `response` commits to an answer (math_extract) and every answer it commits to equals `gold`.
 
     An answer that writes again an expression of `problem` ("What is $513^2 - 487^2$?" answered 513^2 - 487^2, equal
-    in value to the gold 26000) has done none of the work: it pays only if it is the gold as written; so does one that
-    holds such a computation as a part (513^2 - 487^2 + 0), or keeps a factorial or binomial where the problem writes
-    one. Minerva's and
-    the release's checks pay it (25 of MATH-500's problems, each fed back as its own response, scored 1 before)."""
+    in value to the gold 26000) has done none of the work: it pays only if it is the gold as written. Minerva's and
+    the release's checks pay it (25 of MATH-500's problems, each fed back as its own response, scored 1 before). So
+    does one that holds such a computation as a part (513^2 - 487^2 + 0), one that answers a problem asking for a
+    number with another computation of it (0 + 513^2 - 487^2), and one that keeps a factorial or binomial where the
+    problem writes one."""
     answers = math_extract(response) if len(response) <= MAX_RESPONSE_CHARS else []
     gold_text = math_normalize(str(gold))
-    copied = {math_normalize("".join(span)) for span in _MATH_SPANS.findall(problem[:MAX_RESPONSE_CHARS])} - {gold_text}
-    # The problem's arithmetic (a computation with a rational value, not a number as written): an answer that holds
-    # one as a part ("513^2 - 487^2 + 0", "1 \cdot \binom{31}{28}") restates it too.
-    trees = [tree for tree in map(_parse_latex, copied) if tree is not None and _rational_value(tree) is not None]
-    computations = [json.dumps(tree) for tree in trees if not _number_as_written(tree)]
+    gold_tree = _parse_latex(gold_text)
+    spans, computations = _problem_expressions(problem[:MAX_RESPONSE_CHARS])
+    copied = spans - {gold_text}
+    # The problem's arithmetic, each a computation with a rational value (not a number as written; none the gold holds
+    # itself): an answer holding one as a part restates it. Where one has the gold's value, the problem asks for that
+    # number: an answer must be a number as written (26000, 2.6 \times 10^4), not another computation of it
+    # ("0 + 513^2 - 487^2", "(513 - 487)(513 + 487)").
+    computations = [(tree, value) for tree, value in computations if tree not in json.dumps(gold_tree)]
+    gold_value = _rational_value(gold_tree) if gold_tree is not None and _number_as_written(gold_tree) else None
+    asks_for_number = any(value == gold_value for _, value in computations)
     # A problem that writes a factorial or a binomial asks for its value: an answer still holding one did not compute
     # it ("Compute $\dbinom{31}{28}$." answered \binom{31}{3} or \frac{31!}{3!\,28!}).
     unevaluated = lambda text: "!" in text or "\\binom" in text
-    counting = any(map(unevaluated, copied))
+    counting = any(map(unevaluated, copied)) and not unevaluated(gold_text)
 
     def restated(answer):
         text = math_normalize(answer)
-        tree = json.dumps(_parse_latex(text))
-        return text != gold_text and (text in copied or any(c in tree for c in computations) or (counting and unevaluated(text)))
+        tree = _parse_latex(text)
+        return text != gold_text and (text in copied or any(c in json.dumps(tree) for c, _ in computations)
+                                      or (counting and unevaluated(text))
+                                      or (asks_for_number and (tree is None or not _number_as_written(tree))))
 
-    return float(bool(answers) and all(not restated(answer) and _math_answer_matches(answer, str(gold)) for answer in answers))
+    return float(bool(answers) and all(not restated(answer) and _math_answer_matches(answer, str(gold))
+                                       for answer in answers))
+
+
+@functools.lru_cache(maxsize=1024)  # RLVR scores every sample of a prompt against the same problem
+def _problem_expressions(problem: str):
+    """The problem's math spans (normalized), and its computations among them: (tree as JSON, exact value)."""
+    spans = frozenset(math_normalize("".join(span)) for span in _MATH_SPANS.findall(problem))
+    computations = []
+    for tree in filter(None, map(_parse_latex, spans)):
+        value = _rational_value(tree)
+        if value is not None and not _number_as_written(tree):
+            computations.append((json.dumps(tree), value))
+    return spans, tuple(computations)
 
 
 def _number_as_written(tree) -> bool:
-    """5, -5, 2.5, \frac{1}{2}, -\frac{1}{2}: a number, not a computation."""
+    """5, -5, 2.5, \\frac{1}{2}, -\\frac{1}{2}, 2.6 \\times 10^{-4}: a number, not a computation."""
     if tree[0] == "neg":
         tree = tree[1]
+    if tree[0] == "mul" and tree[2][0] == "pow" and tree[2][1] == ["num", "10"]:  # scientific notation
+        exponent = tree[2][2][1] if tree[2][2][0] == "neg" else tree[2][2]
+        if exponent[0] == "num" and exponent[1].isdigit():
+            tree = tree[1]
     return tree[0] == "num" or (tree[0] == "div" and tree[1][0] == tree[2][0] == "num")
 
 

@@ -45,9 +45,19 @@ def test_math_does_not_pay_an_expression_copied_from_the_problem():
     assert verify("math", "\\boxed{\\sqrt{242}}", "11\\sqrt2", simplify) == 0.0
     assert verify("math", "\\boxed{11 \\sqrt{2}}", "11\\sqrt2", simplify) == 1.0
     assert verify("math", "\\boxed{\\frac{6}{8}}", "\\frac34", "Reduce \\(\\frac{6}{8}\\).") == 0.0  # exact rationals too
-    # the problem's computation as a part of the answer: restated too (before: paid)
-    assert verify("math", "\\boxed{513^2 - 487^2 + 0}", "26000", problem) == 0.0
-    assert verify("math", "\\boxed{1000 \\cdot 26}", "26000", problem) == 1.0  # another computation of the value
+    # the problem's computation as a part of the answer, or (the problem asking for a number) another computation of
+    # the number: restated too (before: paid); the number as written pays in any form
+    for answer in ["513^2 - 487^2 + 0", "0 + 513^2 - 487^2", "-487^2 + 513^2", "513 \\cdot 513 - 487^2",
+                   "(513 - 487)(513 + 487)", "1000 \\cdot 26"]:
+        assert verify("math", f"\\boxed{{{answer}}}", "26000", problem) == 0.0, answer
+        assert verify("math", f"\\boxed{{{answer}}}", "26000") == 1.0, answer  # equal in value
+    for answer in ["26000", "26,000", "x = 26000", "2.6 \\times 10^4", "2.6 \\times 10^{4}"]:
+        assert verify("math", f"\\boxed{{{answer}}}", "26000", problem) == 1.0, answer
+    assert verify("math", "\\boxed{1+99+99^2}", "9901", "Compute $99^2+99+1$ in your head.") == 0.0
+    # a computation the gold holds itself, a factorial the gold keeps: other forms of the gold still pay
+    assert verify("math", "\\boxed{(2^{10}+1)2^{10}}", "2^{10}(2^{10}+1)", "Let $x = 2^{10}$. Find $x^2 + x$.") == 1.0
+    assert verify("math", "\\boxed{3(2^{10})}", "3\\cdot 2^{10}", "What is $2^{10}+2^{11}$?") == 1.0
+    assert verify("math", "\\boxed{(1+n)!}", "(n+1)!", "Simplify $(n+1) \\cdot n!$.") == 1.0
     # a factorial or binomial the problem writes must be computed (before: \binom{31}{3} etc. paid 4495)
     binomial = "Compute $\\dbinom{31}{28}$."  # MATH-500's
     for answer in ["\\binom{31}{3}", "\\frac{31!}{3!\\,28!}", "\\binom{31}{28} + 0", "1 \\cdot \\dbinom{31}{28}"]:
