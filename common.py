@@ -1365,13 +1365,11 @@ _SOLUTION_SEPARATORS = re.compile(r",|\\text\{\s*(?:or|and)\s*\}|" + _ALTERNATIV
 
 
 def _is_name(text: str) -> bool:
-    """The left of an answer's '=' names what it gives ("x", "f(3)", "AB", "a_1", "x^2"): no list, no alternatives, not
-    a number, no number of its own outside an argument, subscript or power ("5 \\text{ else } x" is two answers)."""
+    """The left of an answer's '=' names what it gives ("x", "f(3)", "AB"): no list, no alternatives, not a number."""
     normalized = math_normalize(text)
     tree = _parse_latex(normalized)
-    bare = re.sub(r"\([^()]*\)|[_^](?:\{[^{}]*\}|\\?\w)", "", normalized)
     return (not _ALTERNATIVES.search(text) and len(_split_top_level(normalized) or "xx") == 1
-            and (tree is None or _rational_value(tree) is None) and not re.search(r"\d", bare))
+            and (tree is None or _rational_value(tree) is None))
 
 
 def _letters(tree) -> set:
@@ -1455,14 +1453,17 @@ def _problem_expressions(problem: str):
 
 
 def _number_as_written(tree) -> bool:
-    """5, -5, 2.5, \\frac{1}{2}, -\\frac{1}{2}, 2.6 \\times 10^{-4}: a number, not a computation."""
+    """A number as one writes it, not a computation: 5, -5, 2.5, \\frac{1}{2}, \\frac{-1}{2}, 2\\frac{1}{2} (a mixed
+    number, which the parser reads as 2 + \\frac{1}{2}), 2.6 \\times 10^{-4}, 10^{3}."""
+    literal = lambda t: t[0] == "num" or (t[0] == "neg" and literal(t[1]))  # 5, -5, 2.5
+    power_of_ten = lambda t: t[0] == "pow" and t[1] == ["num", "10"] and literal(t[2]) and "." not in str(t[2])
+    plain = lambda t: (literal(t) or (t[0] == "div" and literal(t[1]) and literal(t[2]))
+                       or (t[0] == "add" and t[1][0] == "num" and t[2][0] == "div" and t[2][1][0] == t[2][2][0] == "num"))
     if tree[0] == "neg":
         tree = tree[1]
-    if tree[0] == "mul" and tree[2][0] == "pow" and tree[2][1] == ["num", "10"]:  # scientific notation
-        exponent = tree[2][2][1] if tree[2][2][0] == "neg" else tree[2][2]
-        if exponent[0] == "num" and exponent[1].isdigit():
-            tree = tree[1]
-    return tree[0] == "num" or (tree[0] == "div" and tree[1][0] == tree[2][0] == "num")
+    if tree[0] == "mul" and (power_of_ten(tree[1]) or power_of_ten(tree[2])):  # scientific notation, either order
+        return plain(tree[2] if power_of_ten(tree[1]) else tree[1])
+    return plain(tree) or power_of_ten(tree)
 
 
 # ----------------------------------------------------------------------------- IFEval verifier

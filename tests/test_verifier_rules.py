@@ -51,8 +51,12 @@ def test_math_does_not_pay_an_expression_copied_from_the_problem():
                    "(513 - 487)(513 + 487)", "1000 \\cdot 26"]:
         assert verify("math", f"\\boxed{{{answer}}}", "26000", problem) == 0.0, answer
         assert verify("math", f"\\boxed{{{answer}}}", "26000") == 1.0, answer  # equal in value
-    for answer in ["26000", "26,000", "x = 26000", "2.6 \\times 10^4", "2.6 \\times 10^{4}"]:
+    for answer in ["26000", "26,000", "x = 26000", "2.6 \\times 10^4", "10^{4} \\cdot 2.6"]:
         assert verify("math", f"\\boxed{{{answer}}}", "26000", problem) == 1.0, answer
+    for answer, gold, computation in [("2\\frac{1}{2}", "\\frac52", "\\frac{1}{2}+2"), ("\\frac{-1}{2}", "-\\frac12", "\\frac{1}{2}-1"),
+                                      ("10^{3}", "1000", "10 \\cdot 100")]:  # a mixed number, a signed fraction, 10^k
+        assert verify("math", f"\\boxed{{{answer}}}", gold, f"Compute ${computation}$.") == 1.0, answer
+        assert verify("math", f"\\boxed{{{computation}}}", gold, f"Compute ${computation}$.") == 0.0, answer
     assert verify("math", "\\boxed{1+99+99^2}", "9901", "Compute $99^2+99+1$ in your head.") == 0.0
     # a computation the gold holds itself, a factorial the gold keeps: other forms of the gold still pay
     assert verify("math", "\\boxed{(2^{10}+1)2^{10}}", "2^{10}(2^{10}+1)", "Let $x = 2^{10}$. Find $x^2 + x$.") == 1.0
