@@ -1149,6 +1149,7 @@ def _rational_value(node, values=None) -> Fraction | None:
 
 
 def _exact_value(node, values) -> Fraction | None:
+    """_rational_value's work for one node, its children's values looked up in (or added to) `values`."""
     kind = node[0]
     if kind == "num":
         return Fraction(node[1])
@@ -1421,7 +1422,8 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     # itself): an answer holding one as a part restates it. Where one has the gold's value, the problem asks for that
     # number: an answer must be a number as written (26000, 2.6 \times 10^4), not another computation of it
     # ("0 + 513^2 - 487^2", "(513 - 487)(513 + 487)").
-    computations = [(tree, value) for tree, value in computations if tree not in json.dumps(gold_tree)]
+    gold_json = json.dumps(gold_tree)
+    computations = [(tree, value) for tree, value in computations if tree not in gold_json]
     gold_value = _rational_value(gold_tree) if gold_tree is not None and _number_as_written(gold_tree) else None
     asks_for_number = any(value == gold_value for _, value in computations)
     # A problem that writes a factorial or a binomial asks for its value: an answer still holding one did not compute
@@ -1432,7 +1434,8 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     def restated(answer):
         text = math_normalize(answer)
         tree = _parse_latex(text)
-        return text != gold_text and (text in copied or any(c in json.dumps(tree) for c, _ in computations)
+        tree_json = json.dumps(tree)  # a subtree's JSON is a substring of its tree's: "holds as a part"
+        return text != gold_text and (text in copied or any(c in tree_json for c, _ in computations)
                                       or (counting and unevaluated(text))
                                       or (asks_for_number and (tree is None or not _number_as_written(tree))))
 
