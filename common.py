@@ -1288,32 +1288,32 @@ def _symbolic_worker_main():
 
 
 def _start_worker():
+    """A new worker, booting (it imports this file, torch included: ~2 s) while the caller goes on."""
     here, module = os.path.split(os.path.abspath(__file__))
     boot = f"import sys; sys.path.insert(0, {here!r}); import {module[:-3]} as m; m._symbolic_worker_main()"
     proc = subprocess.Popen([sys.executable, "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    if select.select([proc.stdout], [], [], _WORKER_BOOT_TIMEOUT_S)[0] and proc.stdout.readline().strip() == "ready":
-        return proc
-    proc.kill()
-    proc.wait()
-    return None
+    proc.booted = False
+    return proc
 
 
 def _symbolic_match(gold_tree, candidate_trees, timeout: float = MATH_SYMBOLIC_TIMEOUT_S) -> bool:
     proc = getattr(_worker, "proc", None)
     if proc is None or proc.poll() is not None:
         proc = _worker.proc = _start_worker()
-        if proc is None:
-            return False
     try:
+        if not proc.booted:  # its first request: wait for "ready" (the boot is not the answer's time)
+            if not (select.select([proc.stdout], [], [], _WORKER_BOOT_TIMEOUT_S)[0] and proc.stdout.readline().strip() == "ready"):
+                raise OSError("the worker did not boot")
+            proc.booted = True
         proc.stdin.write(json.dumps([gold_tree, candidate_trees]) + "\n")
         proc.stdin.flush()
         if select.select([proc.stdout], [], [], timeout)[0]:
             return proc.stdout.readline().strip() == "1"
     except (BrokenPipeError, OSError, ValueError):
         pass
-    proc.kill()  # too slow (or dead): kill it; the next call starts a fresh one
+    proc.kill()  # too slow (or dead): kill it, and boot its successor now, so the next call does not wait for it
     proc.wait()
-    _worker.proc = None
+    _worker.proc = _start_worker()
     return False
 
 

@@ -549,8 +549,8 @@ for step in progress:
                 advantages = torch.cat([s["advantages"] for s in chunk])
                 ratio = torch.exp(logps - old)  # pi_theta / pi_old per token
                 # clipped surrogate (PPO, Schulman et al. 2017, eq. 7), as a loss to minimize
-                pg_losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange))
-                loss = pg_losses
+                unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - args.cliprange, 1 + args.cliprange)
+                loss = pg_losses = torch.max(unclipped, clipped)
                 if args.algo == "grpo" and reference is not None:
                     log_ref_ratio = torch.cat([s["ref_logps"] for s in chunk]) - logps
                     kl = log_ref_ratio.exp() - log_ref_ratio - 1  # k3 estimator of KL(pi_theta || ref), GRPO eq. 4
@@ -565,7 +565,7 @@ for step in progress:
                     (args.vf_coef * vf_losses.sum() * loss_scale).backward()
                     sums["vf_loss"] += vf_losses.sum().detach()
                 sums["pg_loss"] += pg_losses.sum().detach()
-                sums["clipped"] += ((ratio < 1 - args.cliprange) | (ratio > 1 + args.cliprange)).sum()
+                sums["clipped"] += (clipped > unclipped).sum()  # tokens whose gradient the clip stops (as open-instruct, TRL)
                 sums["entropy"] += entropy.sum()
                 sums["tokens"] += len(logps)
                 ratio_sum += ratio.sum().detach()
