@@ -1188,12 +1188,13 @@ def _exact_value(node, values) -> Fraction | None:
 
 # --- MATH: symbolic equality, in a worker process with a hard time limit ---------
 # sympy.simplify can run for minutes on innocent-looking input, and nothing inside a thread can
-# stop it: signal.alarm works only in the main thread, and RLVR scores responses from worker
-# threads and many ranks. So each calling thread owns a long-lived worker subprocess (plain
-# `python -c`, started with fork+exec, which is safe in a process holding CUDA or threads). We send
-# it the two parsed trees and wait at most MATH_SYMBOLIC_TIMEOUT_S; if it has not answered, it is
-# killed, the answer counts as wrong, and the next call starts a new worker. The worker exits
-# when our end of its stdin closes, i.e. when this process exits. POSIX only (select on a pipe).
+# stop it: signal.alarm works only in the main thread, and a caller may score from threads (the
+# stages score in their main thread; tests and other harnesses may not). So each calling thread
+# owns a long-lived worker subprocess (plain `python -c`, started with fork+exec, which is safe in
+# a process holding CUDA or threads). We send it the two parsed trees and wait at most
+# MATH_SYMBOLIC_TIMEOUT_S; if it has not answered, it is killed, the answer counts as wrong, and
+# its successor starts booting at once. The worker exits when our end of its stdin closes, i.e.
+# when this process exits. POSIX only (select on a pipe).
 
 MATH_SYMBOLIC_TIMEOUT_S = 3.0
 _WORKER_BOOT_TIMEOUT_S = 120.0  # the worker imports this file (and whatever it imports)
