@@ -1425,7 +1425,7 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     # ("0 + 513^2 - 487^2", "(513 - 487)(513 + 487)").
     gold_json = json.dumps(gold_tree)
     computations = [(tree, value) for tree, value in computations if tree not in gold_json]
-    gold_value = _rational_value(gold_tree) if gold_tree is not None and _number_as_written(gold_tree) else None
+    gold_value = _rational_value(gold_tree) if gold_tree is not None and _number_as_written(gold_tree, gold_text) else None
     asks_for_number = any(value == gold_value for _, value in computations)
     # A problem that writes a factorial or a binomial asks for its value: an answer still holding one did not compute
     # it ("Compute $\dbinom{31}{28}$." answered \binom{31}{3} or \frac{31!}{3!\,28!}).
@@ -1435,10 +1435,10 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     def restated(answer):
         text = math_normalize(answer)
         tree = _parse_latex(text)
+        written = tree is not None and _number_as_written(tree, text)  # (a mixed number holds the sum 2 + \frac12)
         tree_json = json.dumps(tree)  # a subtree's JSON is a substring of its tree's: "holds as a part"
-        return text != gold_text and (text in copied or any(c in tree_json for c, _ in computations)
-                                      or (counting and unevaluated(text))
-                                      or (asks_for_number and (tree is None or not _number_as_written(tree))))
+        return text != gold_text and (text in copied or (not written and any(c in tree_json for c, _ in computations))
+                                      or (counting and unevaluated(text)) or (asks_for_number and not written))
 
     return float(bool(answers) and all(not restated(answer) and _math_answer_matches(answer, str(gold))
                                        for answer in answers))
@@ -1449,20 +1449,22 @@ def _problem_expressions(problem: str):
     """The problem's math spans (normalized), and its computations among them: (tree as JSON, exact value)."""
     spans = frozenset(math_normalize("".join(span)) for span in _MATH_SPANS.findall(problem))
     computations = []
-    for tree in filter(None, map(_parse_latex, spans)):
-        value = _rational_value(tree)
-        if value is not None and not _number_as_written(tree):
+    for span, tree in ((span, _parse_latex(span)) for span in spans):
+        value = _rational_value(tree) if tree is not None else None
+        if value is not None and not _number_as_written(tree, span):
             computations.append((json.dumps(tree), value))
     return spans, tuple(computations)
 
 
-def _number_as_written(tree) -> bool:
-    """A number as one writes it, not a computation: 5, -5, 2.5, \\frac{1}{2}, \\frac{-1}{2}, 2\\frac{1}{2} (a mixed
-    number, which the parser reads as 2 + \\frac{1}{2}), 2.6 \\times 10^{-4}, 10^{3}."""
+def _number_as_written(tree, text: str) -> bool:
+    """A number as one writes it (`text`, normalized; `tree`, its parse), not a computation: 5, -5, 2.5, \\frac{1}{2},
+    \\frac{-1}{2}, 2\\frac{1}{2} (a mixed number, which the parser reads as 2 + \\frac{1}{2}: written with its '+', the
+    sum 2 + \\frac{1}{2} is a computation), 2.6 \\times 10^{-4}, 10^{3}."""
     literal = lambda t: t[0] == "num" or (t[0] == "neg" and literal(t[1]))  # 5, -5, 2.5
     power_of_ten = lambda t: t[0] == "pow" and t[1] == ["num", "10"] and literal(t[2]) and "." not in str(t[2])
     plain = lambda t: (literal(t) or (t[0] == "div" and literal(t[1]) and literal(t[2]))
-                       or (t[0] == "add" and t[1][0] == "num" and t[2][0] == "div" and t[2][1][0] == t[2][2][0] == "num"))
+                       or (t[0] == "add" and t[1][0] == "num" and t[2][0] == "div" and t[2][1][0] == t[2][2][0] == "num"
+                           and "+" not in text))
     if tree[0] == "neg":
         tree = tree[1]
     if tree[0] == "mul" and (power_of_ten(tree[1]) or power_of_ten(tree[2])):  # scientific notation, either order

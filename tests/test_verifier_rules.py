@@ -58,6 +58,12 @@ def test_math_does_not_pay_an_expression_copied_from_the_problem():
         assert verify("math", f"\\boxed{{{answer}}}", gold, f"Compute ${computation}$.") == 1.0, answer
         assert verify("math", f"\\boxed{{{computation}}}", gold, f"Compute ${computation}$.") == 0.0, answer
     assert verify("math", "\\boxed{1+99+99^2}", "9901", "Compute $99^2+99+1$ in your head.") == 0.0
+    # a sum written with its '+' is a computation, though the parser reads a mixed number 2\frac12 as the same tree
+    # (before: 2 + \frac12 paid as a number as written, and \frac12 + 2 on "Compute $2 + \frac12$")
+    for computation, answer in [("\\frac{1}{2}+2", "2+\\frac{1}{2}"), ("2+\\frac{1}{2}", "\\frac{1}{2}+2")]:
+        assert verify("math", f"\\boxed{{{answer}}}", "\\frac52", f"Compute ${computation}$.") == 0.0, answer
+        assert verify("math", f"\\boxed{{{answer}}}", "\\frac52") == 1.0, answer  # equal in value
+        assert verify("math", "\\boxed{2\\frac{1}{2}}", "\\frac52", f"Compute ${computation}$.") == 1.0, computation
     # a computation the gold holds itself, a factorial the gold keeps: other forms of the gold still pay
     assert verify("math", "\\boxed{(2^{10}+1)2^{10}}", "2^{10}(2^{10}+1)", "Let $x = 2^{10}$. Find $x^2 + x$.") == 1.0
     assert verify("math", "\\boxed{3(2^{10})}", "3\\cdot 2^{10}", "What is $2^{10}+2^{11}$?") == 1.0
