@@ -88,12 +88,9 @@ common.require_model_directory(args.model_name_or_path)
 
 # ----------------------------------------------------------------------------- Distributed setup
 
-if "RANK" in os.environ:  # launched by torchrun
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-else:  # plain `python sft.py`: a process group of one, so the FSDP code below is the same everywhere
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+use_cuda = torch.cuda.is_available()
+# torchrun's group, or for a plain `python sft.py` a group of one, so the FSDP code below is the same everywhere
+dist.init_process_group("nccl" if use_cuda else "gloo", **({} if "RANK" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)))
 rank, world_size = dist.get_rank(), dist.get_world_size()
 local_rank = int(os.environ.get("LOCAL_RANK", 0))
 device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
@@ -153,7 +150,6 @@ def global_batch(step):
     epoch, index = divmod(step, steps_per_epoch)
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
     return order[index * global_batch_size : (index + 1) * global_batch_size]
-
 
 
 def read_examples(ids):
