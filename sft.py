@@ -250,10 +250,7 @@ elif rank == 0:
 # --with_tracking: the same metrics also to TensorBoard / W&B
 track = (common.start_tracking(args.report_to, args.output_dir, "sft", vars(args), start_step)
          if args.with_tracking and rank == 0 else None)
-if args.checkpointing_steps == "epoch":
-    checkpoint_every = steps_per_epoch
-else:
-    checkpoint_every = int(args.checkpointing_steps) if args.checkpointing_steps else 0
+checkpoint_every = steps_per_epoch if args.checkpointing_steps == "epoch" else int(args.checkpointing_steps or 0)
 
 # ----------------------------------------------------------------------------- Training loop
 
