@@ -1411,22 +1411,28 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     An answer that writes again an expression of `problem` ("What is $513^2 - 487^2$?" answered 513^2 - 487^2, equal
     in value to the gold 26000) has done none of the work: it pays only if it is the gold as written. Minerva's and
     the release's checks pay it (25 of MATH-500's problems, each fed back as its own response, scored 1 before). So
-    does one that holds such a computation as a part (513^2 - 487^2 + 0), one that answers a problem asking for a
+    does one that is such an expression in other brackets or spelling ("(ab+5b+2a+10)" on "Factor $ab+5b+2a+10$", 3/20
+    on "Write $\\frac{3}{20}$ as a decimal"), one that holds it as a part (513^2 - 487^2 + 0, 1 \\cdot (\\sqrt{242}),
+    2 - 2 + ab + 5b + 2a + 10: a sum holding every term of the problem's sum), one that answers a problem asking for a
     number with another computation of it (0 + 513^2 - 487^2), and one that keeps a factorial or binomial where the
     problem writes one."""
     answers = math_extract(response) if len(response) <= MAX_RESPONSE_CHARS else []
     gold_text = math_normalize(str(gold))
     gold_tree = _parse_latex(gold_text)
-    spans, computations = _problem_expressions(problem[:MAX_RESPONSE_CHARS])
+    gold_form = _form(gold_tree) if gold_tree is not None else None
+    spans, span_forms = _problem_expressions(problem[:MAX_RESPONSE_CHARS])
     copied = spans - {gold_text}
-    # The problem's arithmetic, each a computation with a rational value (not a number as written; none the gold holds
-    # itself): an answer holding one as a part restates it. Where one has the gold's value, the problem asks for that
-    # number: an answer must be a number as written (26000, 2.6 \times 10^4), not another computation of it
-    # ("0 + 513^2 - 487^2", "(513 - 487)(513 + 487)").
-    gold_json = json.dumps(gold_tree)
-    computations = [(tree, value) for tree, value in computations if tree not in gold_json]
+    copied_forms = {form for form, _, _ in span_forms} - {gold_form}
+    copied_numbers = {form for form, _, written in span_forms if written} - {gold_form}  # 2\frac12 is not "\frac12 + 2"
+    # The problem's expressions with an operator (not a number as written; none the gold holds itself): an answer holding
+    # one as a part restates it. Where one, or a number written otherwise (\frac{3}{20} for the gold 0.15), has the
+    # gold's value, the problem asks for that number: an answer must be a number as written (26000, 2.6 \times 10^4),
+    # not another computation of it ("(513 - 487)(513 + 487)", "\frac{3}{20} + 0").
+    parts = [(form, value) for form, value, written in span_forms
+             if not written and form[0] not in _ATOMS and not (gold_form and _holds(gold_form, form))]
     gold_value = _rational_value(gold_tree) if gold_tree is not None and _number_as_written(gold_tree, gold_text) else None
-    asks_for_number = any(value == gold_value for _, value in computations)
+    numbers = [value for form, value, written in span_forms if written and form != gold_form]
+    asks_for_number = gold_value is not None and gold_value in [value for _, value in parts] + numbers
     # A problem that writes a factorial or a binomial asks for its value: an answer still holding one did not compute
     # it ("Compute $\dbinom{31}{28}$." answered \binom{31}{3} or \frac{31!}{3!\,28!}).
     unevaluated = lambda text: "!" in text or "\\binom" in text
@@ -1435,9 +1441,10 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     def restated(answer):
         text = math_normalize(answer)
         tree = _parse_latex(text)
+        form = _form(tree) if tree is not None else None
         written = tree is not None and _number_as_written(tree, text)  # (a mixed number holds the sum 2 + \frac12)
-        tree_json = json.dumps(tree)  # a subtree's JSON is a substring of its tree's: "holds as a part"
-        return text != gold_text and (text in copied or (not written and any(c in tree_json for c, _ in computations))
+        return text != gold_text and (text in copied or form in (copied_numbers if written else copied_forms)
+                                      or (not written and form and any(_holds(form, part) for part, _ in parts))
                                       or (counting and unevaluated(text)) or (asks_for_number and not written))
 
     return float(bool(answers) and all(not restated(answer) and _math_answer_matches(answer, str(gold))
@@ -1446,14 +1453,48 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
 
 @functools.lru_cache(maxsize=1024)  # RLVR scores every sample of a prompt against the same problem
 def _problem_expressions(problem: str):
-    """The problem's math spans (normalized), and its computations among them: (tree as JSON, exact value)."""
+    """The problem's math spans (normalized), and the forms of those in the grammar: (form, exact value or None,
+    whether it is a number as written)."""
     spans = frozenset(math_normalize("".join(span)) for span in _MATH_SPANS.findall(problem))
-    computations = []
+    forms = []
     for span, tree in ((span, _parse_latex(span)) for span in spans):
-        value = _rational_value(tree) if tree is not None else None
-        if value is not None and not _number_as_written(tree, span):
-            computations.append((json.dumps(tree), value))
-    return spans, tuple(computations)
+        if tree is not None:
+            forms.append((_form(tree), _rational_value(tree), _number_as_written(tree, span)))
+    return spans, tuple(forms)
+
+
+_ATOMS = ("num", "sym", "pi", "inf")  # a problem's "$x$" or "$\pi$": every answer may hold one
+
+
+def _form(tree) -> tuple:
+    """A parsed tree as a hashable form in which the order of a sum's terms and of a product's factors, and their
+    brackets, do not count: a + (c - b), c + a - b and -b + a + c are one form ("add", (a, c, ("neg", b))), sorted."""
+    if tree[0] in ("add", "sub", "mul"):
+        kind = "mul" if tree[0] == "mul" else "add"
+        operands, stack = [], [tree]
+        while stack:  # a loop, not recursion: a sum of 500 terms is a tree 500 deep
+            node = stack.pop()
+            if node[0] == kind or (kind == "add" and node[0] == "sub"):
+                stack += [node[1], ["neg", node[2]] if node[0] == "sub" else node[2]]
+            else:
+                operands.append(_form(node))
+        return kind, tuple(sorted(operands, key=repr))
+    return tuple(child if isinstance(child, str) else _form(child) if child and isinstance(child[0], str)
+                 else tuple(map(_form, child)) for child in tree)  # (a "seq" holds a list of items)
+
+
+def _holds(form: tuple, part: tuple) -> bool:
+    """Does `form` hold `part`: as one of its subforms, or as some of the terms of one of its sums (factors of one of
+    its products)? "2 - 2 + ab + 5b + 2a + 10" holds "ab + 5b + 2a + 10"."""
+    stack = [form]
+    while stack:
+        node = stack.pop()
+        if node == part or (node[0] == part[0] in ("add", "mul") and not collections.Counter(part[1]) - collections.Counter(node[1])):
+            return True
+        for child in node[1:]:
+            if isinstance(child, tuple):
+                stack += [child] if child and isinstance(child[0], str) else list(child)
+    return False
 
 
 def _number_as_written(tree, text: str) -> bool:

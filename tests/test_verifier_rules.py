@@ -77,6 +77,20 @@ def test_math_does_not_pay_an_expression_copied_from_the_problem():
     assert verify("math", "\\boxed{\\binom{8}{4}}", "70", "How many ways can 4 of 8 people be chosen?") == 1.0
     # the gold as written still pays where the problem holds it ("What is $\\sqrt{53}$ in simplest radical form?")
     assert verify("math", "\\boxed{\\sqrt{53}}", "\\sqrt{53}", "What is $\\sqrt{53}$ in simplest radical form?") == 1.0
+    # the problem's expression in brackets or another spelling, or held with terms that cancel: restated too, whatever
+    # its value (before: paid wherever the expression has no rational value, as a Factor or Simplify problem's)
+    factor = "Factor the expression $ab+5b+2a+10$."
+    for answer in ["(ab+5b+2a+10)", "\\left( ab+5b+2a+10 \\right)", "{ab+5b+2a+10}", "ab+5b+2a+10+0", "2-2+ab+5b+2a+10",
+                   "1 \\cdot (10+2a+5b+ab)", "-(-(ab+5b+2a+10))"]:
+        assert verify("math", f"\\boxed{{{answer}}}", "(a+5)(b+2)", factor) == 0.0, answer
+        assert verify("math", f"\\boxed{{{answer}}}", "(a+5)(b+2)") == 1.0, answer  # equal in value
+    for answer in ["(a+5)(b+2)", "(b+2)(a+5)", "(5+a)(2+b)"]:
+        assert verify("math", f"\\boxed{{{answer}}}", "(a+5)(b+2)", factor) == 1.0, answer
+    for answer in ["(\\sqrt{242})", "1 \\cdot \\sqrt{242}", "-(-\\sqrt{242})"]:
+        assert verify("math", f"\\boxed{{{answer}}}", "11\\sqrt2", simplify) == 0.0, answer
+    decimal = "Write $\\frac{3}{20}$ as a decimal."  # MATH-500's; a number of the problem, spelled otherwise
+    for answer, score in [("3/20", 0.0), ("\\frac{3}{20} + 0", 0.0), ("0.15", 1.0), (".15", 1.0)]:
+        assert verify("math", f"\\boxed{{{answer}}}", "0.15", decimal) == score, answer
     # MATH-500, each problem fed back as its own response: paid only where the problem writes its gold itself
     rows = [json.loads(line) for line in open(ROOT / "data" / "math500_test.jsonl")]
     paid = [r for r in rows if common.math_score(r["problem"], r["answer"], r["problem"])]
@@ -85,6 +99,12 @@ def test_math_does_not_pay_an_expression_copied_from_the_problem():
         spans = {common.math_normalize("".join(span)) for span in common._MATH_SPANS.findall(r["problem"])}
         assert common.math_normalize(r["answer"]) in spans
     assert all(common.math_score(f"\\boxed{{{r['answer']}}}", r["answer"], r["problem"]) for r in rows)
+    # ...and each of its expressions boxed in brackets, or with + 0: paid only where the expression is the gold
+    for r in rows:
+        for span in {common.math_normalize("".join(span)) for span in common._MATH_SPANS.findall(r["problem"])} - {""}:
+            for answer in [f"({span})", f"{span}+0"]:
+                if common.math_score(f"\\boxed{{{answer}}}", r["answer"], r["problem"]):
+                    assert span == common.math_normalize(r["answer"]), (answer, r["answer"])
 
 
 def test_math_equation_gold_does_not_collapse_to_its_right_hand_side():
