@@ -732,7 +732,7 @@ MAX_RESPONSE_CHARS = 100_000
 # It starts only where a run of digits starts: tried inside a run, "\d+" would rescan the rest of it from every digit,
 # quadratic on a response of digits (a 99,999-digit response, under MAX_RESPONSE_CHARS, took 2 minutes).
 _COMMA_NUMBER = re.compile(r"(?<!\d)\d+(?:,\d+)+")
-_THOUSANDS_GROUPED = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")  # (gsm8k_extract: digits and commas only)
+_THOUSANDS_GROUPED = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")  # (gsm8k_extract: digits and commas only)
 _MAX_NUMBER_CHARS = 100  # a GSM8K answer is a few digits; a megabyte of digits is not an answer (and int() refuses it)
 # A number, with a minus sign only when it is not a subtraction ("10-5" yields 10 and 5, not -5).
 _NUMBER = re.compile(r"(?:(?<![\d.])-)?(?:\d+(?:\.\d+)?|\.\d+)")
@@ -841,6 +841,10 @@ _MINERVA_DELETE = [
 # with an infinite end was compared only as a string); we skip command names
 _UNIT_WORDS = re.compile(r"\\[A-Za-z]+|" + "|".join(re.escape(junk) for junk in _MINERVA_DELETE if junk.isalpha()))
 _MINERVA_DELETE_SYMBOLS = [junk for junk in _MINERVA_DELETE if not junk.isalpha()]  # the rest, deleted anywhere
+# Units beyond Minerva's words, deleted only as the whole of a \text{} (with a ^2 or ^3 after it): "18 \text{ days}"
+_UNIT_TEXT = re.compile(r"\\(?:text|mbox)\{\s*(?:(?:square|cubic)\s+)?(?:(?:second|minute|hour|day|week|month|year|mile|yard|"
+                        r"meter|centimeter|kilometer|millimeter|gram|kilogram|pound|ounce|liter|gallon|cup|person|student|"
+                        r"side|unit|dollar|cent|degree|point|inch)(?:e?s)?|feet|foot|people|mph|[ckm]?m|k?g)\s*\}(?:\^\{?[23]\}?)?")
 
 
 def _unwrap(s: str, opener: str) -> str:
@@ -866,11 +870,13 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     tries: "10\\%" is the gold 10 of a percent question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is the
     interval the question asks for, also inside $...$), and spaces around a matrix row break '\\\\' (applied first;
     Minerva's "\\ " -> "" rule would otherwise eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}'
-    intact, strip a trailing '.' (also after thousands groups: "58,500." is 58500), read U+2212 as '-'. Narrower than
-    Minerva's, where its rule made a wrong answer or a menu equal: commas are dropped only from thousands groups
-    ("100,000", "-1,000", "10,000.5"), never from a list of solutions ("3, 5, 7" is not the number 357), as in
-    gsm8k_extract; an article is deleted only before a word ("a + 5" is not 5); $...$ is unwrapped only when there is
-    one span and no other answer beside it ("$4$ or $5$" and "3 \\text{ or } $5$" are not 4 or 5); a unit word is not
+    intact, strip a trailing '.' (also after thousands groups: "58,500." is 58500), read U+2212 as '-', drop a unit that
+    is the whole of a \\text{} ("18 \\text{ days}"), read a base 52_{8} as 52_8, and a bmatrix as a pmatrix whose
+    \\frac{-1}{3} entries are MATH's -1/3. Narrower than Minerva's, where its rule made a wrong answer or a menu
+    equal: commas are dropped only from thousands groups ("100,000", "-1,000", "10,000.5"; "0,284" is a list), never
+    from a list of solutions ("3, 5, 7" is not the number 357), as in gsm8k_extract; an article is deleted only before
+    a word ("a + 5" is not 5); $...$ is unwrapped only when there is one span and no other answer beside it ("$4$ or
+    $5$" and "3 \\text{ or } $5$" are not 4 or 5) nor arithmetic around it ("-$5$" is -5, not 5); a unit word is not
     deleted from inside a command ("ft" from \\infty); a repeating decimal keeps its bar (0.\\overline{3} is not 0.3).
     """
     s = "\\\\".join(part.strip() for part in answer.split("\\\\"))  # "-7 \\ 16" -> "-7\\16", as a model writes it
@@ -880,6 +886,9 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
                           ("\\varnothing", "\\emptyset")]:
         s = s.replace(before, after)
     s = s.replace("\u2212", "-")
+    s = _UNIT_TEXT.sub("", s)  # "18 \text{ days}" is 18 (a unit alone in its \text{}: "5 \text{ or more}" stays)
+    if "matrix}" in s:  # \begin{bmatrix} is \begin{pmatrix}, and its entries \frac{-1}{3} are MATH's -1/3
+        s = re.sub(r"\\frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", s.replace("{bmatrix}", "{pmatrix}"))
     # "2 \cdot x" would lose its space below and read as the unknown command "\cdotx": the operators become symbols
     s = re.sub(r"\\(cdot|times)(?![a-zA-Z])", "*", s)
     s = re.sub(r"\\div(?![a-zA-Z])", "/", s)
@@ -896,9 +905,11 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     first = s.find("$")
     second = s.find("$", first + 1) if first >= 0 else -1
     # one $...$ span: the answer (Minerva: the first of several, which paid "$4$ or $5$" for 4); several, or one beside
-    # another answer ("3 \\text{ or } $5$", "3, $5$"), stay as written, dollars dropped below
+    # another answer ("3 \\text{ or } $5$", "3, $5$") or inside arithmetic ("-$5$", "4/$5$"), stay as written, dollars
+    # dropped below
     if (second >= 0 and s.find("$", second + 1) < 0 and not _ALTERNATIVES.search(answer)
-            and "," not in re.sub(r"\$[^$]*\$", "", answer)):
+            and "," not in re.sub(r"\$[^$]*\$", "", answer)
+            and not re.search(r"[\d+\-*/^_]", (s[:first] + s[second + 1:]).replace("\\boxed{", ""))):
         s = s[first + 1:second]
     s = re.sub(r"^[a-zA-Z]\\in(?![a-zA-Z])", "", s)  # "x\in[-2,7]" -> "[-2,7]" (spaces are gone by now)
     s = re.sub(r"(\d\.\d*)\\overline\{(\d+)\}", r"\1(\2)", s)  # 0.\overline{3} -> 0.(3): only itself, not 0.3
@@ -907,7 +918,9 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     start, end = s.find("\\boxed{"), s.rfind("}")
     if 0 <= start < end:  # greedy, as Minerva: up to the LAST closing brace
         s = s[:start] + s[start + len("\\boxed{"):end] + s[end + 1:]
-    s = re.sub(r"(frac|binom)([^{])(.)", r"\1{\2}{\3}", s)  # \frac12 -> \frac{1}{2}, \frac1b -> \frac{1}{b}, \binom52
+    # \frac12 -> \frac{1}{2}, \frac1b -> \frac{1}{b}, \binom52; \frac9{19} stays (the parser reads it; "\frac{9}{{}19}" not)
+    s = re.sub(r"(frac|binom)([^{\\])([^{\\])", r"\1{\2}{\3}", s)
+    s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # a base: 52_{8} is 52_8
     s = re.sub(r"sqrt([^{\[])", r"sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
     s = s.replace("$", "").strip().rstrip(".")  # (the final '.' first: "58,500." is the number 58500)
     if _THOUSANDS_GROUPED.fullmatch(s):
@@ -1192,9 +1205,9 @@ def _exact_value(node, values) -> Fraction | None:
 # stages score in their main thread; tests and other harnesses may not). So each calling thread
 # owns a long-lived worker subprocess (plain `python -c`, started with fork+exec, which is safe in
 # a process holding CUDA or threads). We send it the two parsed trees and wait at most
-# MATH_SYMBOLIC_TIMEOUT_S; if it has not answered, it is killed, the answer counts as wrong, and
-# its successor starts booting at once. The worker exits when our end of its stdin closes, i.e.
-# when this process exits. POSIX only (select on a pipe).
+# MATH_SYMBOLIC_TIMEOUT_S (for all the answers of one response together); if it has not answered,
+# it is killed, the answer counts as wrong, and its successor starts booting at once. The worker
+# exits when our end of its stdin closes, i.e. when this process exits. POSIX only (select on a pipe).
 
 MATH_SYMBOLIC_TIMEOUT_S = 3.0
 _WORKER_BOOT_TIMEOUT_S = 120.0  # the worker imports this file (and whatever it imports)
@@ -1274,18 +1287,21 @@ def _symbolic_worker_main():
     """Loop of the worker process: read [gold_tree, [candidate_trees]], answer 1 or 0."""
     import sympy  # noqa: F401  (imported before "ready" so the first request is fast)
 
-    print("ready", flush=True)
-    for line in sys.stdin:
-        gold, candidates = json.loads(line)
-        equal = False
-        for candidate in candidates:
-            try:
-                equal = _sympy_equal(candidate, gold)
-            except Exception:  # outside the grammar, a bound hit, sympy errors: not equal
-                equal = False
-            if equal:
-                break
-        print(int(equal), flush=True)
+    try:
+        print("ready", flush=True)
+        for line in sys.stdin:
+            gold, candidates = json.loads(line)
+            equal = False
+            for candidate in candidates:
+                try:
+                    equal = _sympy_equal(candidate, gold)
+                except Exception:  # outside the grammar, a bound hit, sympy errors: not equal
+                    equal = False
+                if equal:
+                    break
+            print(int(equal), flush=True)
+    except BrokenPipeError:  # the caller exited (e.g. while this worker, a killed one's successor, was booting)
+        sys.stderr.close()  # (and no "Exception ignored" when Python flushes stdout at exit)
 
 
 def _start_worker():
@@ -1298,6 +1314,7 @@ def _start_worker():
 
 
 def _symbolic_match(gold_tree, candidate_trees, timeout: float = MATH_SYMBOLIC_TIMEOUT_S) -> bool:
+    """Equal by sympy, within `timeout` s and what is left of this thread's response budget (math_score sets it)."""
     proc = getattr(_worker, "proc", None)
     if proc is None or proc.poll() is not None:
         proc = _worker.proc = _start_worker()
@@ -1306,9 +1323,17 @@ def _symbolic_match(gold_tree, candidate_trees, timeout: float = MATH_SYMBOLIC_T
             if not (select.select([proc.stdout], [], [], _WORKER_BOOT_TIMEOUT_S)[0] and proc.stdout.readline().strip() == "ready"):
                 raise OSError("the worker did not boot")
             proc.booted = True
+        budget = getattr(_worker, "budget", None)
+        if budget is not None and budget <= 0:
+            return False  # this response spent its time on its other answers: the worker is busy with nothing
+        timeout = timeout if budget is None else min(timeout, budget)
+        start = time.monotonic()
         proc.stdin.write(json.dumps([gold_tree, candidate_trees]) + "\n")
         proc.stdin.flush()
-        if select.select([proc.stdout], [], [], timeout)[0]:
+        answered = select.select([proc.stdout], [], [], timeout)[0]
+        if budget is not None:
+            _worker.budget = budget - (time.monotonic() - start)
+        if answered:
             return proc.stdout.readline().strip() == "1"
     except (BrokenPipeError, OSError, ValueError):
         pass
@@ -1367,11 +1392,12 @@ _SOLUTION_SEPARATORS = re.compile(r",|\\text\{\s*(?:or|and)\s*\}|" + _ALTERNATIV
 
 
 def _is_name(text: str) -> bool:
-    """The left of an answer's '=' names what it gives ("x", "f(3)", "AB"): no list, no alternatives, not a number."""
+    """The left of an answer's '=' names what it gives ("x", "f(3)", "AB"): no list, no alternatives, not a number nor
+    an expression without a letter ("\\sqrt{16} = 5" states a false equation, not the name of 5)."""
     normalized = math_normalize(text)
     tree = _parse_latex(normalized)
     return (not _ALTERNATIVES.search(text) and len(_split_top_level(normalized) or "xx") == 1
-            and (tree is None or _rational_value(tree) is None))
+            and (tree is None or (_rational_value(tree) is None and bool(_letters(tree)))))
 
 
 def _letters(tree) -> set:
@@ -1386,8 +1412,8 @@ def _math_value_matches(answer: str, expected: str, as_written: bool = False) ->
         return False
     if normalized == expected:
         return True
-    if as_written:
-        return False
+    if as_written:  # (a word's case is not its meaning: \text{Even} is \text{even})
+        return normalized.lower() == expected.lower()
     gold_tree, tree = _parse_latex(expected), _parse_latex(normalized)
     if gold_tree is None or tree is None:
         return False
@@ -1447,8 +1473,14 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
                                       or (not written and form and any(_holds(form, part) for part, _ in parts))
                                       or (counting and unevaluated(text)) or (asks_for_number and not written))
 
-    return float(bool(answers) and all(not restated(answer) and _math_answer_matches(answer, str(gold))
-                                       for answer in answers))
+    # one MATH_SYMBOLIC_TIMEOUT_S for the whole response, however many answers and '=' chains it states (six values
+    # each just under the limit took 16 s); an answer checked after the budget is spent counts as not equal
+    _worker.budget = MATH_SYMBOLIC_TIMEOUT_S
+    try:
+        return float(bool(answers) and all(not restated(answer) and _math_answer_matches(answer, str(gold))
+                                           for answer in answers))
+    finally:
+        _worker.budget = None
 
 
 @functools.lru_cache(maxsize=1024)  # RLVR scores every sample of a prompt against the same problem

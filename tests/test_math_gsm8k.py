@@ -268,6 +268,19 @@ def test_symbolic_timeout_kills_and_recovers():
     assert time.perf_counter() - start < 1.0 and common._worker.proc is successor
 
 
+def test_one_time_budget_per_response():
+    """Six values, each equal to the gold and each taking sympy ~2.7 s (under the limit alone), in one response's '='
+    chains: 16 s before (the limit held per value), now the response's whole budget is MATH_SYMBOLIC_TIMEOUT_S."""
+    value = lambda k: f"\\sqrt{{3}}(\\sqrt{{2}}+\\sqrt{{3}})^{{{k}}}(\\sqrt{{3}}-\\sqrt{{2}})^{{{k}}}(1+\\sqrt{{2}})^{{{k - 10}}}(\\sqrt{{2}}-1)^{{{k - 10}}}"
+    response = (f"\\boxed{{x = {value(1000)} = {value(999)} = {value(998)}}} Final Answer: The final answer is "
+                f"$x = {value(997)} = {value(996)} = {value(995)}$. I hope it is correct.")
+    assert common.math_score("$\\boxed{x^2-1}$", "(x-1)(x+1)") == 1.0  # this thread's worker, booted
+    start = time.perf_counter()
+    common.math_score(response, "\\sqrt{3}")
+    assert time.perf_counter() - start < common.MATH_SYMBOLIC_TIMEOUT_S + 1.5
+    assert common._worker.budget is None  # a later response (or a direct call) has its own time
+
+
 def test_many_threads():
     cases = [("$\\boxed{x^2 - 1}$", "(x-1)(x+1)", 1.0), ("$\\boxed{2\\sqrt{2}}$", "\\sqrt{8}", 1.0),
              ("$\\boxed{\\sqrt{3}}$", "\\sqrt{2}", 0.0), ("$\\boxed{0.5}$", "\\frac12", 1.0)]

@@ -272,6 +272,13 @@ HACKS = [  # (dataset, response, ground truth)
     ("math", "\\boxed{a + 5}", "5"),  # Minerva's article rule deleted "a "
     ("math", "\\boxed{b}", "a + b"),
     ("math", "\\boxed{0.\\overline{3}}", "0.3"),  # a repeating decimal is not the finite one
+    # (found by a red-team pass, 2026-12-07) a false equation; a list read as thousands; a $...$ span inside arithmetic;
+    # a hedge in a \text{} beside a unit
+    ("math", "\\boxed{\\sqrt{16} = 5}", "5"),
+    ("math", "\\boxed{0, 284}", "284"),
+    ("math", "\\boxed{-$5$}", "5"),
+    ("math", "\\boxed{4/$5$}", "5"),
+    ("math", "\\boxed{5 \\text{ or more}}", "5"),
     # invisible characters are no content: a blank response, an empty title, quotation, highlights, placeholders
     ("ifeval", "\u200b", [IF_TRUTHS[0], IF_TRUTHS[3], IF_TRUTHS[11]]),
     ("ifeval", "\ufeff\u2060\u00ad\x00\u3164", IF_TRUTHS[0]),
@@ -326,7 +333,15 @@ def test_right_answers_still_earn_the_reward():  # the positive controls of the 
                            ("\\boxed{0.\\overline{3}}", "0.\\overline{3}"), ("\\boxed{$4, 5$}", "4,5"),
                            ("\\boxed{-1,000}", "-1000"), ("\\boxed{10,000.5}", "10000.5"), ("\\boxed{\u22125}", "-5"),
                            ("\\boxed{2 \\cdot x}", "2x"), ("\\boxed{3 \\times x}", "3x"), ("\\boxed{6 \\div x}", "\\frac{6}{x}"),
-                           ("\\boxed{2 \\pi r}", "2r\\pi")]:
+                           ("\\boxed{2 \\pi r}", "2r\\pi"),
+                           # the red-team pass's controls, and the common forms it found unpaid: units in a \text{},
+                           # a base's braces, \frac9{19} (MATH-500's gold), a word's case, a bmatrix of \frac entries
+                           ("\\boxed{\\sqrt{16} = 4}", "4"), ("\\boxed{1,284}", "1284"), ("\\boxed{-$5$}", "-5"),
+                           ("\\boxed{18 \\text{ days}}", "18"), ("\\boxed{18 \\text{ square feet}}", "18"),
+                           ("\\boxed{6 \\text{ cm}^2}", "6"), ("\\boxed{52_{8}}", "52_8"), ("\\boxed{4210_5}", "4210_{5}"),
+                           ("\\boxed{\\frac{9}{19}}", "\\frac9{19}"), ("\\boxed{\\text{Even}}", "\\text{even}"),
+                           ("\\boxed{\\begin{bmatrix} -\\frac{1}{3} \\\\ \\frac{5}{3} \\end{bmatrix}}",
+                            "\\begin{pmatrix} -1/3 \\\\ 5/3 \\end{pmatrix}")]:
         assert verify("math", response, gold) == 1.0, (response, gold)
     assert verify("gsm8k", "The answer is \u22127.", "-7") == 1.0  # U+2212, the minus sign
     assert verify("ifeval", "\u200bHello there\u200b", IF_TRUTHS[0]) == 1.0  # invisible characters around text
