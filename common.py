@@ -1622,14 +1622,15 @@ def _count_placeholders(text):
     return len(re.findall(r"\[[^\[\]\n]*\]", text))
 
 
-def _count_highlights(text):
-    # *text* and **text** both count (a **bold** span scores twice, as in Google's code); blank ones do not
-    single = sum(1 for m in re.finditer(r"\*([^\n*]*)\*", text) if m[1].strip())
-    double = sum(1 for m in re.finditer(r"\*\*([^\n*]*)\*\*", text) if m[1].strip())
+def _count_highlights(text, content=str.strip):
+    # *text* and **text** both count, as in Google's code (a **bold** span once: its single-asterisk matches are the
+    # empty "**"; ***both*** twice); those without `content` (Google: blank) do not
+    single = sum(1 for m in re.finditer(r"\*([^\n*]*)\*", text) if content(m[1]))
+    double = sum(1 for m in re.finditer(r"\*\*([^\n*]*)\*\*", text) if content(m[1]))
     return single + double
 
 
-def _has_title(text):
+def _has_title(text, content=str.strip):
     # Google's r"<<[^\n]+>>" greedily spans from the first "<<" of a line to its last ">>" (so a line holds at most
     # one title); find/rfind give that span directly instead of backtracking over a line of "<" characters
     start = text.find("<<")
@@ -1637,7 +1638,7 @@ def _has_title(text):
         line_end = text.find("\n", start)
         line_end = len(text) if line_end < 0 else line_end
         end = text.rfind(">>", start, line_end)
-        if end >= start + 3 and text[start:end + 2].lstrip("<").rstrip(">").strip():
+        if end >= start + 3 and content(text[start:end + 2].lstrip("<").rstrip(">")):
             return True
         start = text.find("<<", line_end)
     return False
@@ -1782,7 +1783,11 @@ def ifeval_follow(response, instruction_id_list, kwargs_list, prompt, loose=Fals
 # meaning exactly N capital words... Where the release is buggy, or pays for a degenerate answer an RL policy would
 # find, we depart from it; each departure is marked "release:" and listed, with an example, in README's verifier table.
 
-_BLANKS = set("\u115f\u1160\u3164\uffa0\u2800\u034f")  # letters and symbols drawn as nothing
+_BLANKS = set("\u115f\u1160\u3164\uffa0\u2800")  # letters and symbols drawn as a blank: read as spaces
+# Default-ignorable marks outside Unicode's C* categories, drawn as nothing: the combining grapheme joiner, Khmer and
+# Mongolian marks, variation selectors ("\ufe0f", one SmolLM2 token, was a non-blank response)
+_IGNORABLE = re.compile("[\u034f\u17b4\u17b5\u180b-\u180d\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]")
+_COMMAS = re.compile("[,\uff0c\u201a\u060c\ufe50\ufe51\u3001]")  # the comma and its look-alikes ("\uff0c", one token)
 _TULU_SENTENCE_END = re.compile(r"(?<=[.?])(?<![A-Z][a-z]\.)(?<!\w\.\w.)\s")  # ". " or "? ", not after "Mr." / "e.g."
 
 
@@ -1816,9 +1821,26 @@ def _tulu_nth_paragraph(text, n, first_word, i):
     return paragraph.startswith(first_word) and not paragraph[len(first_word):][:1].isalnum()
 
 
+def _has_alnum(text):
+    """Content is a letter or a digit: "<<.>>", '"."', "*-*" or "P.S. ." hold none (release: any character counted)."""
+    return any(ch.isalnum() for ch in text)
+
+
+def _tulu_word_count(text):
+    return sum(map(_has_alnum, text.split()))  # release: every whitespace token, so 25 "." were 25 words
+
+
+def _looping(text):
+    """A response that mostly repeats itself ("a a a ...", one sentence until the length cap) is a loop, not an
+    answer: half or more of its word trigrams are repeats (natural text repeats few)."""
+    words = text.split()
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return len(trigrams) >= 10 and len(set(trigrams)) <= len(trigrams) / 2
+
+
 def _tulu_postscript(text, marker):
     at = text.find(marker)
-    return at >= 0 and len(text[at:].strip()) > len(marker)  # the marker, then something after it
+    return at >= 0 and _has_alnum(text[at + len(marker):])  # the marker, then something after it
 
 
 def _tulu_choice(text, options):
@@ -1831,7 +1853,7 @@ def _tulu_choice(text, options):
 def _tulu_sections(text, n, splitter):
     sections = text.split(splitter)
     # release: "SECTION SECTION" (two splitters, nothing in them) was two sections
-    return len(sections) - (sections[0] == "") == n and all(section.strip() for section in sections[1:])
+    return len(sections) - (sections[0] == "") == n and all(map(_has_alnum, sections[1:]))
 
 
 def _tulu_json(text):
@@ -1846,7 +1868,7 @@ def _tulu_two_responses(text):
     if text.count("******") != 1:
         return False
     first, second = (part.strip() for part in text.split("******"))
-    return bool(first and second) and first != second  # release: "Yes.******" passed with an empty second response
+    return _has_alnum(first) and _has_alnum(second) and first != second  # release: "Yes.******" passed
 
 
 def _tulu_capital_words(text, n, quantifier):
@@ -1862,23 +1884,23 @@ _TULU_CHECKS = {
     # release: langdetect raised on text with no letters; that text is in no language, so it scores 0
     "validate_response_language": lambda t, kw: _detect_language(t) == kw["language"],
     "verify_paragraph_count": lambda t, kw: _tulu_paragraph_count(t, kw["N"]),
-    "validate_word_constraint": lambda t, kw: _tulu_quantity(len(t.split()), kw["quantifier"], kw["N"],
+    "validate_word_constraint": lambda t, kw: _tulu_quantity(_tulu_word_count(t), kw["quantifier"], kw["N"],
                                                              max(round(0.1 * kw["N"]), 1)),
     "verify_sentence_constraint": lambda t, kw: _tulu_quantity(len(_TULU_SENTENCE_END.split(t)), kw["quantifier"],
                                                                kw["N"], 1),
     "validate_paragraphs": lambda t, kw: _tulu_nth_paragraph(t, kw["N"], kw["first_word"], kw["i"]),
     "verify_postscript": lambda t, kw: _tulu_postscript(t, kw["postscript_marker"]),
     # release: returned a (bool, list) tuple, always truthy, so every response was paid. "[]" does not count here
-    "validate_placeholders": lambda t, kw: sum(1 for m in re.finditer(r"\[([^\[\]\n]*)\]", t) if m[1].strip()) >= kw["N"],
+    "validate_placeholders": lambda t, kw: sum(1 for m in re.finditer(r"\[([^\[\]\n]*)\]", t) if _has_alnum(m[1])) >= kw["N"],
     # release: a line of a lone "-" was a bullet point
-    "verify_bullet_points": lambda t, kw: sum(line.strip()[:1] in ("*", "-") and bool(line.strip()[1:].strip())
+    "verify_bullet_points": lambda t, kw: sum(line.strip()[:1] in ("*", "-") and _has_alnum(line.strip()[1:])
                                               for line in t.split("\n")) == kw["N"],
-    "validate_title": lambda t, kw: _has_title(t),  # release: an empty "<<>>" was a title
+    "validate_title": lambda t, kw: _has_title(t, _has_alnum),  # release: an empty "<<>>" was a title
     "validate_choice": lambda t, kw: _tulu_choice(t, kw["options"]),
-    # release: "**" (an empty highlight) counted. Google's count, which skips blank highlights but still counts a
-    # **bold** span (the release counted it too, as two empty "**" matches); *single* asterisks alone would pay 0 for
-    # "**One** and **two**"
-    "validate_highlighted_sections": lambda t, kw: _count_highlights(t) >= kw["N"],
+    # release: "**" (an empty highlight) counted. Google's count, which skips blank highlights but counts a **bold**
+    # span (the release counted it too, as two empty "**" matches); *single* asterisks alone would pay 0 for "**One**
+    # and **two**"
+    "validate_highlighted_sections": lambda t, kw: _count_highlights(t, _has_alnum) >= kw["N"],
     "validate_sections": lambda t, kw: _tulu_sections(t, kw["N"], kw["section_splitter"]),
     "validate_json_format": lambda t, kw: _tulu_json(t),
     "validate_repeat_prompt": lambda t, kw: t.startswith(kw["original_prompt"]),
@@ -1889,17 +1911,19 @@ _TULU_CHECKS = {
     "validate_lowercase": lambda t, kw: t.islower(),
     "validate_frequency_capital_words": lambda t, kw: _tulu_capital_words(t, kw["N"], kw["quantifier"]),
     "validate_end": lambda t, kw: t.endswith(kw["end_phrase"]),
-    "validate_quotation": lambda t, kw: len(t) > 2 and t[0] == t[-1] == '"' and bool(t[1:-1].strip()),  # release: '"'
-    "validate_no_commas": lambda t, kw: "," not in t,
+    "validate_quotation": lambda t, kw: len(t) > 2 and t[0] == t[-1] == '"' and _has_alnum(t[1:-1]),  # release: '"'
+    "validate_no_commas": lambda t, kw: not _COMMAS.search(t),  # release: "," only, so "\uff0c" passed
 }
 
 
 def _visible(text):
-    """`text` without invisible characters (zero-width spaces, soft hyphens, controls: Unicode's C* categories, and
-    the Hangul and Braille blanks): "\u200b" is a blank response, "<<\u200b>>" an empty title."""
-    if "".join(text.split()).isprintable() and _BLANKS.isdisjoint(text):  # the common case, checked in C
+    """`text` as a reader sees it: without invisible characters (zero-width spaces, soft hyphens, controls: Unicode's C*
+    categories; variation selectors and other default-ignorable marks), and with the Hangul and Braille blanks as
+    spaces: "\u200b" is a blank response, "<<\u200b>>" an empty title, "one\u2800two" two words."""
+    if "".join(text.split()).isprintable() and _BLANKS.isdisjoint(text) and not _IGNORABLE.search(text):  # (in C)
         return text
-    return "".join(ch for ch in text if ch in "\t\n\r" or not (unicodedata.category(ch)[0] == "C" or ch in _BLANKS))
+    return "".join(" " if ch in _BLANKS else ch for ch in _IGNORABLE.sub("", text)
+                   if ch in "\t\n\r" or unicodedata.category(ch)[0] != "C")
 
 
 def ifeval_rlvr_score(response, ground_truth):
@@ -1911,7 +1935,8 @@ def ifeval_rlvr_score(response, ground_truth):
     if not constraints:
         raise ValueError("empty IFEval ground truth")
     text = _visible(response).strip()  # the release strips the response before every check
-    usable = bool(text) and len(text) <= MAX_RESPONSE_CHARS
+    # a response follows nothing when it is blank, holds no letter or digit (".", "P.P.S."), or loops
+    usable = len(text) <= MAX_RESPONSE_CHARS and _has_alnum(text) and not _looping(text)
     followed = []
     for c in constraints:
         c = json.loads(c) if isinstance(c, str) else c

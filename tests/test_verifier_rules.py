@@ -289,6 +289,16 @@ HACKS = [  # (dataset, response, ground truth)
     ("ifeval", "NaN", {"func_name": "validate_json_format"}),  # not even JSON
     ("ifeval", "[]", {"func_name": "validate_json_format"}),
     ("ifeval", "-\n-\n-", {"func_name": "verify_bullet_points", "N": 3}),  # empty bullets
+    # (found by a red-team pass, 2026-12-07) punctuation as content; a variation selector as a response; a loop
+    ("ifeval", "P.P.S.", {"func_name": "verify_postscript", "postscript_marker": "P.P.S"}),
+    ("ifeval", "P.S. .", {"func_name": "verify_postscript", "postscript_marker": "P.S."}),
+    ("ifeval", '"."', {"func_name": "validate_quotation"}),
+    ("ifeval", "*.* *-*", {"func_name": "validate_highlighted_sections", "N": 2}),
+    ("ifeval", "[ ] [.]", {"func_name": "validate_placeholders", "N": 2}),
+    ("ifeval", "- .\n- .\n- .", {"func_name": "verify_bullet_points", "N": 3}),
+    ("ifeval", "\ufe0f", {"func_name": "validate_no_commas"}),
+    ("ifeval", "<<\ufe0f>> Roses.\n<<\u3164>> Violets.", {"func_name": "validate_title"}),
+    ("ifeval", "The sky is blue today. " * 8, IF_TRUTHS[0]),  # one sentence until the length cap
     ("ifeval", "SECTION SECTION", {"func_name": "validate_sections", "N": 2, "section_splitter": "SECTION"}),
 ]
 BLANKS = ["", " ", "\n\n\t"]
@@ -349,6 +359,14 @@ def test_right_answers_still_earn_the_reward():  # the positive controls of the 
     assert verify("ifeval", "- one\n- two\n* three", {"func_name": "verify_bullet_points", "N": 3}) == 1.0
     assert verify("ifeval", "SECTION 1\nfoo\nSECTION 2\nbar",
                   {"func_name": "validate_sections", "N": 2, "section_splitter": "SECTION"}) == 1.0
+    # the red-team pass's controls: 25 real words; a postscript, title, quotation, highlights with a word in them
+    at_least_25 = [{"func_name": "validate_no_commas"}, {"func_name": "validate_word_constraint", "N": 25, "quantifier": "at least"}]
+    assert verify("ifeval", " ".join(f"Stars number {i} shine." for i in range(7)), at_least_25) == 1.0
+    assert verify("ifeval", "Done.\nP.P.S. See you.", {"func_name": "verify_postscript", "postscript_marker": "P.P.S"}) == 1.0
+    assert verify("ifeval", "<<A 1>> text", {"func_name": "validate_title"}) == 1.0
+    assert verify("ifeval", '"Stars are hot."', {"func_name": "validate_quotation"}) == 1.0
+    assert verify("ifeval", "*Stars* and *2*", {"func_name": "validate_highlighted_sections", "N": 2}) == 1.0
+    assert verify("ifeval", "one\u2800two", {"func_name": "validate_word_constraint", "N": 2, "quantifier": "at least"}) == 1.0
 
 
 # ----------------------------------------------------------------------------- README's difference table, row by row
@@ -406,6 +424,16 @@ TABLE = [
     ("if-letter-case", "ifeval", "Zazz", {"func_name": "verify_letter_frequency", "letter": "z", "N": 3}, 0, 1, 0),
     ("if-words-whitespace", "ifeval", "state-of-the-art",
      {"func_name": "validate_word_constraint", "N": 1, "quantifier": "at most"}, 1, 0, 1),
+    # (found by a red-team pass, 2026-12-07)
+    ("if-no-letters", "ifeval", ".", {"func_name": "validate_no_commas"}, 1, 1, 0),
+    ("if-loop", "ifeval", " ".join(["a"] * 25), {"func_name": "validate_word_constraint", "N": 25, "quantifier": "at least"},
+     1, 1, 0),
+    ("if-words-alnum", "ifeval", "Yes . . . .", {"func_name": "validate_word_constraint", "N": 5, "quantifier": "at least"},
+     1, 0, 0),
+    ("if-punctuation-markup", "ifeval", "<<.>> Roses are red.", {"func_name": "validate_title"}, 1, 1, 0),
+    ("if-lookalike-comma", "ifeval", "Stars shine\uff0cand they are hot.", {"func_name": "validate_no_commas"}, 1, 1, 0),
+    ("if-blank-as-space", "ifeval", "\u2800".join(f"word{i}" for i in range(25)),
+     {"func_name": "validate_word_constraint", "N": 20, "quantifier": "at most"}, 1, 0, 0),
 ]
 
 
