@@ -11,7 +11,7 @@ the RLVR reward's verifier (common.ifeval_rlvr_score: the fraction of the prompt
 per prompt: chosen = a best-scoring sample, rejected = a worst-scoring one, only when the two scores differ (a
 prompt whose samples all score the same says nothing about the constraints). Among equal scores both sides prefer
 a sample that ended on its own, so that the pair differs in the constraints rather than in being cut off.
-The shipped data/dpo_if.jsonl: 80 pairs from 128 prompts, sampled from README's pipeline SFT model.
+The shipped data/dpo_if.jsonl: 77 pairs from 128 prompts, sampled from README's pipeline SFT model.
 """
 import argparse
 import json
