@@ -1518,10 +1518,11 @@ def _form(tree) -> tuple:
 def _holds(form: tuple, part: tuple) -> bool:
     """Does `form` hold `part`: as one of its subforms, or as some of the terms of one of its sums (factors of one of
     its products)? "2 - 2 + ab + 5b + 2a + 10" holds "ab + 5b + 2a + 10"."""
+    terms = collections.Counter(part[1]) if part[0] in ("add", "mul") else None  # counted once, not per node
     stack = [form]
     while stack:
         node = stack.pop()
-        if node == part or (node[0] == part[0] in ("add", "mul") and not collections.Counter(part[1]) - collections.Counter(node[1])):
+        if node == part or (terms and node[0] == part[0] and not terms - collections.Counter(node[1])):
             return True
         for child in node[1:]:
             if isinstance(child, tuple):
