@@ -841,19 +841,56 @@ _MINERVA_DELETE = [
 # with an infinite end was compared only as a string); we skip command names
 _UNIT_WORDS = re.compile(r"\\[A-Za-z]+|" + "|".join(re.escape(junk) for junk in _MINERVA_DELETE if junk.isalpha()))
 _MINERVA_DELETE_SYMBOLS = [junk for junk in _MINERVA_DELETE if not junk.isalpha()]  # the rest, deleted anywhere
-# Units beyond Minerva's words, deleted only as the whole of a \text{} (with a ^2 or ^3 after it): "18 \text{ days}"
-_UNIT_TEXT = re.compile(r"\\(?:text|mbox)\{\s*(?:(?:square|cubic)\s+)?(?:(?:second|minute|hour|day|week|month|year|mile|yard|"
-                        r"meter|centimeter|kilometer|millimeter|gram|kilogram|pound|ounce|liter|gallon|cup|person|student|"
-                        r"side|unit|dollar|cent|degree|point|inch)(?:e?s)?|feet|foot|people|mph|[ckm]?m|k?g)\s*\}(?:\^\{?[23]\}?)?")
+# A unit: a \text{} (\mbox{}, \mathrm{}, \textrm{}) of one to three words with its power ("6 \text{ cm}^2", "\mathrm{cm^2}",
+# "\text{ sq. in}"), deleted whole, never its word alone (Minerva's word rules turned "6\,\mathrm{inches}^3" into 6^3 = 216)
+_UNIT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm)\{\s*([A-Za-z]+\.?(?:\s+[A-Za-z]+\.?){0,2})\s*(?:\^\{?[23]\}?)?\s*\}"
+                         r"(?:\^\{?[23]\}?)?")
+_UNIT_NAMES = re.compile(r"(?:square|sq|cubic|per|(?:second|minute|hour|day|week|month|year|mile|yard|meter|centimeter|"
+                         r"kilometer|millimeter|gram|kilogram|pound|ounce|liter|gallon|cup|person|student|side|unit|dollar|"
+                         r"cent|degree|point|inch)(?:e?s)?|feet|foot|people|mph|in|ft|[ckm]?m|k?g|s)", re.IGNORECASE)
+# Any other one word after a number, at the end of an answer or of one of its entries, is a unit too ("78 \text{ cookies}",
+# "6 \text{ sq cookies}"), unless it hedges, changes the value or is one ("5 \text{ more}", "5 \text{ thousand}", "2 \text{
+# pi}", "90 \text{ radians}" for 90 degrees): those stay, and the answer compares unequal
+_SPACES = re.compile(r"\s*")
+_NOT_UNITS = set("""or and nor not no unless except if when only than more less fewer least most over under above below at
+    plus minus divided half halves third thirds quarter quarters dozen dozens score hundred hundreds thousand thousands
+    million millions billion billions trillion trillions squared cubed root roots factorial inverse reciprocal power powers
+    pi radian radians negative positive approximately about roughly nearly almost maybe perhaps possibly probably wrong
+    incorrect false unknown guess""".split())
+
+
+def _drop_unit(match) -> str:
+    """_UNIT_GROUP's replacement: "" for a unit, else the match as it was."""
+    text, words = match.string, re.findall(r"[A-Za-z]+", match[1])
+    after = _SPACES.match(text, match.end()).end()
+    following = text[after : after + 2]  # the next two characters that are not space
+    if following and (following[0].isalnum() or following[0] in "({"):  # "1 \text{ in } 6" is not 16
+        return match[0]
+    if all(_UNIT_NAMES.fullmatch(word) for word in words):
+        return ""
+    before = match.start()
+    while before and text[before - 1].isspace():
+        before -= 1
+    after_number = before > 0 and (text[before - 1] in "0123456789})" or text[before - 3 : before] == "\\pi")
+    at_end = not following or following[0] in ",)]&" or following == "\\\\"
+    others = [word for word in words if not _UNIT_NAMES.fullmatch(word)]
+    one_word = len(others) == 1 and len(others[0]) > 1 and others[0].lower() not in _NOT_UNITS
+    return "" if at_end and after_number and one_word else match[0]
 
 
 def _unwrap(s: str, opener: str) -> str:
-    r"""Replace each `opener`...'}' by its content, shortest match first: Minerva's
-    re.sub(r"\\text\{(.*?)\}", r"\1", s), in one linear pass (that regex is quadratic)."""
+    r"""Replace each `opener`...'}' by its content, up to the brace that closes it ("\textbf{\frac{14}{3}}": Minerva's
+    shortest match, re.sub(r"\\text\{(.*?)\}", r"\1", s), made it "\frac{14{3}}"); one left open stays as written."""
     out, i = [], 0
-    while (start := s.find(opener, i)) >= 0 and (end := s.find("}", start + len(opener))) >= 0:
-        out += [s[i:start], s[start + len(opener):end]]
-        i = end + 1
+    while (start := s.find(opener, i)) >= 0:
+        depth, end = 1, start + len(opener)
+        while end < len(s) and depth:
+            depth += {"{": 1, "}": -1}.get(s[end], 0)
+            end += 1
+        if depth:
+            break
+        out += [s[i:start], s[start + len(opener):end - 1]]
+        i = end
     return "".join(out) + s[i:]
 
 
@@ -870,25 +907,31 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     tries: "10\\%" is the gold 10 of a percent question), drop a leading "x \\in" (MATH's gold "x \\in [-2,7]" is the
     interval the question asks for, also inside $...$), and spaces around a matrix row break '\\\\' (applied first;
     Minerva's "\\ " -> "" rule would otherwise eat one backslash of " \\\\ " but not of "\\\\"), keep '\\sqrt[3]{x}'
-    intact, strip a trailing '.' (also after thousands groups: "58,500." is 58500), read U+2212 as '-', drop a unit that
-    is the whole of a \\text{} ("18 \\text{ days}"), read a base 52_{8} as 52_8, and a bmatrix as a pmatrix whose
-    \\frac{-1}{3} entries are MATH's -1/3. Narrower than Minerva's, where its rule made a wrong answer or a menu
-    equal: commas are dropped only from thousands groups ("100,000", "-1,000", "10,000.5"; "0,284" is a list), never
-    from a list of solutions ("3, 5, 7" is not the number 357), as in gsm8k_extract; an article is deleted only before
-    a word ("a + 5" is not 5); $...$ is unwrapped only when there is one span and no other answer beside it ("$4$ or
-    $5$" and "3 \\text{ or } $5$" are not 4 or 5) nor arithmetic around it ("-$5$" is -5, not 5); a unit word is not
-    deleted from inside a command ("ft" from \\infty); a repeating decimal keeps its bar (0.\\overline{3} is not 0.3).
+    intact, strip a trailing '.' (also after thousands groups: "58,500." is 58500), read U+2212 as '-', and the
+    characters pi and infinity as \\pi and \\infty, drop \\degree and a unit with its power (_UNIT_GROUP: "18
+    \\text{ days}", "6\\,\\mathrm{inches}^3", "78 \\text{ cookies}"), read \\cot(x) as \\cot x, a base 52_{8} or 52_{(8)}
+    as 52_8, a bmatrix or an array in brackets as a pmatrix, and unwrap \\text{} etc. up to the brace that closes them.
+    Narrower than Minerva's, where its rule made a wrong answer or a menu equal: commas are dropped only from thousands
+    groups ("100,000", "-1,000", "10,000.5"; "0,284" is a list), never from a list of solutions ("3, 5, 7" is not the
+    number 357), as in gsm8k_extract; an article is deleted only before a word ("a + 5" is not 5); $...$ is unwrapped
+    only when there is one span and no other answer beside it ("$4$ or $5$" and "3 \\text{ or } $5$" are not 4 or 5) nor
+    arithmetic around it ("-$5$" is -5, not 5); a unit word is not deleted from inside a command ("ft" from \\infty); a
+    repeating decimal keeps its bar (0.\\overline{3} is not 0.3).
     """
     s = "\\\\".join(part.strip() for part in answer.split("\\\\"))  # "-7 \\ 16" -> "-7\\16", as a model writes it
     for before, after in [("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\cfrac", "\\frac"), ("\\dbinom", "\\binom"),
                           ("\\tbinom", "\\binom"), ("\\left", ""), ("\\right", ""), ("\\!", ""), ("\\%", ""), ("%", ""),
                           ("\\displaystyle", ""), ("\\textstyle", ""), ("\\,", " "), ("~", " "), ("\u00b0", ""),
-                          ("\\varnothing", "\\emptyset")]:
+                          ("\\varnothing", "\\emptyset"), ("\\degree", ""), ("\u03c0", "\\pi "), ("\u221e", "\\infty "),
+                          ("\u00a2", "")]:
         s = s.replace(before, after)
+    # \cot(x) and \cot{x} are \cot x (MATH's form), unless more follows that the argument could take ("\sin(x)^2", "\sin(x)y")
+    s = re.sub(r"\\(sin|cos|tan|cot|sec|csc)\s*(?:\(\s*(\w)\s*\)|\{\s*(\w)\s*\})(?![\w(\\^{])", r"\\\1 \2\3", s)
     s = s.replace("\u2212", "-")
-    s = _UNIT_TEXT.sub("", s)  # "18 \text{ days}" is 18 (a unit alone in its \text{}: "5 \text{ or more}" stays)
-    if "matrix}" in s:  # \begin{bmatrix} is \begin{pmatrix}, and its entries \frac{-1}{3} are MATH's -1/3
-        s = re.sub(r"\\frac\{(-?\d+)\}\{(\d+)\}", r"\1/\2", s.replace("{bmatrix}", "{pmatrix}"))
+    s = _UNIT_GROUP.sub(_drop_unit, s)  # "18 \text{ days}" is 18; "5 \text{ or more}" stays
+    # a matrix in brackets, or an array, is MATH's pmatrix (whose entries _math_value_matches compares one by one)
+    s = re.sub(r"[\[(]?\s*\\begin\{(?:[bBp]?matrix|array\}\{[lcr| ]*)\}((?:(?!\\begin).)*?)\\end\{(?:[bBp]?matrix|array)\}\s*[\])]?",
+               r"\\begin{pmatrix}\1\\end{pmatrix}", s, flags=re.DOTALL)
     # "2 \cdot x" would lose its space below and read as the unknown command "\cdotx": the operators become symbols
     s = re.sub(r"\\(cdot|times)(?![a-zA-Z])", "*", s)
     s = re.sub(r"\\div(?![a-zA-Z])", "/", s)
@@ -920,7 +963,7 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
         s = s[:start] + s[start + len("\\boxed{"):end] + s[end + 1:]
     # \frac12 -> \frac{1}{2}, \frac1b -> \frac{1}{b}, \binom52; \frac9{19} stays (the parser reads it; "\frac{9}{{}19}" not)
     s = re.sub(r"(frac|binom)([^{\\])([^{\\])", r"\1{\2}{\3}", s)
-    s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # a base: 52_{8} is 52_8
+    s = re.sub(r"_\{\(?(\w+)\)?\}", r"_\1", s)  # a base: 52_{8} and 52_{(8)} are 52_8
     s = re.sub(r"sqrt([^{\[])", r"sqrt{\1}", s)  # \sqrt2 -> \sqrt{2}
     s = s.replace("$", "").strip().rstrip(".")  # (the final '.' first: "58,500." is the number 58500)
     if _THOUSANDS_GROUPED.fullmatch(s):
@@ -1405,6 +1448,20 @@ def _letters(tree) -> set:
     return set(re.findall(r'\["sym", "([^"]*)"\]', json.dumps(tree)))
 
 
+_MATRIX = re.compile(r"\\begin\{pmatrix\}(.*)\\end\{pmatrix\}", re.DOTALL)
+
+
+def _same_number(text: str, gold_text: str) -> bool:
+    """Two normalized strings: equal, or both numbers as written (5, -1/3, \\frac{-1}{3}) of one exact value."""
+    if text == gold_text:
+        return True
+    trees = [_parse_latex(t) for t in (text, gold_text)]
+    if None in trees or not all(_number_as_written(tree, t) for tree, t in zip(trees, (text, gold_text))):
+        return False
+    value = _rational_value(trees[0])
+    return value is not None and value == _rational_value(trees[1])
+
+
 def _math_value_matches(answer: str, expected: str, as_written: bool = False) -> bool:
     """One side of an answer (no '=' left) against the gold's normalized value (`as_written`: as a string only)."""
     normalized = math_normalize(answer)
@@ -1414,6 +1471,11 @@ def _math_value_matches(answer: str, expected: str, as_written: bool = False) ->
         return True
     if as_written:  # (a word's case is not its meaning: \text{Even} is \text{even})
         return normalized.lower() == expected.lower()
+    matrices = [_MATRIX.fullmatch(text) for text in (normalized, expected)]
+    if all(matrices):  # entry by entry, a number as written by its value (-\frac{1}{3} is -1/3), anything else as written
+        rows, gold_rows = ([row.split("&") for row in m[1].split("\\\\")] for m in matrices)
+        return list(map(len, rows)) == list(map(len, gold_rows)) and all(
+            _same_number(entry, gold_entry) for row, gold_row in zip(rows, gold_rows) for entry, gold_entry in zip(row, gold_row))
     gold_tree, tree = _parse_latex(expected), _parse_latex(normalized)
     if gold_tree is None or tree is None:
         return False
@@ -1442,7 +1504,8 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     2 - 2 + ab + 5b + 2a + 10: a sum holding every term of the problem's sum), one that answers a problem asking for a
     number with another computation of it (0 + 513^2 - 487^2), and one that keeps a factorial or binomial where the
     problem writes one."""
-    answers = math_extract(response) if len(response) <= MAX_RESPONSE_CHARS else []
+    # "\\frac{20000}{\\pi} \\approx 6366.2": the answer is what comes before the approximation
+    answers = [answer.split("\\approx")[0] for answer in math_extract(response)] if len(response) <= MAX_RESPONSE_CHARS else []
     gold_text = math_normalize(str(gold))
     gold_tree = _parse_latex(gold_text)
     gold_form = _form(gold_tree) if gold_tree is not None else None

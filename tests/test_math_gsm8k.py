@@ -105,6 +105,21 @@ def test_math_extract_commitments():
     ("\\sigma^2\\text{ cm}", "\\sigma^2"),
     ("\\dbinom{8}{4}", "\\binom{8}{4}"),
     ("\\tbinom52", "\\binom{5}{2}"),
+    # a unit goes whole, with its power, from \mathrm{} too (Minerva's word rules made "6\\,\\mathrm{inches}^3" 6^3)
+    ("6\\,\\mathrm{inches}^3", "6"),
+    ("15\\ \\mathrm{cm^2}", "15"),
+    ("864 \\text{ sq. in}", "864"),
+    ("78 \\text{ cookies}", "78"),
+    ("5 \\text{ or more}", "5ormore"),
+    ("1 \\text{ in } 6", "1in6"),
+    ("90\\degree", "90"),
+    ("\\textbf{\\frac{14}{3}}", "\\frac{14}{3}"),  # up to the brace that closes it (before: "\\frac{14{3}}")
+    ("\\cot(x)", "\\cotx"),
+    ("\\cot{x}", "\\cotx"),
+    ("\\sin(x)^2", "\\sin(x)^2"),
+    ("288\u03c0", "288\\pi"),
+    ("52_{(8)}", "52_8"),
+    ("\\left[\\begin{array}{cc} 1 & 0 \\\\ 0 & 1 \\end{array}\\right]", "\\begin{pmatrix}1&0\\\\0&1\\end{pmatrix}"),
 ])
 def test_math_normalize(raw, normalized):
     assert math_normalize(raw) == normalized
@@ -157,6 +172,23 @@ def test_math_normalize(raw, normalized):
     ("$\\boxed{x^2 = 7}$", "7"),
     ("$\\boxed{2x = 7}$", "7"),
     ("$\\boxed{m\\angle 1 = 7}$", "7"),
+    # found by a recall probe of MATH-500 (before: each 0): units in \mathrm{} or outside the unit list, \degree,
+    # a \frac inside \textbf{}, \cot(x), unicode pi and infinity, a base in parentheses, the exact value before its
+    # approximation, a matrix as a bmatrix / array with its entries written otherwise
+    ("$\\boxed{15\\,\\mathrm{cm}^2}$", "15\\mbox{ cm}^2"),
+    ("$\\boxed{216\\,\\mathrm{inches}^3}$", "216"),
+    ("$\\boxed{78\\text{ cookies}}$", "78"),
+    ("$\\boxed{42\\text{ in.}}$", "42"),
+    ("$\\boxed{3 \\text{ cookies}, 4 \\text{ cookies}}$", "3, 4"),
+    ("$\\boxed{90\\degree}$", "90^\\circ"),
+    ("$\\boxed{\\textbf{\\frac{14}{3}}}$", "\\frac{14}{3}"),
+    ("$\\boxed{\\cot(x)}$", "\\cot x"),
+    ("$\\boxed{288\u03c0}$", "288 \\pi"),
+    ("$\\boxed{(2, \u221e)}$", "(2,\\infty)"),
+    ("$\\boxed{52_{(8)}}$", "52_8"),
+    ("$\\boxed{\\frac{20000}{\\pi} \\approx 6366.2}$", "\\frac{20000}{\\pi}"),
+    ("$\\boxed{\\begin{bmatrix} -\\frac13 \\\\ \\frac{2}{3} \\\\ \\dfrac53 \\end{bmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
+    ("$\\boxed{\\left[\\begin{array}{cc} -1 & 0 \\\\ 0 & -1 \\end{array}\\right]}$", "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}"),
 ])
 def test_math_equivalent_forms_score_1(response, gold):
     assert math_score(response, gold) == 1.0
@@ -209,6 +241,24 @@ def test_math_equivalent_forms_score_1(response, gold):
     ("$\\boxed{4(\\text{or } 5)^0}$", "4"),
     ("$\\boxed{4\\binom{\\text{or } 5}{0}}$", "4"),
     ("$\\boxed{3x^0}$", "3"),
+    # a unit's power is not the number's: "6 \\mathrm{inches}^3" (the cube's side) was paid as 6^3 = 216
+    ("$\\boxed{6\\,\\mathrm{inches}^3}$", "216"),
+    ("$\\boxed{3\\,\\mathrm{cm}^3}$", "27"),
+    ("$\\boxed{30\\,\\mathrm{km}^2}$", "900"),
+    # words after a number that hedge or change its value are not units
+    ("$\\boxed{5 \\text{ or more}}$", "5"),
+    ("$\\boxed{5 \\text{ thousand}}$", "5"),
+    ("$\\boxed{2 \\text{ pi}}$", "2"),
+    ("$\\boxed{90 \\text{ radians}}$", "90^\\circ"),
+    ("$\\boxed{9 \\text{ is wrong}}$", "9"),
+    ("$\\boxed{1 \\text{ in } 6}$", "16"),
+    ("$\\boxed{\\cot(x)^2}$", "\\cot x"),
+    ("$\\boxed{6366.2 \\approx \\frac{20000}{\\pi}}$", "\\frac{20000}{\\pi}"),  # the approximation is not the answer
+    # a matrix: every entry, in its place, a number as written
+    ("$\\boxed{\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
+    ("$\\boxed{\\begin{pmatrix} -1/3 & 2/3 & 5/3 \\end{pmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
+    ("$\\boxed{\\begin{pmatrix} 2/3 \\\\ -1/3 \\\\ 5/3 \\end{pmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
+    ("$\\boxed{\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 1+2/3 \\end{pmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
 ])
 def test_math_wrong_answers_score_0(response, gold):
     assert math_score(response, gold) == 0.0
@@ -228,6 +278,8 @@ def test_math_wrong_answers_score_0(response, gold):
     ("huge power", "\\boxed{(x+1)^{100000}}"),
     ("many \\text{", "\\text{" * 100_000),
     ("many Minerva prefixes", "Final Answer: The final answer is " * 30_000),
+    ("matrices never closed", "\\boxed{" + "\\begin{bmatrix} 1 \\end{foo}" * 3_500 + "}"),  # 5.4 s before
+    ("units between blanks", "\\boxed{" + ("1 \\text{ cookies}" + " " * 1000) * 90 + "}"),
 ])
 def test_hostile_responses_finish_fast(name, response):
     common.math_score("\\boxed{x+1}", "x+1")  # start the sympy worker outside the timed part
