@@ -1852,7 +1852,10 @@ _BLANKS = set("\u115f\u1160\u3164\uffa0\u2800")  # letters and symbols drawn as 
 # Mongolian marks, variation selectors ("\ufe0f", one SmolLM2 token, was a non-blank response)
 _IGNORABLE = re.compile("[\u034f\u17b4\u17b5\u180b-\u180d\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 _COMMAS = re.compile("[,\uff0c\u201a\u060c\ufe50\ufe51\u3001]")  # the comma and its look-alikes ("\uff0c", one token)
-_TULU_SENTENCE_END = re.compile(r"(?<=[.?])(?<![A-Z][a-z]\.)(?<!\w\.\w.)\s")  # ". " or "? ", not after "Mr." / "e.g."
+# ". ", "? " or "! " (release: not "!"), also before a closing quote or markup ('." ', '!** '), not after "Mr." / "e.g." nor
+# after the number of a list item at the start of a line ("1. Paris": the release counted two sentences in each item)
+_TULU_SENTENCE_END = re.compile(r"(?<=[.?!])(?<![A-Z][a-z]\.)(?<!\w\.\w.)(?<!^\d\.)(?<!^\d\d\.)(?<!\n\d\.)(?<!\n\d\d\.)"
+                                "[\"'\u201d\u2019)*_]*\\s")
 
 
 def _tulu_quantity(count, quantifier, n, around):
@@ -1877,12 +1880,13 @@ def _tulu_paragraph_count(text, n):
 
 
 def _tulu_nth_paragraph(text, n, first_word, i):
-    paragraphs = text.split("\n\n")
-    # release: an i past the last paragraph raised IndexError, and "Therefore" passed for the first word "The"
+    paragraphs = re.split(r"\n[ \t]*\n", text)  # (a blank line holding spaces is blank)
+    # release: an i past the last paragraph raised IndexError, "Therefore" passed for the first word "The", and the
+    # word's case and markup counted ("However" or "**However**" failed "however", as Google's lowercase words are)
     if len(paragraphs) != n or not 1 <= i <= n:
         return False
-    paragraph = paragraphs[i - 1].strip()
-    return paragraph.startswith(first_word) and not paragraph[len(first_word):][:1].isalnum()
+    paragraph = paragraphs[i - 1].strip().lstrip("*_#>\"'\u201c\u2018 ")
+    return paragraph[:len(first_word)].lower() == first_word.lower() and not paragraph[len(first_word):][:1].isalnum()
 
 
 def _has_alnum(text):
@@ -1915,14 +1919,17 @@ def _tulu_choice(text, options):
 
 
 def _tulu_sections(text, n, splitter):
-    sections = text.split(splitter)
-    # release: "SECTION SECTION" (two splitters, nothing in them) was two sections
-    return len(sections) - (sections[0] == "") == n and all(map(_has_alnum, sections[1:]))
+    sections = text.split(splitter)[1:]
+    # release: what came before the first splitter was one more section unless empty (an intro line, or the "## " of
+    # "## SECTION 1"), and "SECTION SECTION" (two splitters, nothing in them) was two sections; here a section holds a
+    # letter or a digit besides its number ("SECTION 1 SECTION 2" has none), and what precedes the first is none, as Google
+    return len(sections) == n and all(_has_alnum(re.sub(r"^\s*\d+", "", section)) for section in sections)
 
 
 def _tulu_json(text):
-    try:  # the whole response, no markdown fences (Google allows them); NaN / Infinity are not JSON
-        value = json.loads(text, parse_constant=lambda name: json.loads("x"))
+    fenced = re.fullmatch(r"```[A-Za-z]*[ \t]*\n(.*)```", text, flags=re.DOTALL)  # release: fences failed; Google strips them
+    try:  # the whole response, or the whole of one fenced block; NaN / Infinity are not JSON
+        value = json.loads(fenced[1] if fenced else text, parse_constant=lambda name: json.loads("x"))
     except (ValueError, RecursionError):
         return False
     return isinstance(value, (dict, list)) and bool(value)  # release: "0" or "[]" was a response in JSON format
@@ -1950,15 +1957,16 @@ _TULU_CHECKS = {
     "verify_paragraph_count": lambda t, kw: _tulu_paragraph_count(t, kw["N"]),
     "validate_word_constraint": lambda t, kw: _tulu_quantity(_tulu_word_count(t), kw["quantifier"], kw["N"],
                                                              max(round(0.1 * kw["N"]), 1)),
-    "verify_sentence_constraint": lambda t, kw: _tulu_quantity(len(_TULU_SENTENCE_END.split(t)), kw["quantifier"],
-                                                               kw["N"], 1),
+    "verify_sentence_constraint": lambda t, kw: _tulu_quantity(sum(map(_has_alnum, _TULU_SENTENCE_END.split(t))),
+                                                               kw["quantifier"], kw["N"], 1),
     "validate_paragraphs": lambda t, kw: _tulu_nth_paragraph(t, kw["N"], kw["first_word"], kw["i"]),
     "verify_postscript": lambda t, kw: _tulu_postscript(t, kw["postscript_marker"]),
     # release: returned a (bool, list) tuple, always truthy, so every response was paid. "[]" does not count here
     "validate_placeholders": lambda t, kw: sum(1 for m in re.finditer(r"\[([^\[\]\n]*)\]", t) if _has_alnum(m[1])) >= kw["N"],
-    # release: a line of a lone "-" was a bullet point
-    "verify_bullet_points": lambda t, kw: sum(line.strip()[:1] in ("*", "-") and _has_alnum(line.strip()[1:])
-                                              for line in t.split("\n")) == kw["N"],
+    # release: a line of a lone "-", a "**bold**" heading and an "*italic*" line were bullet points; here a markdown
+    # bullet: "* " or "- ", then a letter or digit
+    "verify_bullet_points": lambda t, kw: sum(line.strip()[:1] in ("*", "-") and line.strip()[1:2].isspace()
+                                              and _has_alnum(line.strip()[2:]) for line in t.split("\n")) == kw["N"],
     "validate_title": lambda t, kw: _has_title(t, _has_alnum),  # release: an empty "<<>>" was a title
     "validate_choice": lambda t, kw: _tulu_choice(t, kw["options"]),
     # release: "**" (an empty highlight) counted. Google's count, which skips blank highlights but counts a **bold**
@@ -1998,7 +2006,7 @@ def ifeval_rlvr_score(response, ground_truth):
     constraints = constraints if isinstance(constraints, list) else [constraints]
     if not constraints:
         raise ValueError("empty IFEval ground truth")
-    text = _visible(response).strip()  # the release strips the response before every check
+    text = _visible(response).replace("\r\n", "\n").strip()  # the release strips the response before every check
     # a response follows nothing when it is blank, holds no letter or digit (".", "P.P.S."), or loops
     usable = len(text) <= MAX_RESPONSE_CHARS and _has_alnum(text) and not _looping(text)
     followed = []

@@ -115,7 +115,7 @@ RLVR_CASES = [
     ({"func_name": "validate_highlighted_sections", "N": 2}, "*one* and *two*", "*one* and * *"),
     ({"func_name": "validate_sections", "N": 2, "section_splitter": "Section"}, "Section 1\nA\nSection 2\nB",
      "Section 1\nA\nsection two\nB"),
-    ({"func_name": "validate_json_format"}, '{"a": [1, 2]}', '```json\n{"a": [1, 2]}\n```'),  # no fences, as the release
+    ({"func_name": "validate_json_format"}, '```json\n{"a": [1, 2]}\n```', 'Here: {"a": [1, 2]}'),  # fences, as Google
     ({"func_name": "validate_repeat_prompt", "original_prompt": "Say hi."}, "Say hi. Hi!", "say hi. Hi!"),
     ({"func_name": "validate_two_responses"}, "Yes.\n******\nNo.", "Yes.\n******\nYes."),
     ({"func_name": "validate_uppercase"}, "THIS IS AN ENGLISH SENTENCE WRITTEN ENTIRELY IN CAPITAL LETTERS.",

@@ -300,6 +300,13 @@ HACKS = [  # (dataset, response, ground truth)
     ("ifeval", "<<\ufe0f>> Roses.\n<<\u3164>> Violets.", {"func_name": "validate_title"}),
     ("ifeval", "The sky is blue today. " * 8, IF_TRUTHS[0]),  # one sentence until the length cap
     ("ifeval", "SECTION SECTION", {"func_name": "validate_sections", "N": 2, "section_splitter": "SECTION"}),
+    # the recall probe's controls: what its fixes must not pay
+    ("ifeval", "SECTION 1 SECTION 2 SECTION 3", {"func_name": "validate_sections", "N": 3, "section_splitter": "SECTION"}),
+    ("ifeval", "Hi. . . . . .", {"func_name": "verify_sentence_constraint", "N": 5, "quantifier": "at least"}),
+    ("ifeval", "```json\n{}\n```", {"func_name": "validate_json_format"}),
+    ("ifeval", "```json\n0\n```", {"func_name": "validate_json_format"}),
+    ("ifeval", "* .\n*\ta\n**b**", {"func_name": "verify_bullet_points", "N": 2}),
+    ("ifeval", "A.\n\n**.**", {"func_name": "validate_paragraphs", "N": 2, "i": 2, "first_word": "the"}),
 ]
 BLANKS = ["", " ", "\n\n\t"]
 MEGABYTE_OF_DIGITS = "7" * 1_000_000
@@ -420,7 +427,7 @@ TABLE = [
      0, 1, 1),
     ("if-forbidden-substring", "ifeval", "A badge.", {"func_name": "validate_forbidden_words", "forbidden_words": ["bad"]},
      0, 1, 0),
-    ("if-json-fences", "ifeval", '```json\n{"a": 1}\n```', {"func_name": "validate_json_format"}, 0, 1, 0),
+    ("if-json-fences", "ifeval", '```json\n{"a": 1}\n```', {"func_name": "validate_json_format"}, 0, 1, 1),
     ("if-letter-case", "ifeval", "Zazz", {"func_name": "verify_letter_frequency", "letter": "z", "N": 3}, 0, 1, 0),
     ("if-words-whitespace", "ifeval", "state-of-the-art",
      {"func_name": "validate_word_constraint", "N": 1, "quantifier": "at most"}, 1, 0, 1),
@@ -434,6 +441,18 @@ TABLE = [
     ("if-lookalike-comma", "ifeval", "Stars shine\uff0cand they are hot.", {"func_name": "validate_no_commas"}, 1, 1, 0),
     ("if-blank-as-space", "ifeval", "\u2800".join(f"word{i}" for i in range(25)),
      {"func_name": "validate_word_constraint", "N": 20, "quantifier": "at most"}, 1, 0, 0),
+    # (found by a recall probe: natural answers that follow the constraint, unpaid; and one degenerate pass)
+    ("if-first-word-case", "ifeval", "Coffee is loved.\n\nHowever, it keeps you up.",
+     {"func_name": "validate_paragraphs", "N": 2, "i": 2, "first_word": "however"}, 0, 1, 1),
+    ("if-sections-intro", "ifeval", "My plan:\nSECTION 1\nWake up.\nSECTION 2\nWork.",
+     {"func_name": "validate_sections", "N": 2, "section_splitter": "SECTION"}, 0, 1, 1),
+    ("if-sections-number-only", "ifeval", "SECTION 1 SECTION 2 SECTION 3",
+     {"func_name": "validate_sections", "N": 3, "section_splitter": "SECTION"}, 1, 1, 0),
+    ("if-sentence-exclamation", "ifeval", "Paris is stunning! The Louvre is huge. Walk the Seine! Eat crepes!",
+     {"func_name": "verify_sentence_constraint", "N": 4, "quantifier": "at least"}, 0, 1, 1),
+    ("if-sentence-list-item", "ifeval", "1. Paris is nice.\n2. Rome is old.\n3. Oslo is cold.",
+     {"func_name": "verify_sentence_constraint", "N": 3, "quantifier": "at most"}, 0, 0, 1),
+    ("if-bullet-heading", "ifeval", "**Tips**\n* Sleep.\n* Eat.\n* Walk.", {"func_name": "verify_bullet_points", "N": 3}, 0, 1, 1),
 ]
 
 
