@@ -843,20 +843,24 @@ _UNIT_WORDS = re.compile(r"\\[A-Za-z]+|" + "|".join(re.escape(junk) for junk in 
 _MINERVA_DELETE_SYMBOLS = [junk for junk in _MINERVA_DELETE if not junk.isalpha()]  # the rest, deleted anywhere
 # A unit: a \text{} (\mbox{}, \mathrm{}, \textrm{}) of one to three words with its power ("6 \text{ cm}^2", "\mathrm{cm^2}",
 # "\text{ sq. in}"), deleted whole, never its word alone (Minerva's word rules turned "6\,\mathrm{inches}^3" into 6^3 = 216)
-_UNIT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm)\{\s*([A-Za-z]+\.?(?:\s+[A-Za-z]+\.?){0,2})\s*(?:\^\{?[23]\}?)?\s*\}"
+_UNIT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm)\{\s*([A-Za-z]+\.?(?:\s+[A-Za-z]+\.?){0,2})\s*(?:\^\{?[23]\}?\s*)?\}"
                          r"(?:\^\{?[23]\}?)?")
 _UNIT_NAMES = re.compile(r"(?:square|sq|cubic|per|(?:second|minute|hour|day|week|month|year|mile|yard|meter|centimeter|"
                          r"kilometer|millimeter|gram|kilogram|pound|ounce|liter|gallon|cup|person|student|side|unit|dollar|"
                          r"cent|degree|point|inch)(?:e?s)?|feet|foot|people|mph|in|ft|[ckm]?m|k?g|s)", re.IGNORECASE)
-# Any other one word after a number, at the end of an answer or of one of its entries, is a unit too ("78 \text{ cookies}",
-# "6 \text{ sq cookies}"), unless it hedges, changes the value or is one ("5 \text{ more}", "5 \text{ thousand}", "2 \text{
-# pi}", "90 \text{ radians}" for 90 degrees): those stay, and the answer compares unequal
+# Any other one word of three letters or more after a number, at the end of an answer or of one of its entries, is a
+# unit too ("78 \text{ cookies}"), unless it hedges, changes the value or is one ("5 \text{ more}", "5 \text{ thousand}",
+# "5 \text{ tenths}", "2 \text{ pi}", "90 \text{ rad}" for 90 degrees): those stay, and the answer compares unequal
 _SPACES = re.compile(r"\s*")
-_NOT_UNITS = set("""or and nor not no unless except if when only than more less fewer least most over under above below at
-    plus minus divided half halves third thirds quarter quarters dozen dozens score hundred hundreds thousand thousands
-    million millions billion billions trillion trillions squared cubed root roots factorial inverse reciprocal power powers
-    pi radian radians negative positive approximately about roughly nearly almost maybe perhaps possibly probably wrong
-    incorrect false unknown guess""".split())
+_NOT_UNITS = re.compile(r"""or|and|nor|not|no|unless|except|if|when|only|than|more|less|fewer|least|most|over|under|above|
+    below|at|plus|minus|divided|twice|thrice|fold|dozens?|scores?|gross|grand|pairs?|tens|hundreds?|thousands?|
+    millions?|billions?|trillions?|mil|lakhs?|half|halves|(?:third|fourth|fifth|sixth|seventh|eighth|ninth|tenth|
+    hundredth|thousandth|millionth|billionth)s?|squared|cubed?|cubes|roots?|sqrt|factorial|inverse|inv|reciprocal|
+    recip|powers?|exp|log|mod|modulo|pi|tau|imaginary|rads?|radians?|grads?|gradians?|negative|neg|positive|ago|
+    deficit|short|approximately|approx|about|roughly|nearly|almost|ish|est|max|maximum|minimum|tops|either|
+    neither|maybe|perhaps|possibly|probably|wrong|incorrect|false|unknown|guess|swapped|reversed|
+    zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|twenty|thirty|forty|fifty""",
+                        re.IGNORECASE | re.VERBOSE)
 
 
 def _drop_unit(match) -> str:
@@ -864,17 +868,23 @@ def _drop_unit(match) -> str:
     text, words = match.string, re.findall(r"[A-Za-z]+", match[1])
     after = _SPACES.match(text, match.end()).end()
     following = text[after : after + 2]  # the next two characters that are not space
-    if following and (following[0].isalnum() or following[0] in "({"):  # "1 \text{ in } 6" is not 16
+    # a number or a command right after it reads with what precedes ("1 \text{ in } 6" is not 16, nor "1 \text{ in }
+    # \frac16" 1 1/6); a matrix's row break does not
+    if following and (following[0].isalnum() or following[0] in "({^_" or (following[0] == "\\" and following != "\\\\")):
         return match[0]
     if all(_UNIT_NAMES.fullmatch(word) for word in words):
         return ""
     before = match.start()
     while before and text[before - 1].isspace():
         before -= 1
-    after_number = before > 0 and (text[before - 1] in "0123456789})" or text[before - 3 : before] == "\\pi")
+    # a number's last character: a digit, \pi, or the brace closing "\frac{1}{2}" ("\text{east}\text{ west}" is none)
+    after_number = re.search(r"(?:\d\}?|\\pi)$", text[max(0, before - 4) : before]) is not None
     at_end = not following or following[0] in ",)]&" or following == "\\\\"
     others = [word for word in words if not _UNIT_NAMES.fullmatch(word)]
-    one_word = len(others) == 1 and len(others[0]) > 1 and others[0].lower() not in _NOT_UNITS
+    word = others[0] if len(others) == 1 else ""
+    # radians measure an angle written with \pi ("\frac{\pi}{2} \text{ radians}"); "90 \text{ rad}" is not 90 degrees
+    radians = re.fullmatch(r"rad(?:ian)?s?", word, re.IGNORECASE) and "\\pi" in text[max(0, before - 40) : before]
+    one_word = len(word) > 2 and (radians or not _NOT_UNITS.fullmatch(word))
     return "" if at_end and after_number and one_word else match[0]
 
 
@@ -926,11 +936,11 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
                           ("\u00a2", "")]:
         s = s.replace(before, after)
     # \cot(x) and \cot{x} are \cot x (MATH's form), unless more follows that the argument could take ("\sin(x)^2", "\sin(x)y")
-    s = re.sub(r"\\(sin|cos|tan|cot|sec|csc)\s*(?:\(\s*(\w)\s*\)|\{\s*(\w)\s*\})(?![\w(\\^{])", r"\\\1 \2\3", s)
+    s = re.sub(r"\\(sin|cos|tan|cot|sec|csc)\s*(?:\(\s*(\w)\s*\)|\{\s*(\w)\s*\})(?!\s*[\w(\\^{])", r"\\\1 \2\3", s)
     s = s.replace("\u2212", "-")
     s = _UNIT_GROUP.sub(_drop_unit, s)  # "18 \text{ days}" is 18; "5 \text{ or more}" stays
     # a matrix in brackets, or an array, is MATH's pmatrix (whose entries _math_value_matches compares one by one)
-    s = re.sub(r"[\[(]?\s*\\begin\{(?:[bBp]?matrix|array\}\{[lcr| ]*)\}((?:(?!\\begin).)*?)\\end\{(?:[bBp]?matrix|array)\}\s*[\])]?",
+    s = re.sub(r"(?:[\[(][ \t\n]{0,8})?\\begin\{(?:[bBp]?matrix|array\}\{[lcr| ]*)\}((?:(?!\\begin).)*?)\\end\{(?:[bBp]?matrix|array)\}\s*[\])]?",
                r"\\begin{pmatrix}\1\\end{pmatrix}", s, flags=re.DOTALL)
     # "2 \cdot x" would lose its space below and read as the unknown command "\cdotx": the operators become symbols
     s = re.sub(r"\\(cdot|times)(?![a-zA-Z])", "*", s)
@@ -1504,12 +1514,15 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     2 - 2 + ab + 5b + 2a + 10: a sum holding every term of the problem's sum), one that answers a problem asking for a
     number with another computation of it (0 + 513^2 - 487^2), and one that keeps a factorial or binomial where the
     problem writes one."""
-    # "\\frac{20000}{\\pi} \\approx 6366.2": the answer is what comes before the approximation
-    answers = [answer.split("\\approx")[0] for answer in math_extract(response)] if len(response) <= MAX_RESPONSE_CHARS else []
+    answers = math_extract(response) if len(response) <= MAX_RESPONSE_CHARS else []
+    if any(len(answer) > _MAX_PARSE_CHARS for answer in answers):  # not a final answer (and not worth normalizing)
+        return 0.0
+    # "\\frac{20000}{\\pi} \\approx 6366.2": the exact value before a decimal approximation is the answer
+    answers = [re.sub(r"\\approx\s*-?[\d.,]+\s*$", "", answer) for answer in answers]
     gold_text = math_normalize(str(gold))
     gold_tree = _parse_latex(gold_text)
     gold_form = _form(gold_tree) if gold_tree is not None else None
-    spans, span_forms = _problem_expressions(problem[:MAX_RESPONSE_CHARS])
+    spans, span_forms, equations = _problem_expressions(problem[:MAX_RESPONSE_CHARS])
     copied = spans - {gold_text}
     copied_forms = {form for form, _, _ in span_forms} - {gold_form}
     copied_numbers = {form for form, _, written in span_forms if written} - {gold_form}  # 2\frac12 is not "\frac12 + 2"
@@ -1528,6 +1541,8 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     counting = any(map(unevaluated, copied)) and not unevaluated(gold_text)
 
     def restated(answer):
+        if "=" in answer and math_normalize(answer, keep_equation=True) in equations:  # a given ("a + b + c + d = 0")
+            return math_normalize(answer, keep_equation=True) != math_normalize(str(gold), keep_equation=True)
         text = math_normalize(answer)
         tree = _parse_latex(text)
         form = _form(tree) if tree is not None else None
@@ -1548,14 +1563,15 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
 
 @functools.lru_cache(maxsize=1024)  # RLVR scores every sample of a prompt against the same problem
 def _problem_expressions(problem: str):
-    """The problem's math spans (normalized), and the forms of those in the grammar: (form, exact value or None,
-    whether it is a number as written)."""
-    spans = frozenset(math_normalize("".join(span)) for span in _MATH_SPANS.findall(problem))
+    """The problem's math spans (normalized), the forms of those in the grammar (form, exact value or None, whether it
+    is a number as written), and its equations as written (normalized, both sides)."""
+    raw = ["".join(span) for span in _MATH_SPANS.findall(problem)]
+    spans = frozenset(map(math_normalize, raw))
     forms = []
     for span, tree in ((span, _parse_latex(span)) for span in spans):
         if tree is not None:
             forms.append((_form(tree), _rational_value(tree), _number_as_written(tree, span)))
-    return spans, tuple(forms)
+    return spans, tuple(forms), frozenset(math_normalize(span, keep_equation=True) for span in raw if "=" in span)
 
 
 _ATOMS = ("num", "sym", "pi", "inf")  # a problem's "$x$" or "$\pi$": every answer may hold one

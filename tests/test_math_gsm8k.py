@@ -187,6 +187,8 @@ def test_math_normalize(raw, normalized):
     ("$\\boxed{(2, \u221e)}$", "(2,\\infty)"),
     ("$\\boxed{52_{(8)}}$", "52_8"),
     ("$\\boxed{\\frac{20000}{\\pi} \\approx 6366.2}$", "\\frac{20000}{\\pi}"),
+    ("$\\boxed{\\frac{\\pi}{2} \\text{ radians}}$", "\\frac{\\pi}{2}"),
+    ("$\\boxed{15 \\text{ min}}$", "15"),
     ("$\\boxed{\\begin{bmatrix} -\\frac13 \\\\ \\frac{2}{3} \\\\ \\dfrac53 \\end{bmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
     ("$\\boxed{\\left[\\begin{array}{cc} -1 & 0 \\\\ 0 & -1 \\end{array}\\right]}$", "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}"),
 ])
@@ -252,8 +254,17 @@ def test_math_equivalent_forms_score_1(response, gold):
     ("$\\boxed{90 \\text{ radians}}$", "90^\\circ"),
     ("$\\boxed{9 \\text{ is wrong}}$", "9"),
     ("$\\boxed{1 \\text{ in } 6}$", "16"),
+    ("$\\boxed{5 \\text{ tens}}$", "5"),
+    ("$\\boxed{5 \\text{ hundredths}}$", "5"),
+    ("$\\boxed{90 \\text{ rad}}$", "90^\\circ"),
+    ("$\\boxed{\\text{east}\\text{ west}}$", "\\text{east}"),  # a word is no number before a unit
+    ("$\\boxed{1 \\text{ in } \\frac{1}{6}}$", "1\\frac{1}{6}"),  # a command after a unit reads with what precedes
+    ("$\\boxed{5 \\text{ in} \\cdot 3}$", "15"),
+    ("$\\boxed{\\cot (1) 0}$", "\\cot 10"),
     ("$\\boxed{\\cot(x)^2}$", "\\cot x"),
     ("$\\boxed{6366.2 \\approx \\frac{20000}{\\pi}}$", "\\frac{20000}{\\pi}"),  # the approximation is not the answer
+    ("$\\boxed{5 \\approx 5 \\text{ or } 6}$", "5"),  # only a decimal number after \approx is an approximation
+    ("$\\boxed{\\text{(C)} \\approx (D)}$", "\\text{(C)}"),
     # a matrix: every entry, in its place, a number as written
     ("$\\boxed{\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
     ("$\\boxed{\\begin{pmatrix} -1/3 & 2/3 & 5/3 \\end{pmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
@@ -280,6 +291,8 @@ def test_math_wrong_answers_score_0(response, gold):
     ("many Minerva prefixes", "Final Answer: The final answer is " * 30_000),
     ("matrices never closed", "\\boxed{" + "\\begin{bmatrix} 1 \\end{foo}" * 3_500 + "}"),  # 5.4 s before
     ("units between blanks", "\\boxed{" + ("1 \\text{ cookies}" + " " * 1000) * 90 + "}"),
+    ("100k blanks in a box", "\\boxed{1" + " " * 99_000 + "1}"),  # 15 s, then 36 s below, on the first draft
+    ("100k blanks in a unit", "\\boxed{5 \\text{a" + " " * 99_000 + "!}}"),
 ])
 def test_hostile_responses_finish_fast(name, response):
     common.math_score("\\boxed{x+1}", "x+1")  # start the sympy worker outside the timed part

@@ -91,6 +91,12 @@ def test_math_does_not_pay_an_expression_copied_from_the_problem():
     decimal = "Write $\\frac{3}{20}$ as a decimal."  # MATH-500's; a number of the problem, spelled otherwise
     for answer, score in [("3/20", 0.0), ("\\frac{3}{20} + 0", 0.0), ("0.15", 1.0), (".15", 1.0)]:
         assert verify("math", f"\\boxed{{{answer}}}", "0.15", decimal) == score, answer
+    # an equation the problem gives, stated as the answer (its right-hand side the gold): a restatement (before: paid)
+    given = "Let $a,$ $b,$ $c,$ $d$ be real numbers such that $a + b + c + d = 0.$ Find $a + b + c + d$."
+    assert verify("math", "\\boxed{a + b + c + d = 0}", "0", given) == 0.0
+    assert verify("math", "\\boxed{a+b+c+d=0}", "0", given) == 0.0
+    assert verify("math", "\\boxed{0}", "0", given) == 1.0
+    assert verify("math", "\\boxed{x = 5}", "5", "Given $x + 1 = 6$, find $x$.") == 1.0
     # MATH-500, each problem fed back as its own response: paid only where the problem writes its gold itself
     rows = [json.loads(line) for line in open(ROOT / "data" / "math500_test.jsonl")]
     paid = [r for r in rows if common.math_score(r["problem"], r["answer"], r["problem"])]
