@@ -738,10 +738,19 @@ _MAX_NUMBER_CHARS = 100  # a GSM8K answer is a few digits; a megabyte of digits 
 _NUMBER = re.compile(r"(?:(?<![\d.])-)?(?:\d+(?:\.\d+)?|\.\d+)")
 
 
+# Thousands grouped with LaTeX's thin space or a thin / no-break space ("1\\,450\\,000"; never a plain space: "3 500-page
+# books" are 3 books); a unit's power ("18 m^2", "18 \\text{ cm}^3"), which is no number of the answer
+_SPACED_THOUSANDS = re.compile(r"(?<![\d.])[1-9]\d{0,2}(?:(?:\\,|[\u00a0\u2009\u202f])\d{3})+(?!\d)")
+_UNIT_POWER = re.compile(r"(?<=[A-Za-z}])\^\{?[23]\}?")
+
+
 def gsm8k_extract(response: str) -> str | None:
-    """The last number in the response (thousands separators removed; U+2212 is a minus sign), or None."""
-    ungrouped = _COMMA_NUMBER.sub(lambda m: m[0].replace(",", "") if _THOUSANDS_GROUPED.fullmatch(m[0]) else m[0],
-                                  response.replace("\u2212", "-"))
+    """The last number in the response (thousands separators removed; U+2212 is a minus sign, "-$7" is -7; a unit's
+    power is no number), or None."""
+    text = response.replace("\u2212", "-").replace("{,}", ",")
+    text = _SPACED_THOUSANDS.sub(lambda m: re.sub(r"\D", "", m[0]), text)
+    text = re.sub(r"(?<![\d.])-\\?\$(?=\d)", "-", _UNIT_POWER.sub("", text))
+    ungrouped = _COMMA_NUMBER.sub(lambda m: m[0].replace(",", "") if _THOUSANDS_GROUPED.fullmatch(m[0]) else m[0], text)
     last = None
     for m in _NUMBER.finditer(ungrouped):
         last = m.group(0)
@@ -2067,6 +2076,8 @@ def ground_truth_text(dataset: str, truth) -> str:
     text = truth if isinstance(truth, str) else str(truth) if isinstance(truth, (int, float)) else json.dumps(truth)
     if name == "gsm8k" and gsm8k_extract(text.split("####")[-1]) is None:
         raise ValueError(f"has no number for the gsm8k verifier: {text[:80]!r}")
+    if name == "gsm8k" and len(_NUMBER.findall(_COMMA_NUMBER.sub(lambda m: m[0].replace(",", ""), text.split("####")[-1]))) > 1:
+        raise ValueError(f"holds several numbers, of which the gsm8k verifier would take the last: {text[:80]!r}")
     if name == "math" and not math_normalize(text):
         raise ValueError(f"is empty once normalized for the math verifier: {text[:80]!r}")
     try:

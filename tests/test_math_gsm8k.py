@@ -49,6 +49,16 @@ def test_gsm8k_extract(response, expected):
     ("18 first, but the answer is 19", "18", 0.0),  # only the LAST number counts
     ("I don't know.", "18", 0.0),
     ("The answer is 18", "", 0.0),
+    # found by a probe of natural answers (before: each read another number): thousands in LaTeX or thin spaces, a
+    # unit's power, a sign before the dollar; never a plain space ("3 500-page books" are 3 books)
+    ("The prize is $1\\,450\\,000$.", "1450000", 1.0),
+    ("$\\boxed{1{,}450{,}000}$", "1450000", 1.0),
+    ("The answer is 1\u202f450\u202f000.", "1450000", 1.0),
+    ("The area is 18 m^2.", "18", 1.0),
+    ("The volume is $18 \\text{ cm}^3$.", "18", 1.0),
+    ("He ends at -$7.", "-7", 1.0),
+    ("The answer is 1 450 000.", "1450000", 0.0),
+    ("So 2^3 = 8", "8", 1.0),
 ])
 def test_gsm8k_score(response, gold, score):
     assert gsm8k_score(response, gold) == score

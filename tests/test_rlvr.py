@@ -208,6 +208,7 @@ BAD_ROWS = [  # (row, the error it must give), all in one file: rlvr.py reports 
     ({"messages": [{"role": "robot", "content": "Hi"}], "ground_truth": "3", "dataset": "gsm8k"}, "field 'messages[0].role'"),
     # golds no response can match (every sample would score 0): they used to be accepted
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "forty", "dataset": "gsm8k"}, "field 'ground_truth' has no number"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "1/2", "dataset": "gsm8k"}, "field 'ground_truth' holds several numbers"),
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": ["1", "2"], "dataset": "gsm8k"}, "field 'ground_truth' must be a string or a number"),
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": True, "dataset": "math"}, "field 'ground_truth' must be a string or a number"),
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "\\boxed{}", "dataset": "math"}, "field 'ground_truth' is empty once normalized"),
