@@ -1977,8 +1977,9 @@ _TULU_CHECKS = {
     "verify_keyword_frequency": lambda t, kw: re.findall(r"\b\w+\b", t.lower()).count(kw["word"].lower()) == kw["N"],
     "validate_forbidden_words": lambda t, kw: not any(w.lower() in t.lower() for w in kw["forbidden_words"]),
     "verify_letter_frequency": lambda t, kw: _tulu_letter_count(t, kw["letter"], kw["N"]),
-    # release: langdetect raised on text with no letters; that text is in no language, so it scores 0
-    "validate_response_language": lambda t, kw: _detect_language(t) == kw["language"],
+    # release: langdetect raised on text with no letters; that text is in no language, so it scores 0. langdetect names
+    # Chinese zh-cn or zh-tw, which the code zh (ISO 639-1, as the other languages) never equalled: it means either
+    "validate_response_language": lambda t, kw: kw["language"] in {(d := _detect_language(t) or ""), d.partition("-")[0]},
     "verify_paragraph_count": lambda t, kw: _tulu_paragraph_count(t, kw["N"]),
     "validate_word_constraint": lambda t, kw: _tulu_quantity(_tulu_word_count(t), kw["quantifier"], kw["N"],
                                                              max(round(0.1 * kw["N"]), 1)),

@@ -458,6 +458,8 @@ TABLE = [
      {"func_name": "verify_sentence_constraint", "N": 4, "quantifier": "at least"}, 0, 1, 1),
     ("if-sentence-list-item", "ifeval", "1. Paris is nice.\n2. Rome is old.\n3. Oslo is cold.",
      {"func_name": "verify_sentence_constraint", "N": 3, "quantifier": "at most"}, 0, 0, 1),
+    ("if-language-zh", "ifeval", "我喜欢在周末去公园散步，呼吸新鲜空气。这让我感到非常放松和快乐。",
+     {"func_name": "validate_response_language", "language": "zh"}, 0, 0, 1),
     ("if-bullet-heading", "ifeval", "**Tips**\n* Sleep.\n* Eat.\n* Walk.", {"func_name": "verify_bullet_points", "N": 3}, 0, 1, 1),
 ]
 
