@@ -796,7 +796,36 @@ def _last_boxed(response: str) -> str | None:
     return None
 
 
-def math_extract(response: str) -> list[str]:
+# What may stand between two boxes that state one list of solutions: commas, "and" / "or", '$', a name and '='
+_BOX_GAP = re.compile(r"(?:\s|\$|,|;|\\q?quad|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b|[A-Za-z](?:_\{?\w{1,3}\}?)?\s*=)*")
+
+
+def _listed_boxes(text: str) -> list[str] | None:
+    """The contents of the boxes that end the line of `text`'s last box, when two or more stand there joined only by
+    _BOX_GAP ("$x = \\boxed{1}$ or $x = \\boxed{-2}$", "\\boxed{3}, \\boxed{5}, \\boxed{7}"); else None."""
+    last = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if last < 0:
+        return None
+    line = text[text.rfind("\n", 0, last) + 1:]
+    boxes, end = [], 0  # (gap before the box, its content)
+    for m in re.finditer(r"\\(?:boxed|fbox)\{", line):
+        if m.start() < end:  # a box inside the previous one
+            continue
+        depth, i = 1, m.end()
+        while i < len(line) and depth:
+            depth += (line[i] == "{") - (line[i] == "}")
+            i += 1
+        if depth:
+            break
+        boxes.append((line[end:m.start()], line[m.end():i - 1]))
+        end = i
+    first = len(boxes) - 1
+    while first > 0 and len(boxes[first][0]) <= 40 and _BOX_GAP.fullmatch(boxes[first][0]):
+        first -= 1
+    return [content for _, content in boxes[first:]] if len(boxes) - first >= 2 else None
+
+
+def math_extract(response: str, listed: bool = False) -> list[str]:
     """The answers `response` commits to, unnormalized; it scores only if there is one and EVERY one is right.
 
     The rule (a reward is paid for a committed answer, never for a menu of candidates):
@@ -804,6 +833,10 @@ def math_extract(response: str) -> list[str]:
       occurrence, as Minerva did, and the response ends there: a few-shot prompted model that keeps going writes new
       made-up problems with their own answers.
     - Of the \\boxed{} / \\fbox{} answers (before that sentence), the LAST one counts: an earlier box is a draft.
+      Boxes that end its line joined only by commas, "and" / "or" or "x =" state the answer together: with `listed`
+      (the gold is a list of solutions) as its list ("$x = \\boxed{1}$ or $x = \\boxed{-2}$" is 1, -2), else as one
+      value each of which must be right ("\\boxed{15\\frac{39}{40}}, or \\boxed{\\frac{639}{40}}"; "\\boxed{5} or
+      \\boxed{4}" is a hedge).
     - With both, the response has stated two final answers: both must be right ("\\boxed{5}, Final Answer: ... 4"
       is a hedge, not a commitment to 4).
     - Only when there is neither, the text between the last two '$' is the answer ("... so the sum is $12$").
@@ -814,8 +847,10 @@ def math_extract(response: str) -> list[str]:
         line = response[start + len(_MINERVA_PREFIX):].split("\n", 1)[0]
         text = response[:start + len(_MINERVA_PREFIX) + len(line)]
         minerva = line.split(_MINERVA_SUFFIX)[0].strip().rstrip(".")
-    boxed = _last_boxed(text)
-    if boxed is not None or "\\boxed" in text or "\\fbox" in text:
+    boxes = _listed_boxes(text)
+    if boxes:
+        answers += [", ".join(boxes)] if listed else boxes
+    elif (boxed := _last_boxed(text)) is not None or "\\boxed" in text or "\\fbox" in text:
         answers.append(boxed or "")  # an empty or unclosed last box is a committed non-answer
     if start >= 0:
         answers.append(minerva)
@@ -1523,13 +1558,14 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     2 - 2 + ab + 5b + 2a + 10: a sum holding every term of the problem's sum), one that answers a problem asking for a
     number with another computation of it (0 + 513^2 - 487^2), and one that keeps a factorial or binomial where the
     problem writes one."""
-    answers = math_extract(response) if len(response) <= MAX_RESPONSE_CHARS else []
+    gold_text = math_normalize(str(gold))
+    gold_tree = _parse_latex(gold_text)
+    listed = gold_tree is not None and gold_tree[:3] == ["seq", "", ""]  # a list of solutions may be boxed one by one
+    answers = math_extract(response, listed) if len(response) <= MAX_RESPONSE_CHARS else []
     if any(len(answer) > _MAX_PARSE_CHARS for answer in answers):  # not a final answer (and not worth normalizing)
         return 0.0
     # "\\frac{20000}{\\pi} \\approx 6366.2": the exact value before a decimal approximation is the answer
     answers = [re.sub(r"\\approx\s*-?[\d.,]+\s*$", "", answer) for answer in answers]
-    gold_text = math_normalize(str(gold))
-    gold_tree = _parse_latex(gold_text)
     gold_form = _form(gold_tree) if gold_tree is not None else None
     spans, span_forms, equations = _problem_expressions(problem[:MAX_RESPONSE_CHARS])
     copied = spans - {gold_text}

@@ -76,6 +76,15 @@ def test_math_extract_commitments():
     assert math_extract("so $$x+1$$") == ["x+1"]  # display math
     assert math_extract("$4$ then \\boxed{5} then $6$") == ["5"]  # $...$ only when there is no box
     assert math_extract("no answer here") == []
+    # boxes that end a line joined only by "and" / "or", commas or "x =": a list of solutions, or each one an answer
+    assert math_extract("So $x = \\boxed{1}$ or $x = \\boxed{-2}$.", listed=True) == ["1, -2"]
+    assert math_extract("So $x = \\boxed{1}$ or $x = \\boxed{-2}$.") == ["1", "-2"]
+    assert math_extract("\\boxed{3}, but then \\boxed{1} and \\boxed{-2}", listed=True) == ["1, -2"]
+    assert math_extract("\\boxed{1}\n\\boxed{-2}", listed=True) == ["-2"]  # a box on an earlier line is a draft
+    assert math_score("$\\boxed{3}$, $\\boxed{5}$, $\\boxed{7}$", "3, 5, 7") == 1.0
+    assert math_score("$\\boxed{1+\\sqrt{19}}$ and $\\boxed{1-\\sqrt{19}}$", "1 \\pm \\sqrt{19}") == 1.0
+    assert math_score("$\\boxed{1}$ and $\\boxed{-2}$ and $\\boxed{3}$", "1,-2") == 0.0
+    assert math_score("$d = \\boxed{15\\frac{39}{40}},$ or $\\boxed{\\frac{639}{40}}$ inches.", "\\frac{639}{40}") == 1.0
     assert math_extract("\\boxed{4} and \\boxed{unclosed {") == [""]  # the last box is broken: committed to nothing
     # the response ends at its first Minerva sentence: what follows is a made-up next problem
     assert math_extract("Final Answer: The final answer is $4$. I hope it is correct.\nProblem: \\boxed{9}") == ["$4$"]

@@ -405,6 +405,8 @@ TABLE = [
     ("math-dollar-menu", "math", "\\boxed{$4$ or $5$}", "4", 1, None, 0),
     ("math-word-anagram", "math", "\\boxed{\\text{seat}}", "\\text{east}", 1, None, 0),
     ("math-zero-product-hedge", "math", "\\boxed{4 \\text{ or } 0}", "0", 1, None, 0),
+    ("math-list-boxes", "math", "So $x = \\boxed{1}$ or $x = \\boxed{-2}$.", "1,-2", 0, None, 1),
+    ("math-box-hedge", "math", "$\\boxed{5}$ or $\\boxed{4}$", "4", 1, None, 0),
     ("if-blank", "ifeval", "", {"func_name": "validate_no_commas"}, 1, 0, 0),
     ("if-invisible", "ifeval", "\u200b", {"func_name": "validate_no_commas"}, 1, None, 0),
     ("if-list", "ifeval", "an apple, a pear.",
