@@ -981,7 +981,7 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
         s = s.replace(before, after)
     # \cot(x) and \cot{x} are \cot x (MATH's form), unless more follows that the argument could take ("\sin(x)^2", "\sin(x)y")
     s = re.sub(r"\\(sin|cos|tan|cot|sec|csc)\s*(?:\(\s*(\w)\s*\)|\{\s*(\w)\s*\})(?!\s*[\w(\\^{])", r"\\\1 \2\3", s)
-    s = s.replace("\u2212", "-")
+    s = re.sub("\u221a\\s*(\\d+|[A-Za-z])", r"\\sqrt{\1}", s.replace("\u2212", "-"))  # the characters minus, root
     s = _UNIT_GROUP.sub(_drop_unit, s)  # "18 \text{ days}" is 18; "5 \text{ or more}" stays
     # a matrix in brackets, or an array, is MATH's pmatrix (whose entries _math_value_matches compares one by one)
     s = re.sub(r"(?:[\[(][ \t\n]{0,8})?\\begin\{(?:[bBp]?matrix|array\}\{[lcr| ]*)\}((?:(?!\\begin).)*?)\\end\{(?:[bBp]?matrix|array)\}\s*[\])]?",
@@ -1468,12 +1468,14 @@ def _math_answer_matches(answer: str, gold: str) -> bool:
     else:
         expected = math_normalize(gold)
         gold_tree = _parse_latex(expected)
-        if "=" in answer and gold_tree is not None and gold_tree[:3] == ["seq", "", ""]:
-            # a list of solutions ("1,-2", "1 \\pm \\sqrt{19}") stated as equations, "x = 1, x = -2" or
-            # "x = 1 \\text{ or } x = -2": one named value per solution, compared as the list (any order, each once)
+        if gold_tree is not None and gold_tree[:3] == ["seq", "", ""]:
+            # a list of solutions ("1,-2", "1 \\pm \\sqrt{19}") stated with "or" ("1 \\text{ or } -2") or as equations
+            # ("x = 1, x = -2", "x = 1 \\text{ or } x = -2"): one value per solution, each named or bare, compared as
+            # the list (any order, each once)
             equations = [piece.split("=") for piece in _SOLUTION_SEPARATORS.split(answer)]
-            if len(equations) == len(gold_tree[3]) and all(len(eq) == 2 and _is_name(eq[0]) for eq in equations):
-                return _math_value_matches(",".join(value for _, value in equations), expected)
+            if 1 < len(equations) == len(gold_tree[3]) and all(len(eq) == 1 or (len(eq) == 2 and _is_name(eq[0]))
+                                                                 for eq in equations):
+                return _math_value_matches(",".join(eq[-1] for eq in equations), expected)
     name, *values = answer.split("=")
     if not values:
         return _math_value_matches(name, expected, as_written)

@@ -208,6 +208,9 @@ def test_math_normalize(raw, normalized):
     ("$\\boxed{\\frac{20000}{\\pi} \\approx 6366.2}$", "\\frac{20000}{\\pi}"),
     ("$\\boxed{\\frac{\\pi}{2} \\text{ radians}}$", "\\frac{\\pi}{2}"),
     ("$\\boxed{15 \\text{ min}}$", "15"),
+    ("$\\boxed{1 \\text{ or } -2}$", "1,-2"),  # a list gold's solutions joined by "or", named or not
+    ("$\\boxed{x = 1 \\text{ or } -2}$", "1,-2"),
+    ("$\\boxed{3\u221a13}$", "3\\sqrt{13}"),
     ("$\\boxed{\\begin{bmatrix} -\\frac13 \\\\ \\frac{2}{3} \\\\ \\dfrac53 \\end{bmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
     ("$\\boxed{\\left[\\begin{array}{cc} -1 & 0 \\\\ 0 & -1 \\end{array}\\right]}$", "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}"),
 ])
