@@ -802,11 +802,12 @@ _BOX_GAP = re.compile(r"(?:\s|\$|,|;|\\q?quad|\\text\{\s*(?:and|or)\s*\}|\band\b
 
 def _listed_boxes(text: str) -> list[str] | None:
     """The contents of the boxes that end the line of `text`'s last box, when two or more stand there joined only by
-    _BOX_GAP ("$x = \\boxed{1}$ or $x = \\boxed{-2}$", "\\boxed{3}, \\boxed{5}, \\boxed{7}"); else None."""
-    last = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if last < 0:
+    _BOX_GAP ("$x = \\boxed{1}$ or $x = \\boxed{-2}$", "\\boxed{3}, \\boxed{5}, \\boxed{7}"), ten at most; else None."""
+    last = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if last < 0 or not text.startswith(("\\boxed{", "\\fbox{"), last):  # the last box is "\\boxed 7": it alone
         return None
-    line = text[text.rfind("\n", 0, last) + 1:]
+    line_start = text.rfind("\n", 0, last) + 1
+    line = text[line_start:]
     boxes, end = [], 0  # (gap before the box, its content)
     for m in re.finditer(r"\\(?:boxed|fbox)\{", line):
         if m.start() < end:  # a box inside the previous one
@@ -822,7 +823,7 @@ def _listed_boxes(text: str) -> list[str] | None:
     first = len(boxes) - 1
     while first > 0 and len(boxes[first][0]) <= 40 and _BOX_GAP.fullmatch(boxes[first][0]):
         first -= 1
-    return [content for _, content in boxes[first:]] if len(boxes) - first >= 2 else None
+    return [content for _, content in boxes[first:]] if 2 <= len(boxes) - first <= 10 else None
 
 
 def math_extract(response: str, listed: bool = False) -> list[str]:
@@ -981,7 +982,7 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
         s = s.replace(before, after)
     # \cot(x) and \cot{x} are \cot x (MATH's form), unless more follows that the argument could take ("\sin(x)^2", "\sin(x)y")
     s = re.sub(r"\\(sin|cos|tan|cot|sec|csc)\s*(?:\(\s*(\w)\s*\)|\{\s*(\w)\s*\})(?!\s*[\w(\\^{])", r"\\\1 \2\3", s)
-    s = re.sub("\u221a\\s*(\\d+|[A-Za-z])", r"\\sqrt{\1}", s.replace("\u2212", "-"))  # the characters minus, root
+    s = re.sub("\u221a\\s*(\\d+(?:\\.\\d+)?|[A-Za-z])(?![\\w.])", r"\\sqrt{\1}", s.replace("\u2212", "-"))  # minus, root
     s = _UNIT_GROUP.sub(_drop_unit, s)  # "18 \text{ days}" is 18; "5 \text{ or more}" stays
     # a matrix in brackets, or an array, is MATH's pmatrix (whose entries _math_value_matches compares one by one)
     s = re.sub(r"(?:[\[(][ \t\n]{0,8})?\\begin\{(?:[bBp]?matrix|array\}\{[lcr| ]*)\}((?:(?!\\begin).)*?)\\end\{(?:[bBp]?matrix|array)\}\s*[\])]?",
@@ -1567,7 +1568,7 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     if any(len(answer) > _MAX_PARSE_CHARS for answer in answers):  # not a final answer (and not worth normalizing)
         return 0.0
     # "\\frac{20000}{\\pi} \\approx 6366.2": the exact value before a decimal approximation is the answer
-    answers = [re.sub(r"\\approx\s*-?[\d.,]+\s*$", "", answer) for answer in answers]
+    answers = list(dict.fromkeys(re.sub(r"\\approx\s*-?[\d.,]+\s*$", "", answer) for answer in answers))
     gold_form = _form(gold_tree) if gold_tree is not None else None
     spans, span_forms, equations = _problem_expressions(problem[:MAX_RESPONSE_CHARS])
     copied = spans - {gold_text}

@@ -81,6 +81,7 @@ def test_math_extract_commitments():
     assert math_extract("So $x = \\boxed{1}$ or $x = \\boxed{-2}$.") == ["1", "-2"]
     assert math_extract("\\boxed{3}, but then \\boxed{1} and \\boxed{-2}", listed=True) == ["1, -2"]
     assert math_extract("\\boxed{1}\n\\boxed{-2}", listed=True) == ["-2"]  # a box on an earlier line is a draft
+    assert math_extract("\\boxed{4}, \\boxed{4}\nNo, the answer is $\\boxed 7$.") == ["7"]  # whatever the last box's form
     assert math_score("$\\boxed{3}$, $\\boxed{5}$, $\\boxed{7}$", "3, 5, 7") == 1.0
     assert math_score("$\\boxed{1+\\sqrt{19}}$ and $\\boxed{1-\\sqrt{19}}$", "1 \\pm \\sqrt{19}") == 1.0
     assert math_score("$\\boxed{1}$ and $\\boxed{-2}$ and $\\boxed{3}$", "1,-2") == 0.0
@@ -211,6 +212,7 @@ def test_math_normalize(raw, normalized):
     ("$\\boxed{1 \\text{ or } -2}$", "1,-2"),  # a list gold's solutions joined by "or", named or not
     ("$\\boxed{x = 1 \\text{ or } -2}$", "1,-2"),
     ("$\\boxed{3\u221a13}$", "3\\sqrt{13}"),
+    ("$\\boxed{\u221a0.25}$", "0.5"),
     ("$\\boxed{\\begin{bmatrix} -\\frac13 \\\\ \\frac{2}{3} \\\\ \\dfrac53 \\end{bmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
     ("$\\boxed{\\left[\\begin{array}{cc} -1 & 0 \\\\ 0 & -1 \\end{array}\\right]}$", "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}"),
 ])
@@ -287,6 +289,7 @@ def test_math_equivalent_forms_score_1(response, gold):
     ("$\\boxed{6366.2 \\approx \\frac{20000}{\\pi}}$", "\\frac{20000}{\\pi}"),  # the approximation is not the answer
     ("$\\boxed{5 \\approx 5 \\text{ or } 6}$", "5"),  # only a decimal number after \approx is an approximation
     ("$\\boxed{\\text{(C)} \\approx (D)}$", "\\text{(C)}"),
+    ("$\\boxed{\u221a2.5}$", "\\frac{\\sqrt{2}}{2}"),  # not \\sqrt{2}.5
     # a matrix: every entry, in its place, a number as written
     ("$\\boxed{\\begin{pmatrix} -1/3 \\\\ 2/3 \\end{pmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
     ("$\\boxed{\\begin{pmatrix} -1/3 & 2/3 & 5/3 \\end{pmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
@@ -315,6 +318,7 @@ def test_math_wrong_answers_score_0(response, gold):
     ("units between blanks", "\\boxed{" + ("1 \\text{ cookies}" + " " * 1000) * 90 + "}"),
     ("100k blanks in a box", "\\boxed{1" + " " * 99_000 + "1}"),  # 15 s, then 36 s below, on the first draft
     ("100k blanks in a unit", "\\boxed{5 \\text{a" + " " * 99_000 + "!}}"),
+    ("10k boxes on a line", ",".join(["\\boxed{2x+2}"] * 7_600)),  # 6 s when each was an answer to check
 ])
 def test_hostile_responses_finish_fast(name, response):
     common.math_score("\\boxed{x+1}", "x+1")  # start the sympy worker outside the timed part
