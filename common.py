@@ -1023,7 +1023,8 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     s = s.replace("$", "").strip().rstrip(".")  # (the final '.' first: "58,500." is the number 58500)
     if _THOUSANDS_GROUPED.fullmatch(s):
         s = s.replace(",", "")
-    return s
+    # a thousands-grouped number that is the whole of a brace group: "\\frac{20,000}{\\pi}" ("\\{1,000\\}" is a set)
+    return re.sub(r"(?<!\\)\{(-?[1-9]\d{0,2}(?:,\d{3})+)\}", lambda m: "{" + m[1].replace(",", "") + "}", s)
 
 
 # --- MATH: a small, safe LaTeX parser -------------------------------------------

@@ -213,6 +213,7 @@ def test_math_normalize(raw, normalized):
     ("$\\boxed{x = 1 \\text{ or } -2}$", "1,-2"),
     ("$\\boxed{3\u221a13}$", "3\\sqrt{13}"),
     ("$\\boxed{\u221a0.25}$", "0.5"),
+    ("$\\boxed{\\frac{20,000}{\\pi}}$", "\\frac{20000}{\\pi}"),  # thousands groups in a brace
     ("$\\boxed{\\begin{bmatrix} -\\frac13 \\\\ \\frac{2}{3} \\\\ \\dfrac53 \\end{bmatrix}}$", "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"),
     ("$\\boxed{\\left[\\begin{array}{cc} -1 & 0 \\\\ 0 & -1 \\end{array}\\right]}$", "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}"),
 ])
