@@ -778,6 +778,18 @@ _MINERVA_PREFIX = "Final Answer: The final answer is"
 _MINERVA_SUFFIX = "I hope it is correct"
 
 
+def _brace_end(s: str, i: int) -> int:
+    """Index just past the '}' that closes the '{' at s[i - 1], or -1 when none does: one linear pass, so 10k unclosed
+    braces cost nothing."""
+    depth = 1
+    while i < len(s):
+        depth += (s[i] == "{") - (s[i] == "}")
+        i += 1
+        if not depth:
+            return i
+    return -1
+
+
 def _last_boxed(response: str) -> str | None:
     """Content of the last \\boxed{...} or \\fbox{...} (balanced braces), or of '\\boxed 5'."""
     start = max(response.rfind("\\boxed"), response.rfind("\\fbox"))
@@ -786,14 +798,8 @@ def _last_boxed(response: str) -> str | None:
     rest = response[start:].removeprefix("\\boxed").removeprefix("\\fbox")
     if rest.startswith(" "):  # "\boxed 5$": the answer runs to the next '$' or whitespace
         return rest.split()[0].split("$")[0] if rest.strip() else None
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    for i, ch in enumerate(rest):  # one linear pass, so 10k unclosed braces cost nothing
-        depth += (ch == "{") - (ch == "}")
-        if depth == 0:
-            return rest[1:i]
-    return None
+    end = _brace_end(rest, 1) if rest.startswith("{") else -1
+    return rest[1:end - 1] if end >= 0 else None
 
 
 # What may stand between two boxes that state one list of solutions: commas, "and" / "or", '$', a name and '='
@@ -812,14 +818,11 @@ def _listed_boxes(text: str) -> list[str] | None:
     for m in re.finditer(r"\\(?:boxed|fbox)\{", line):
         if m.start() < end:  # a box inside the previous one
             continue
-        depth, i = 1, m.end()
-        while i < len(line) and depth:
-            depth += (line[i] == "{") - (line[i] == "}")
-            i += 1
-        if depth:
+        close = _brace_end(line, m.end())
+        if close < 0:
             break
-        boxes.append((line[end:m.start()], line[m.end():i - 1]))
-        end = i
+        boxes.append((line[end:m.start()], line[m.end():close - 1]))
+        end = close
     first = len(boxes) - 1
     while first > 0 and len(boxes[first][0]) <= 40 and _BOX_GAP.fullmatch(boxes[first][0]):
         first -= 1
@@ -917,7 +920,8 @@ def _drop_unit(match) -> str:
     # \frac16" 1 1/6); a matrix's row break does not
     if following and (following[0].isalnum() or following[0] in "({^_" or (following[0] == "\\" and following != "\\\\")):
         return match[0]
-    if all(_UNIT_NAMES.fullmatch(word) for word in words):
+    others = [word for word in words if not _UNIT_NAMES.fullmatch(word)]
+    if not others:
         return ""
     before = match.start()
     while before and text[before - 1].isspace():
@@ -925,7 +929,6 @@ def _drop_unit(match) -> str:
     # a number's last character: a digit, \pi, or the brace closing "\frac{1}{2}" ("\text{east}\text{ west}" is none)
     after_number = re.search(r"(?:\d\}?|\\pi)$", text[max(0, before - 4) : before]) is not None
     at_end = not following or following[0] in ",)]&" or following == "\\\\"
-    others = [word for word in words if not _UNIT_NAMES.fullmatch(word)]
     word = others[0] if len(others) == 1 else ""
     # radians measure an angle written with \pi ("\frac{\pi}{2} \text{ radians}"); "90 \text{ rad}" is not 90 degrees
     radians = re.fullmatch(r"rad(?:ian)?s?", word, re.IGNORECASE) and "\\pi" in text[max(0, before - 40) : before]
@@ -937,13 +940,7 @@ def _unwrap(s: str, opener: str) -> str:
     r"""Replace each `opener`...'}' by its content, up to the brace that closes it ("\textbf{\frac{14}{3}}": Minerva's
     shortest match, re.sub(r"\\text\{(.*?)\}", r"\1", s), made it "\frac{14{3}}"); one left open stays as written."""
     out, i = [], 0
-    while (start := s.find(opener, i)) >= 0:
-        depth, end = 1, start + len(opener)
-        while end < len(s) and depth:
-            depth += {"{": 1, "}": -1}.get(s[end], 0)
-            end += 1
-        if depth:
-            break
+    while (start := s.find(opener, i)) >= 0 and (end := _brace_end(s, start + len(opener))) >= 0:
         out += [s[i:start], s[start + len(opener):end - 1]]
         i = end
     return "".join(out) + s[i:]
@@ -1589,9 +1586,11 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     unevaluated = lambda text: "!" in text or "\\binom" in text
     counting = any(map(unevaluated, copied)) and not unevaluated(gold_text)
 
+    gold_equation = math_normalize(str(gold), keep_equation=True)
+
     def restated(answer):
-        if "=" in answer and math_normalize(answer, keep_equation=True) in equations:  # a given ("a + b + c + d = 0")
-            return math_normalize(answer, keep_equation=True) != math_normalize(str(gold), keep_equation=True)
+        if "=" in answer and (equation := math_normalize(answer, keep_equation=True)) in equations:  # a given one
+            return equation != gold_equation  # ("a + b + c + d = 0" where the problem says so)
         text = math_normalize(answer)
         tree = _parse_latex(text)
         form = _form(tree) if tree is not None else None
