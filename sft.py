@@ -82,9 +82,11 @@ for flag in ["--use_flash_attn", "--use_slow_tokenizer"]:
 for flag in ["--model_revision", "--exp_name", "--dataset_mix_dir", "--logging_steps"]:
     parser.add_argument(flag, default=None, help="accepted for compatibility; no effect")
 args = parser.parse_args()
-if args.max_seq_length < 1:  # -1 would cut the last token of every example without a word
-    parser.error(f"--max_seq_length must be >= 1, got {args.max_seq_length}")
-common.require_model_directory(args.model_name_or_path)
+# every flag in its range, --output_dir free of another run's checkpoints; with --resume, the checkpoint to continue
+resume_from = common.check_args(parser, args, at_least_one=["max_seq_length", "per_device_train_batch_size", "num_train_epochs",
+                                                            "gradient_accumulation_steps", "keep_last_n_checkpoints"],
+                                at_least_zero=["learning_rate", "weight_decay", "max_tokens_per_micro_batch"], fraction=["warmup_ratio"])
+common.require_model_directory(args.model_name_or_path, args.tokenizer_name)
 
 # ----------------------------------------------------------------------------- Distributed setup
 
@@ -214,8 +216,8 @@ def save_checkpoint(step):
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
-    torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if use_cuda else None},
-               os.path.join(path, f"trainer_state_rank{rank}.pt"))
+    torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if use_cuda else None,
+                "run": run_settings}, os.path.join(path, f"trainer_state_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
         open(os.path.join(path, "done"), "w").close()
@@ -225,16 +227,14 @@ def save_checkpoint(step):
 
 
 start_step = 0
-if args.resume:
-    checkpoints = [d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-") and
-                   os.path.exists(os.path.join(args.output_dir, d, "done"))]
-    if not checkpoints:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {args.output_dir}")
-    path = os.path.join(args.output_dir, max(checkpoints, key=lambda d: int(d.split("-")[1])))
+run_settings = vars(args) | {"global_batch": global_batch_size}  # stored in each checkpoint: a resume must continue the same run
+if resume_from:
+    common.check_resumed_run(torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False).get("run"),
+                             run_settings, resume_from)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+    dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=resume_from)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-    trainer_state = torch.load(os.path.join(path, f"trainer_state_rank{rank}.pt"), weights_only=False)
+    trainer_state = torch.load(os.path.join(resume_from, f"trainer_state_rank{rank}.pt"), weights_only=False)
     start_step = trainer_state["step"]
     torch.set_rng_state(trainer_state["cpu_rng"])
     if use_cuda:
@@ -244,7 +244,7 @@ if args.resume:
             kept = [line for line in f if json.loads(line)["step"] <= start_step]
         with open(metrics_path, "w") as f:
             f.writelines(kept)
-    print0(f"resumed from {path} at step {start_step}")
+    print0(f"resumed from {resume_from} at step {start_step}")
 elif rank == 0:
     open(metrics_path, "w").close()
 # --with_tracking: the same metrics also to TensorBoard / W&B

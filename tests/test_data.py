@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -312,6 +313,11 @@ def test_tokenizing_workers_run_whatever_multiprocessing_start_method_is_the_def
     ("lines.json", b'{"a": 1}\n{"a": 2}\n', "lines.json: not valid JSON (Extra data at line 2, column 1)"),
     ("mixed.json", b'[{"a": 1}, 3]', "mixed.json[1]: expected a JSON object, got int"),
     ("latin1.json", b'[{"a": 1},\n {"a": "caf\xe9"}]', "latin1.json: not UTF-8 (byte 0xe9 at line 2, column 12)"),
+    # NaN / Infinity are not JSON, though Python's json took them: a ground truth NaN became the MATH gold "nan"
+    ("nan.jsonl", b'{"a": 1}\n{"ground_truth": NaN}\n', "nan.jsonl:2: NaN is not a JSON value"),
+    ("inf.json", b'[{"a": -Infinity}]', "inf.json: -Infinity is not a JSON value"),
+    # nested past Python's recursion limit: a bare RecursionError named no file
+    ("deep.jsonl", b'{"a": 1}\n{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", "deep.jsonl:2: not valid JSON (nested too deeply)"),
 ])
 def test_unreadable_rows_name_file_and_line(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
@@ -415,6 +421,29 @@ def test_a_parquet_file_rewritten_with_its_old_mtime_gives_its_new_rows(tmp_path
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="bad.parquet: not a readable parquet file"):
         common.count_rows(str(tmp_path / "bad.parquet"))
+
+
+def test_a_file_rewritten_with_its_old_size_and_mtime_is_tokenized_again(tmp_path):
+    """The tokenization was keyed by a file's size and mtime: a file rewritten with its old mtime kept (cp -p, rsync -a,
+    tar) and the same size (a gold 41 made 14) trained on its old tokens. No copy keeps a ctime or an inode."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"ground_truth": "41"}\n')
+    before, stat = common.source_fingerprint([str(path), "1.0"]), os.stat(path)
+    time.sleep(0.05)  # (past the clock's tick: a ctime in the same tick would be equal)
+    (tmp_path / "new.jsonl").write_text('{"ground_truth": "14"}\n')
+    os.utime(tmp_path / "new.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.copy2(tmp_path / "new.jsonl", path)  # cp -p: content and mtime, into the same file
+    assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+    assert common.source_fingerprint([str(path), "1.0"]) != before
+
+
+def test_a_source_without_a_weight_is_an_error_even_with_a_cache(tmp_path):
+    """iter_mixture refused "a.jsonl 1.0 b.jsonl", but the cache key paired sources with weights by zip(), which dropped
+    b.jsonl: once a.jsonl alone was tokenized, the same command reused that and trained without b.jsonl."""
+    with pytest.raises(ValueError, match="--dataset_mixer_list takes SOURCE WEIGHT pairs"):
+        common.source_fingerprint([str(tmp_path / "a.jsonl"), "1.0", str(tmp_path / "b.jsonl")])
+    with pytest.raises(FileNotFoundError, match="missing.json: no such file"):  # (.json said [Errno 2] only)
+        common.count_rows(str(tmp_path / "missing.json"))
 
 
 def test_a_dataset_directory_is_fingerprinted_by_its_files(tmp_path):

@@ -249,3 +249,28 @@ def test_the_published_tulu_3_dpo_command_parses(tmp_path):
     assert "unrecognized arguments" not in result.stderr and "no model directory" in result.stderr, result.stderr[-500:]
     lora = run_script("dpo.py", *missing, "--use_lora", "True", check=False)
     assert lora.returncode != 0 and "--use_lora: invalid choice: 'True'" in lora.stderr, lora.stderr[-500:]
+
+
+def test_reference_weights_rewritten_with_their_size_and_mtime_miss_the_cache(tiny_model_dir, pairs_data, tmp_path):
+    """The reference cache knew the weights by each file's size and mtime: other weights of the same shape copied in
+    with their mtime kept (`cp -p`, `rsync -a`) got the old model's reference log-probs. ctime and inode are now in the key."""
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    args = ["--model_name_or_path", model, "--dataset_mixer_list", pairs_data, "4", "--max_seq_length", 256, "--max_steps", 1,
+            "--ref_cache_dir", tmp_path / "cache", "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, *FAST]
+    first = run_script("dpo.py", *args, "--output_dir", tmp_path / "one").stdout
+    assert "reference log-probs: computed for 4 pairs" in first
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(0.5)
+    other.save_pretrained(tmp_path / "other")
+    [weights] = [name for name in os.listdir(model) if name.endswith(".safetensors")]
+    stat = os.stat(model / weights)
+    os.utime(tmp_path / "other" / weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(tmp_path / "other" / weights).st_size == stat.st_size
+    shutil.copy2(tmp_path / "other" / weights, model / weights)  # cp -p into the model directory
+    second = run_script("dpo.py", *args, "--output_dir", tmp_path / "two").stdout
+    assert "reference log-probs: computed for 4 pairs" in second and "cache hit" not in second

@@ -114,6 +114,13 @@ def test_responses_errors_name_file_and_line(tmp_path):
     ("math500", {"question": "q2", "answer": "1"}, "field 'problem' must be a str"),
     ("ifeval", {"prompt": "q2", "instruction_id_list": ["punctuation:no_comma"]}, "field 'kwargs' must be a list"),
     ("ifeval", {"prompt": "q2", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}, "fields 'kwargs' and 'instruction_id_list' must be lists of the same length"),
+    # golds and constraints no response can meet: they scored 0 (or failed after generation) without naming the row
+    ("gsm8k", {"question": "q2", "answer": "She makes eighteen.\n#### eighteen"}, "field 'answer' has no number for the gsm8k verifier"),
+    ("math500", {"problem": "q2", "answer": "#### 18"}, "field 'answer' holds '####'"),
+    ("ifeval", {"prompt": "q2", "instruction_id_list": ["punctuation:no_commas"], "kwargs": [{}]}, "field 'kwargs' unknown IFEval instruction id"),
+    ("ifeval", {"prompt": "q2", "instruction_id_list": ["detectable_format:number_bullet_lists"], "kwargs": [{"num_bullets": "3"}]},
+     "field 'kwargs' kwarg 'num_bullets' must be a whole number >= 0, got '3'"),
+    ("ifeval", {"prompt": "q2", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [1]}, "field 'kwargs' punctuation:no_comma: kwargs must be an object"),
 ])
 def test_task_rows_missing_a_field_name_file_line_and_field(tmp_path, task, row, message):
     """A task file (--data_dir) with a row that scoring cannot read fails at load, naming file, line and field."""
@@ -126,6 +133,22 @@ def test_task_rows_missing_a_field_name_file_line_and_field(tmp_path, task, row,
     proc = run_eval("--task", task, "--responses", tmp_path / "r.jsonl", "--data_dir", tmp_path / "data",
                     "--output_dir", tmp_path / "out")
     assert proc.returncode != 0 and f"{tmp_path / 'data' / name}:2: {message}" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_flags_that_cannot_score_are_refused(tmp_path):
+    """Each ran: --limit 0 and an empty responses file reported an accuracy of 0 over 0 examples (and several models
+    then died in the table), --max_new_tokens 0 fell back to the task's 2048, and models given with --responses were
+    silently not evaluated."""
+    gsm = read_jsonl(ROOT / "data" / "gsm8k_test.jsonl")[:1]
+    write_jsonl(tmp_path / "r.jsonl", [{"question": gsm[0]["question"], "response": "18"}])
+    (tmp_path / "empty.jsonl").write_text("")
+    for args, message in [(["--responses", tmp_path / "r.jsonl", "--limit", "0"], "--limit takes N or TASK=N"),
+                          (["--responses", tmp_path / "r.jsonl", "--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
+                          (["--responses", tmp_path / "r.jsonl", "--model_name_or_path", tmp_path], "give one of the two"),
+                          (["--responses", tmp_path / "empty.jsonl"], f"{tmp_path / 'empty.jsonl'}: no response")]:
+        proc = run_eval("--task", "gsm8k", *args, "--output_dir", tmp_path / "out")
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])
+    assert not (tmp_path / "out").exists()
 
 
 def test_responses_ifeval_reproduces_google_scores(tmp_path):

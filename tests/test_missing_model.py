@@ -41,3 +41,19 @@ def test_missing_local_path_and_hub_id(fresh_clone, tmp_path):
     # a hub id ("owner/name", nothing local by that first name) still goes to the hub (offline here: its own error)
     proc = run(fresh_clone, "sft.py", "--model_name_or_path", "someone/some-model", cwd=tmp_path)
     assert proc.returncode != 0 and FIX not in proc.stderr
+
+
+def test_a_model_directory_without_a_tokenizer_names_it(tiny_model_dir, tmp_path):
+    """transformers said "Couldn't instantiate the backend tokenizer ... install sentencepiece", naming neither the
+    directory nor the missing files; eval.py said it only when that model's turn came, after the others' generation."""
+    import common
+
+    no_tokenizer = tmp_path / "weights_only"
+    no_tokenizer.mkdir()
+    for name in os.listdir(tiny_model_dir):
+        if name in ("config.json", "generation_config.json") or name.endswith(".safetensors"):
+            shutil.copy(os.path.join(tiny_model_dir, name), no_tokenizer)
+    with pytest.raises(SystemExit, match=f"{no_tokenizer} has no tokenizer"):
+        common.require_model_directory(str(no_tokenizer))
+    common.require_model_directory(str(no_tokenizer), tiny_model_dir)  # --tokenizer_name elsewhere: fine
+    common.require_model_directory(tiny_model_dir)

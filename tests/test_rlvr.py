@@ -212,6 +212,15 @@ BAD_ROWS = [  # (row, the error it must give), all in one file: rlvr.py reports 
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": ["1", "2"], "dataset": "gsm8k"}, "field 'ground_truth' must be a string or a number"),
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": True, "dataset": "math"}, "field 'ground_truth' must be a string or a number"),
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "\\boxed{}", "dataset": "math"}, "field 'ground_truth' is empty once normalized"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "Half of 36.\n#### 18", "dataset": "math"}, "field 'ground_truth' holds '####'"),
+    # IF constraints whose arguments no response could meet, or any would: a count "3" never equalled 3, a keyword list
+    # as one string was checked letter by letter, "English" is no language code, an empty ending ends every text
+    *[({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": json.dumps(truth), "dataset": "ifeval"}, f"field 'ground_truth' {message}")
+      for truth, message in [({"func_name": "verify_paragraph_count", "N": "3"}, "is not valid for dataset 'ifeval': kwarg 'N' must be a whole number"),
+                             ({"func_name": "verify_keywords", "keyword_list": "banana"}, "is not valid for dataset 'ifeval': kwarg 'keyword_list' must be a non-empty list"),
+                             ({"func_name": "validate_response_language", "language": "English"}, "is not valid for dataset 'ifeval': kwarg 'language' must be a language code"),
+                             ({"func_name": "validate_end", "end_phrase": " "}, "is not valid for dataset 'ifeval': kwarg 'end_phrase' must be non-empty text"),
+                             ([{"func_name": "validate_paragraphs", "N": 2, "first_word": "so", "i": 3}], "is not valid for dataset 'ifeval': validate_paragraphs: i=3 is not a paragraph of N=2")]],
     # no question to answer: the prompt would have been the system prompt alone
     ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "3"}], "ground_truth": "3",
       "dataset": "gsm8k"}, "field 'messages' must end with a user turn"),
@@ -266,3 +275,20 @@ def test_prompt_is_every_turn_up_to_the_last_user_turn(tiny_model_dir, tokenizer
     stored = Dataset.from_file(path)["prompt_ids"]
     assert stored == [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
                                 add_special_tokens=False).input_ids for p in prompts]
+
+
+def test_max_grad_norm_zero_turns_clipping_off(tiny_model_dir, rlvr_data, tmp_path):
+    """As --clip_grad_norm in sft.py and dpo.py: <= 0 is off. It clipped to 0 (no update at all) and a negative value
+    reversed the gradient (gradient ascent)."""
+    from safetensors.torch import load_file
+
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", rlvr_data, "1.0", "--eval_every", 0,
+            "--max_steps", 1, *FAST]
+    weights = {}
+    for norm in ("0", "-1", "1e9"):
+        run_script("rlvr.py", *args, f"--max_grad_norm={norm}", "--output_dir", tmp_path / norm)
+        weights[norm] = load_file(tmp_path / norm / "model.safetensors")
+    initial = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert any(not torch.equal(weights["0"][k], initial[k]) for k in initial)  # it trained
+    for k in initial:
+        assert torch.equal(weights["0"][k], weights["1e9"][k]) and torch.equal(weights["-1"][k], weights["1e9"][k]), k

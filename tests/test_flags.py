@@ -1,0 +1,74 @@
+"""Flags that no run can use, or that would make a run do something other than asked, are refused before anything
+loads; a new run does not mix its checkpoints with an earlier run's; --resume continues the run it resumes, unchanged."""
+import os
+import shutil
+
+import pytest
+
+from conftest import read_metrics, run_script
+
+FAST = ["--preprocessing_num_workers", "1", "--lr_scheduler_type", "constant", "--warmup_ratio", "0"]
+
+# Each ran before these checks: a batch of 0 died of ZeroDivisionError after tokenizing; --warmup_ratio 2 never reached
+# the peak rate; --keep_last_n_checkpoints 0 kept every checkpoint; a negative DPO beta (or label smoothing 0.5 and past
+# it) trained toward the rejected answers while the logged loss fell; RLVR's temperature 0 made every weight NaN,
+# --max_steps 0 saved the untouched model as trained, a negative clip range clamped every ratio to 0.8.
+BAD_FLAGS = {
+    "sft.py": {"--per_device_train_batch_size": 0, "--gradient_accumulation_steps": 0, "--warmup_ratio": 2.0,
+               "--keep_last_n_checkpoints": 0, "--learning_rate": -1e-5, "--num_train_epochs": 0,
+               "--checkpointing_steps": "abc"},
+    "dpo.py": {"--beta": -5, "--warmup_ratio": -0.5, "--max_tokens_per_micro_batch": -5},
+    "rlvr.py": {"--temperature": 0, "--max_steps": 0, "--beta": -0.05, "--cliprange": -0.2, "--num_epochs": 0,
+                "--response_length": 0, "--self_check_tolerance": 0},
+}
+
+
+@pytest.mark.parametrize("script", BAD_FLAGS)
+def test_flags_out_of_range_are_refused_before_anything_loads(script, tmp_path):
+    args = [f"{flag}={value}" for flag, value in BAD_FLAGS[script].items()]  # (= so that argparse takes "-1e-5")
+    # a model path that does not exist: refusing the flags must come first, before any model or data is looked at
+    result = run_script(script, *args, "--model_name_or_path", tmp_path / "no_model", "--output_dir", tmp_path / "out",
+                        check=False)
+    assert result.returncode == 2, result.stderr[-2000:]  # argparse's usage error
+    for flag in BAD_FLAGS[script]:
+        assert f"{flag} must be" in result.stderr, (flag, result.stderr[-2000:])
+    assert not (tmp_path / "out").exists()
+
+
+def test_dpo_label_smoothing_past_one_half_is_refused(tmp_path):
+    result = run_script("dpo.py", "--label_smoothing", 0.5, "--model_name_or_path", tmp_path / "none", check=False)
+    assert result.returncode == 2 and "--label_smoothing must be in [0, 0.5)" in result.stderr
+
+
+def test_a_new_run_does_not_take_over_an_earlier_runs_checkpoints(tiny_model_dir, sft_data, tmp_path):
+    """Before: a new run into a used --output_dir sorted its checkpoints in with the old run's and deleted its own first;
+    a later --resume continued the OLD run. Now the new run is refused, and so is --resume with nothing to resume."""
+    out = tmp_path / "out"
+    os.makedirs(out / "checkpoint-3")
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "8", *FAST, "--output_dir", out]
+    result = run_script("sft.py", *args, check=False)
+    assert result.returncode == 2 and "holds an earlier run's checkpoints (checkpoint-3)" in result.stderr
+    result = run_script("sft.py", *args, "--resume", check=False)  # checkpoint-3 has no `done`: a save killed midway
+    assert result.returncode == 2 and "--resume: no complete checkpoint in" in result.stderr
+    shutil.rmtree(out)
+    result = run_script("sft.py", *args, "--resume", check=False)
+    assert result.returncode == 2 and "--resume: no complete checkpoint in" in result.stderr
+
+
+def test_resume_refuses_a_changed_run_and_accepts_a_longer_one(tiny_model_dir, sft_data, tmp_path):
+    """A resume that changed the data, seed, learning rate or global batch was accepted without a word and logged as one
+    run (a smaller global batch trained some examples twice and others never). The run's length may change."""
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "8", *FAST,
+            "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--output_dir", out]
+    run_script("sft.py", *args, "--learning_rate", 1e-3, "--max_steps", 2, "--checkpointing_steps", 1)
+    changed = run_script("sft.py", *args, "--learning_rate", 1e-4, "--max_steps", 2, "--resume", "--seed", 7, check=False)
+    assert changed.returncode != 0
+    assert "learning_rate: 0.001 -> 0.0001" in changed.stderr and "seed: 123 -> 7" in changed.stderr
+    smaller = run_script("sft.py", *args[:-6], "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 2,
+                         "--output_dir", out, "--learning_rate", 1e-3, "--max_steps", 2, "--resume", check=False)
+    assert smaller.returncode != 0 and "global_batch: 4 -> 2" in smaller.stderr
+    # the same global batch split otherwise, and a longer run: resumed
+    longer = run_script("sft.py", *args[:-6], "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 4,
+                        "--output_dir", out, "--learning_rate", 1e-3, "--max_steps", 3, "--resume")
+    assert "resumed from" in longer.stdout and [m["step"] for m in read_metrics(out)] == [1, 2, 3]
