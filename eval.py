@@ -151,6 +151,8 @@ def task_limit(task):
         name, _, n = item.rpartition("=")
         if name and name not in QUESTION_FIELD or not n.isdigit() or int(n) == 0:  # (0 examples: no score to give)
             sys.exit(f"error: --limit takes N or TASK=N with TASK one of {', '.join(QUESTION_FIELD)}; got {item!r}")
+        if (name or None) in limits:  # the last one silently won
+            sys.exit(f"error: --limit gives {name or 'N'} twice: {' '.join(args.limit)}")
         limits[name or None] = int(n)
     return limits.get(task, limits.get(None))
 
@@ -440,6 +442,8 @@ def score(pairs, output_dir):
 # One model writes to --output_dir; several write to --output_dir/<name>/ and end with a table comparing them.
 runs = [("responses", None)] if args.responses else [(os.path.basename(os.path.normpath(p)), p) for p in args.model_name_or_path]
 names = [name if [n for n, _ in runs].count(name) == 1 else f"{k}_{name}" for k, (name, _) in enumerate(runs)]
+if len(set(names)) < len(names):  # a model named "1_sft" beside two "sft": it and the second wrote to one directory
+    names = [f"{k}_{name}" for k, (name, _) in enumerate(runs)]
 table, per_prompt = {}, {}
 for name, (_, model_path) in zip(names, runs):
     if model_path is None:  # score what someone else generated: no tokenizer, no model

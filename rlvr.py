@@ -419,7 +419,8 @@ if resume_from:
     dcp.load(state, checkpoint_id=resume_from)
     for name, (model, opt) in models.items():
         set_state_dict(model, opt, model_state_dict=state[f"{name}_model"], optim_state_dict=state[f"{name}_optimizer"])
-    trainer_state = torch.load(os.path.join(resume_from, f"trainer_state_rank{rank}.pt"), weights_only=False)
+    own = os.path.join(resume_from, f"trainer_state_rank{rank}.pt")  # (a rank the saved run lacked: rank 0's RNG, seeded alike)
+    trainer_state = torch.load(own if os.path.exists(own) else os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False)
     start_step = trainer_state["step"]
     torch.set_rng_state(trainer_state["cpu_rng"])
     print0(f"resumed from {resume_from} at step {start_step}")

@@ -234,7 +234,8 @@ if resume_from:
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=resume_from)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-    trainer_state = torch.load(os.path.join(resume_from, f"trainer_state_rank{rank}.pt"), weights_only=False)
+    own = os.path.join(resume_from, f"trainer_state_rank{rank}.pt")  # (a rank the saved run lacked: rank 0's RNG, seeded alike)
+    trainer_state = torch.load(own if os.path.exists(own) else os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False)
     start_step = trainer_state["step"]
     torch.set_rng_state(trainer_state["cpu_rng"])
     if use_cuda:

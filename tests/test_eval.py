@@ -439,3 +439,20 @@ def test_several_models_end_with_one_table(tiny_model, tmp_path):
                       f"({100 * statistics.mean(diffs):+.1f} ± {points(statistics.stdev(diffs) / math.sqrt(6))})")
     assert rows[2] == f"| {names[0]} | {first[0]} | {first[1]} |"
     assert rows[3] == f"| other | {second[0]} | {second[1]} |"
+
+
+def test_models_whose_names_collide_each_get_a_directory(tiny_model, tmp_path):
+    """x/sft, y/sft and z/1_sft were named 0_sft, 1_sft and 1_sft: the third overwrote the second's records and the
+    table showed it twice. And a task's --limit given twice: the last silently won."""
+    paths = [tmp_path / "x" / "sft", tmp_path / "y" / "sft", tmp_path / "z" / "1_sft"]
+    for path in paths:
+        path.parent.mkdir()
+        path.symlink_to(tiny_model)
+    proc = run_eval("--model_name_or_path", *paths, "--task", "gsm8k", "--limit", 1, "--max_new_tokens", 1,
+                    "--output_dir", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = (tmp_path / "out" / "table.md").read_text().splitlines()[2:5]
+    assert [row.split(" | ")[0] for row in rows] == ["| 0_sft", "| 1_sft", "| 2_1_sft"]
+    assert all((tmp_path / "out" / name / "gsm8k_records.jsonl").exists() for name in ("0_sft", "1_sft", "2_1_sft"))
+    proc = run_eval("--task", "gsm8k", "--responses", tmp_path / "r.jsonl", "--limit", "gsm8k=1", "gsm8k=3")
+    assert proc.returncode != 0 and "--limit gives gsm8k twice" in proc.stderr

@@ -72,3 +72,20 @@ def test_resume_refuses_a_changed_run_and_accepts_a_longer_one(tiny_model_dir, s
     longer = run_script("sft.py", *args[:-6], "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 4,
                         "--output_dir", out, "--learning_rate", 1e-3, "--max_steps", 3, "--resume")
     assert "resumed from" in longer.stdout and [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+
+
+def test_a_run_resumes_on_more_ranks(tiny_model_dir, sft_data, tmp_path):
+    """The same global batch on more ranks resumes (as fewer ranks did): rank 1 looked for a trainer state the 1-rank
+    run never wrote, and died with FileNotFoundError while rank 0 said it had resumed."""
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "8", *FAST, "--learning_rate", 1e-3,
+            "--max_steps", 2, "--per_device_train_batch_size", 2]
+    full = tmp_path / "full"
+    run_script("sft.py", *args, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 1, "--output_dir", full)
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(full, interrupted, ignore=shutil.ignore_patterns("*.safetensors"))
+    (interrupted / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
+    result = run_script("sft.py", *args, "--gradient_accumulation_steps", 1, "--output_dir", interrupted, "--resume", nproc=2)
+    assert "resumed from" in result.stdout
+    resumed, uninterrupted = read_metrics(interrupted), read_metrics(full)
+    assert [m["step"] for m in resumed] == [1, 2]
+    assert resumed[1]["loss"] == pytest.approx(uninterrupted[1]["loss"], rel=1e-5)
