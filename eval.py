@@ -38,7 +38,7 @@ import torch.distributed as dist
 # 100 on CPU (SIGABRT, "terminate called without an active exception"; core: ~AsyncAllgatherWork in runLoop).
 import torch.distributed.nn  # noqa: F401
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
 
 import common
 from common import gsm8k_extract, gsm8k_score, ifeval_follow, math_extract, math_normalize, math_score
@@ -70,8 +70,12 @@ if args.responses and args.model_name_or_path:  # one or the other: the models w
     parser.error("--responses scores given responses; --model_name_or_path generates them: give one of the two")
 if args.generator == "vllm" and not importlib.util.find_spec("vllm"):
     parser.error("--generator vllm: vllm does not import here (on a GPU: pip install vllm==0.32.0; or --generator hf)")
-for model_path in args.model_name_or_path:
+for model_path in args.model_name_or_path:  # every model found before the first is evaluated, not after it
     common.require_model_directory(model_path)
+    try:
+        AutoConfig.from_pretrained(model_path)
+    except OSError as e:  # (a missing name: the hub, retried for a minute, after the models before it had run)
+        sys.exit(f"error: {model_path}: {e}")
 
 # ----------------------------------------------------------------------------- setup
 ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun

@@ -79,8 +79,10 @@ parser.add_argument("--report_to", default="all", choices=["all", "tensorboard",
 # accepted so the published open-instruct command runs unchanged; they change nothing here
 for flag in ["--use_flash_attn", "--use_slow_tokenizer"]:
     parser.add_argument(flag, action="store_true", help="accepted for compatibility; no effect")
-for flag in ["--model_revision", "--exp_name", "--dataset_mix_dir", "--logging_steps"]:
+for flag in ["--exp_name", "--dataset_mix_dir", "--logging_steps"]:
     parser.add_argument(flag, default=None, help="accepted for compatibility; no effect")
+# Tulu 3's commands pass main; another revision of a hub model was accepted and silently not loaded
+parser.add_argument("--model_revision", default="main", choices=["main"], help="the hub model's main branch only")
 args = parser.parse_args()
 # every flag in its range, --output_dir free of another run's checkpoints; with --resume, the checkpoint to continue
 resume_from = common.check_args(parser, args, at_least_one=["max_seq_length", "per_device_train_batch_size", "num_train_epochs",

@@ -57,3 +57,18 @@ def test_a_model_directory_without_a_tokenizer_names_it(tiny_model_dir, tmp_path
         common.require_model_directory(str(no_tokenizer))
     common.require_model_directory(str(no_tokenizer), tiny_model_dir)  # --tokenizer_name elsewhere: fine
     common.require_model_directory(tiny_model_dir)
+
+
+def test_eval_finds_every_model_before_it_evaluates_the_first(tiny_model_dir, tmp_path):
+    """A missing bare name ("sft_v2", no "/") among several models went to the hub only when its turn came, after the
+    models before it had generated everything (and, offline, a minute of retries): no table was written."""
+    proc = run(ROOT, "eval.py", "--model_name_or_path", tiny_model_dir, "sft_v2", "--task", "gsm8k", "--limit", "1",
+               "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode != 0 and "error: sft_v2:" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_another_revision_of_the_model_is_refused(tmp_path):
+    """--model_revision was accepted and ignored: a hub model's main branch was trained whatever revision was asked."""
+    proc = run(ROOT, "sft.py", "--model_revision", "v2", "--model_name_or_path", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "--model_revision: invalid choice: 'v2'" in proc.stderr
