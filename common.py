@@ -83,12 +83,14 @@ def check_args(parser, args, **ranges):
 
 
 # flags a resumed run may change: where and how it logs and saves, how fast it tokenizes, how it splits a global batch
-# into micro-batches and ranks (the stages store the global batch itself), and its length (to train on past the planned
-# end: the learning-rate schedule then follows the new length); not what it trains on, nor how
+# into micro-batches and ranks (the stages store the global batch itself), what memory it uses (a resume after running
+# out of it), and its length (to train on past the planned end: the learning-rate schedule then follows the new
+# length); not what it trains on, nor how
 RESUMABLE_FLAGS = {"resume", "output_dir", "with_tracking", "report_to", "checkpointing_steps", "keep_last_n_checkpoints",
                    "preprocessing_num_workers", "dataset_local_cache_dir", "ref_cache_dir", "gradient_checkpointing",
                    "save_rollouts", "eval_every", "eval_batch_size", "eval_dataset", "max_steps", "num_train_epochs",
-                   "per_device_train_batch_size", "gradient_accumulation_steps", "max_tokens_per_micro_batch", "no_cache_ref"}
+                   "per_device_train_batch_size", "gradient_accumulation_steps", "max_tokens_per_micro_batch", "no_cache_ref",
+                   "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "self_check_tolerance"}
 
 
 def check_resumed_run(saved, run, where):
