@@ -54,22 +54,25 @@ def require_model_directory(path, tokenizer_path=None):
 
 
 _RANGES = {"at_least_one": (">= 1", lambda v: v >= 1), "at_least_zero": (">= 0", lambda v: v >= 0),
-           "above_zero": ("> 0", lambda v: v > 0), "fraction": ("in [0, 1]", lambda v: 0 <= v <= 1)}
+           "above_zero": ("> 0", lambda v: v > 0), "fraction": ("in [0, 1]", lambda v: 0 <= v <= 1),
+           "count_or_all": (">= 1, or -1 (all)", lambda v: v >= 1 or v == -1)}
 
 
-def check_args(parser, args, **ranges):
+def check_args(parser, args, run_settings, **ranges):
     """Refuse, before anything loads, a flag outside its range (check_args(parser, args, at_least_one=["max_steps"], ...)),
     and a new run into an --output_dir holding an earlier run's checkpoints. Each ran before: a value no run can use
     failed after minutes of tokenizing (a batch of 0: ZeroDivisionError), and some ran doing something else than asked
     (a negative beta trains toward the rejected answers, temperature 0 made every weight NaN, 0 steps saved the
     untouched model as trained, --keep_last_n_checkpoints 0 kept them all); the new run's checkpoints were sorted in
-    with the old run's and deleted first, and a later --resume continued the old run. -> with --resume, the newest
-    complete checkpoint (its `done` file written), else None."""
+    with the old run's and deleted first, and a later --resume continued the old run. With --resume, the run's settings
+    (`run_settings`: its flags and global batch, which the stage stores in each checkpoint) must be the checkpointed
+    run's (check_resumed_run), checked here, before minutes of tokenizing and loading.
+    -> with --resume, the newest complete checkpoint (its `done` file written), else None."""
     errors = [f"--{name} must be {_RANGES[kind][0]}, got {getattr(args, name)}" for kind, names in ranges.items()
               for name in names if getattr(args, name) is not None and not _RANGES[kind][1](getattr(args, name))]
     every = args.checkpointing_steps  # sft.py / dpo.py: "N" or "epoch" (a string); rlvr.py: an int
-    if isinstance(every, str) and every != "epoch" and not (every.isdigit() and int(every) > 0):
-        errors.append(f"--checkpointing_steps must be a whole number >= 1 or 'epoch', got {every!r}")
+    if isinstance(every, str) and every != "epoch" and not every.isdigit():
+        errors.append(f"--checkpointing_steps must be a whole number (0: none) or 'epoch', got {every!r}")
     if errors:
         parser.error("; ".join(errors))
     old = [d for d in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", d)] if os.path.isdir(args.output_dir) else []
@@ -79,7 +82,14 @@ def check_args(parser, args, **ranges):
     complete = [d for d in old if os.path.exists(os.path.join(args.output_dir, d, "done"))]  # (a save killed midway has none)
     if args.resume and not complete:
         parser.error(f"--resume: no complete checkpoint in {args.output_dir}")
-    return os.path.join(args.output_dir, max(complete, key=lambda d: int(d.split("-")[1]))) if args.resume else None
+    if not args.resume:
+        return None
+    resume_from = os.path.join(args.output_dir, max(complete, key=lambda d: int(d.split("-")[1])))
+    saved = torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False).get("run")
+    changed = check_resumed_run(saved, run_settings)
+    if changed:
+        parser.error(f"--resume from {resume_from}: this run differs from the checkpointed one in " + "; ".join(changed))
+    return resume_from
 
 
 # flags a resumed run may change: where and how it logs and saves, how fast it tokenizes, how it splits a global batch
@@ -90,18 +100,20 @@ RESUMABLE_FLAGS = {"resume", "output_dir", "with_tracking", "report_to", "checkp
                    "preprocessing_num_workers", "dataset_local_cache_dir", "ref_cache_dir", "gradient_checkpointing",
                    "save_rollouts", "eval_every", "eval_batch_size", "eval_dataset", "max_steps", "num_train_epochs",
                    "per_device_train_batch_size", "gradient_accumulation_steps", "max_tokens_per_micro_batch", "no_cache_ref",
-                   "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "self_check_tolerance"}
+                   "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size", "self_check_tolerance",
+                   # accepted for compatibility with open-instruct's commands, no effect
+                   "exp_name", "logging_steps", "use_flash_attn", "use_slow_tokenizer", "dataset_mix_dir", "use_lora",
+                   "model_revision"}
 
 
-def check_resumed_run(saved, run, where):
+def check_resumed_run(saved, run):
     """--resume continues a run as it was started (the promise: resumed == uninterrupted). `saved` is the run's
-    settings stored in its checkpoint (its flags, global batch, ...), `run` this run's: any difference outside
-    RESUMABLE_FLAGS is an error naming it. A changed global batch, seed or data reordered the data, so steps were
-    trained twice or never; a changed learning rate or reference model mixed two runs into one log."""
-    changed = [f"{name}: {saved.get(name)!r} -> {value!r}" for name, value in run.items()
-               if name not in RESUMABLE_FLAGS and saved is not None and saved.get(name) != value]
-    if changed:
-        raise ValueError(f"--resume from {where}: this run differs from the checkpointed one in " + "; ".join(changed))
+    settings stored in its checkpoint (its flags, global batch), `run` this run's: -> each difference outside
+    RESUMABLE_FLAGS, of the settings the checkpoint stored (a flag added since, or a checkpoint of before this check,
+    is not compared). A changed global batch, seed or data reordered the data, so steps were trained twice or never;
+    a changed learning rate mixed two runs into one log."""
+    return [f"{name}: {saved[name]!r} -> {value!r}" for name, value in run.items()
+            if saved is not None and name in saved and name not in RESUMABLE_FLAGS and saved[name] != value]
 
 
 def start_tracking(report_to, output_dir, run_name, config, start_step=0):
@@ -195,12 +207,6 @@ def _unique_keys(pairs):
     return row
 
 
-def _not_json(name):
-    """json's parse_constant: NaN, Infinity and -Infinity are not JSON; Python's json took them, so a ground truth NaN
-    became the MATH gold "nan"."""
-    raise ValueError(f"{name} is not a JSON value")
-
-
 def _parse_json(data, where):
     """JSON text (bytes) -> Python; every failure (bad UTF-8, bad JSON, a duplicate key) a ValueError naming `where`
     (and the line within it, for a .json file). A leading UTF-8 byte-order mark is allowed (Windows tools write one)."""
@@ -208,8 +214,7 @@ def _parse_json(data, where):
         return f"line {line}, column {column}" if data.rstrip().count(b"\n") else f"column {column}"
 
     try:
-        return json.loads(data.decode("utf-8").removeprefix("\ufeff"), object_pairs_hook=_unique_keys,
-                          parse_constant=_not_json)
+        return json.loads(data.decode("utf-8").removeprefix("\ufeff"), object_pairs_hook=_unique_keys)
     except RecursionError:  # a line of 100k "[": Python's bare RecursionError named no file
         raise ValueError(f"{where}: not valid JSON (nested too deeply)") from None
     except UnicodeDecodeError as e:
@@ -217,7 +222,7 @@ def _parse_json(data, where):
         raise ValueError(f"{where}: not UTF-8 (byte {data[e.start]:#x} at {at(line, column)})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg} at {at(e.lineno, e.colno)})") from None
-    except ValueError as e:  # _unique_keys, _not_json
+    except ValueError as e:  # _unique_keys
         raise ValueError(f"{where}: {e}") from None
 
 
@@ -304,24 +309,30 @@ def load_mixture(dataset_mixer_list):
     return list(iter_mixture(dataset_mixer_list))
 
 
+def file_digest(path):
+    """sha256 of a file's bytes (~1.3 GB/s on one core): what identifies a local data or weights file. Its size and
+    mtime missed a file rewritten with its old mtime kept (`cp -p`, `rsync -a`, tar), which then trained on its old
+    tokens; its ctime and inode change with a chmod, a hard link or a copy, which cost a needless re-tokenizing."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def source_fingerprint(dataset_mixer_list):
-    """What identifies the mixture's data without reading it: each local file's path, size, mtime, ctime and inode (a
-    hub dataset by its name: delete the cache if that repository changes), and the weights. The mtime alone missed a
-    file rewritten with its old mtime kept (`cp -p`, `rsync -a`, tar), which then trained on its old tokens; no copy
-    keeps a ctime or an inode."""
+    """What identifies the mixture's data: each local file's path and content (file_digest; a local dataset directory
+    by every file in it; a hub dataset by its name: delete the cache if that repository changes), and the weights."""
     if len(dataset_mixer_list) % 2:  # checked here too: zip() below dropped a last SOURCE with no WEIGHT unseen, and a
         # tokenization cached under the shorter list was then reused without the error iter_mixture gives
         raise ValueError(f"--dataset_mixer_list takes SOURCE WEIGHT pairs, got {dataset_mixer_list}")
     parts = []
     for source, weight in zip(dataset_mixer_list[::2], dataset_mixer_list[1::2]):
-        stat = os.stat(source) if os.path.exists(source) else None
-        parts.append([os.path.abspath(source) if stat else source, str(weight),
-                      stat and [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]])
-        if stat and os.path.isdir(source):  # a local dataset directory (for datasets.load_dataset): every file in it
-            parts[-1] += sorted([os.path.relpath(os.path.join(root, name), source), file.st_size, file.st_mtime_ns,
-                                 file.st_ctime_ns, file.st_ino]
-                                for root, _, names in os.walk(source) for name in names
-                                for file in [os.stat(os.path.join(root, name))])
+        if os.path.isdir(source):
+            files = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names]
+            parts.append([os.path.abspath(source), str(weight)] + sorted([os.path.relpath(f, source), file_digest(f)] for f in files))
+        else:
+            parts.append([os.path.abspath(source), str(weight), file_digest(source)] if os.path.isfile(source) else [source, str(weight)])
     return parts
 
 
@@ -2222,6 +2233,8 @@ def ground_truth_text(dataset: str, truth) -> str:
         raise ValueError("is missing or empty")
     if name != "ifeval" and (isinstance(truth, bool) or not isinstance(truth, (str, int, float))):
         raise ValueError(f"must be a string or a number for dataset {dataset!r}, got {type(truth).__name__}")
+    if isinstance(truth, float) and not math.isfinite(truth):  # (JSON's NaN, which Python reads: the MATH gold "nan")
+        raise ValueError(f"must be a finite number, got {truth}")
     text = truth if isinstance(truth, str) else str(truth) if isinstance(truth, (int, float)) else json.dumps(truth)
     if name == "gsm8k" and gsm8k_extract(text.split("####")[-1]) is None:
         raise ValueError(f"has no number for the gsm8k verifier: {text[:80]!r}")

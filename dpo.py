@@ -103,10 +103,14 @@ for flag in ["--exp_name", "--dataset_mix_dir", "--logging_steps"]:
 parser.add_argument("--model_revision", default="main", choices=["main"], help="the hub model's main branch only")
 parser.add_argument("--use_lora", default="False", choices=["False", "false"], help="Tulu 3 passed False; no LoRA here")
 args = parser.parse_args()
+# stored in each checkpoint: a resume continues the same run (its flags, and the global batch in examples)
+run_settings = vars(args) | {"global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps
+                                             * int(os.environ.get("WORLD_SIZE", 1))}
 # every flag in its range (beta > 0: a negative one trains toward the rejected answers), --output_dir free of another
 # run's checkpoints; with --resume, the checkpoint to continue
-resume_from = common.check_args(parser, args, at_least_one=["max_seq_length", "per_device_train_batch_size", "num_train_epochs",
-                                                            "gradient_accumulation_steps", "keep_last_n_checkpoints"],
+resume_from = common.check_args(parser, args, run_settings, count_or_all=["keep_last_n_checkpoints"],
+                                at_least_one=["max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps",
+                                              "num_train_epochs"],
                                 at_least_zero=["learning_rate", "weight_decay", "max_tokens_per_micro_batch", "gamma_beta_ratio"],
                                 above_zero=["beta"], fraction=["warmup_ratio"])
 if not 0 <= args.label_smoothing < 0.5:  # (0.5 and past it: the loss pushes toward the rejected answers)
@@ -287,17 +291,16 @@ def response_logps(model, batch_pairs):
 def reference_cache_key():
     """What the reference log-probs depend on: the initial weights, the tokenized pairs (their file's name is a key of
     the data, chat template, tokenizer, max length and truncation) and the compute dtype; not the loss, batch size or
-    world size. Stored in each checkpoint too: a resume whose reference changed is refused."""
+    world size."""
     key = hashlib.sha256(json.dumps([args.model_name_or_path, os.path.basename(data_stats["path"]),
                                      str(mp_policy.param_dtype)]).encode())
-    if os.path.isdir(args.model_name_or_path):  # the weights' identity without reading them: config + files' size, times
+    if os.path.isdir(args.model_name_or_path):  # the weights' identity: config + files' contents
         for name in sorted(os.listdir(args.model_name_or_path)):
             path = os.path.join(args.model_name_or_path, name)
             if name == "config.json":
                 key.update(open(path, "rb").read())
-            elif name.endswith((".safetensors", ".bin", ".safetensors.index.json")):  # (ctime, inode: as common's data)
-                file = os.stat(path)
-                key.update(f"{name} {file.st_size} {file.st_mtime_ns} {file.st_ctime_ns} {file.st_ino}".encode())
+            elif name.endswith((".safetensors", ".bin", ".safetensors.index.json")):  # by content, as the data (~12 s for 8B)
+                key.update(f"{name} {common.file_digest(path)}".encode())
     # (a hub name is keyed by the name alone: delete the cache if that repository changes)
     return key.hexdigest()[:20]
 
@@ -404,16 +407,12 @@ def save_checkpoint(step):
     if rank == 0:
         open(os.path.join(path, "done"), "w").close()
         finished = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
-        for old in finished[: -args.keep_last_n_checkpoints]:
+        for old in finished[: -args.keep_last_n_checkpoints] if args.keep_last_n_checkpoints > 0 else []:  # (-1: all)
             shutil.rmtree(os.path.join(args.output_dir, old))
 
 
 start_step = 0
-# stored in each checkpoint: a resume must continue the same run, against the same reference
-run_settings = vars(args) | {"global_batch": global_batch_size, "reference": reference_cache_key()}
 if resume_from:
-    common.check_resumed_run(torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False).get("run"),
-                             run_settings, resume_from)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=resume_from)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)

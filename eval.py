@@ -47,7 +47,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--model_name_or_path", nargs="+", default=[],
                     help="HF model directories; several: each is scored, then one table compares them")
 parser.add_argument("--task", action="append", required=True, choices=["gsm8k", "math500", "ifeval", "ifheldout"])
-parser.add_argument("--limit", nargs="+", default=[],
+parser.add_argument("--limit", nargs="+", action="extend", default=[],
                     help="only the first N examples: N (every task) and/or TASK=N (that task), e.g. 16 ifheldout=240")
 parser.add_argument("--max_new_tokens", type=int, default=None,
                     help="every task's cap; default Tulu 3's per task: GSM8K 512, MATH 1024, IFEval (and held-out) 2048")
@@ -76,6 +76,8 @@ for model_path in args.model_name_or_path:  # every model found before the first
         AutoConfig.from_pretrained(model_path)
     except OSError as e:  # (a missing name: the hub, retried for a minute, after the models before it had run)
         sys.exit(f"error: {model_path}: {e}")
+    except ValueError:  # a model type transformers does not know: vLLM may
+        pass
 
 # ----------------------------------------------------------------------------- setup
 ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun

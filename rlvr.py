@@ -94,9 +94,11 @@ parser.add_argument("--resume", action="store_true", help="continue from the new
 parser.add_argument("--with_tracking", action="store_true", help="also log metrics.jsonl's metrics to --report_to")
 parser.add_argument("--report_to", default="all", choices=["all", "tensorboard", "wandb"], help="all: both; W&B offline")
 args = parser.parse_args()
-resume_from = common.check_args(parser, args, at_least_one=["max_steps", "num_unique_prompts_rollout", "num_samples_per_prompt", "response_length",
-    "num_epochs", "num_mini_batches", "per_device_train_batch_size", "eval_batch_size", "max_prompt_length", "keep_last_n_checkpoints",
-    "vllm_tensor_parallel_size"], at_least_zero=["learning_rate", "beta", "weight_decay", "vf_coef", "eval_every", "checkpointing_steps"],
+# flags in range, no other run's checkpoints in --output_dir; --resume: the checkpoint, whose stored flags must be these
+resume_from = common.check_args(parser, args, vars(args), count_or_all=["keep_last_n_checkpoints"], at_least_one=[
+    "max_steps", "num_unique_prompts_rollout", "num_samples_per_prompt", "response_length", "num_epochs", "num_mini_batches",
+    "per_device_train_batch_size", "eval_batch_size", "max_prompt_length", "vllm_tensor_parallel_size"],
+    at_least_zero=["learning_rate", "beta", "weight_decay", "vf_coef", "eval_every", "checkpointing_steps"],
     above_zero=["temperature", "cliprange", "cliprange_value", "self_check_tolerance"], fraction=["gamma", "lam", "vllm_gpu_memory_utilization"])
 if args.algo == "grpo" and args.num_samples_per_prompt < 2:
     parser.error("GRPO compares samples of one prompt: --num_samples_per_prompt must be >= 2")
@@ -403,18 +405,17 @@ def save_checkpoint(step):
     """Policy (and value model) + optimizer shards via DCP; the step and every rank's RNG state beside them."""
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     dcp.save(training_state(), checkpoint_id=path)
-    torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "run": run_settings}, os.path.join(path, f"trainer_state_rank{rank}.pt"))
+    torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "run": vars(args)}, os.path.join(path, f"trainer_state_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
         open(os.path.join(path, "done"), "w").close()
         finished = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
-        for old in finished[: -args.keep_last_n_checkpoints]:
+        for old in finished[: -args.keep_last_n_checkpoints] if args.keep_last_n_checkpoints > 0 else []:  # (-1: all)
             shutil.rmtree(os.path.join(args.output_dir, old))
 
 
-start_step, run_settings = 0, vars(args)  # stored in each checkpoint: a resume continues the same run
+start_step = 0
 if resume_from:
-    common.check_resumed_run(torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False).get("run"), run_settings, resume_from)
     state = training_state()
     dcp.load(state, checkpoint_id=resume_from)
     for name, (model, opt) in models.items():
@@ -434,8 +435,7 @@ for log_path in ([metrics_path] + ([rollouts_path] if args.save_rollouts else []
         f.writelines(kept)
 
 
-track = common.start_tracking(args.report_to, args.output_dir, "rlvr", vars(args), start_step) \
-    if args.with_tracking and rank == 0 else None  # --with_tracking: the same metrics also to TensorBoard / W&B
+track = common.start_tracking(args.report_to, args.output_dir, "rlvr", vars(args), start_step) if args.with_tracking and rank == 0 else None
 
 
 def log(metrics):

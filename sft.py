@@ -84,9 +84,13 @@ for flag in ["--exp_name", "--dataset_mix_dir", "--logging_steps"]:
 # Tulu 3's commands pass main; another revision of a hub model was accepted and silently not loaded
 parser.add_argument("--model_revision", default="main", choices=["main"], help="the hub model's main branch only")
 args = parser.parse_args()
+# stored in each checkpoint: a resume continues the same run (its flags, and the global batch in examples)
+run_settings = vars(args) | {"global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps
+                                             * int(os.environ.get("WORLD_SIZE", 1))}
 # every flag in its range, --output_dir free of another run's checkpoints; with --resume, the checkpoint to continue
-resume_from = common.check_args(parser, args, at_least_one=["max_seq_length", "per_device_train_batch_size", "num_train_epochs",
-                                                            "gradient_accumulation_steps", "keep_last_n_checkpoints"],
+resume_from = common.check_args(parser, args, run_settings, count_or_all=["keep_last_n_checkpoints"],
+                                at_least_one=["max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps",
+                                              "num_train_epochs"],
                                 at_least_zero=["learning_rate", "weight_decay", "max_tokens_per_micro_batch"], fraction=["warmup_ratio"])
 common.require_model_directory(args.model_name_or_path, args.tokenizer_name)
 
@@ -224,15 +228,12 @@ def save_checkpoint(step):
     if rank == 0:
         open(os.path.join(path, "done"), "w").close()
         finished = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
-        for old in finished[: -args.keep_last_n_checkpoints]:
+        for old in finished[: -args.keep_last_n_checkpoints] if args.keep_last_n_checkpoints > 0 else []:  # (-1: all)
             shutil.rmtree(os.path.join(args.output_dir, old))
 
 
 start_step = 0
-run_settings = vars(args) | {"global_batch": global_batch_size}  # stored in each checkpoint: a resume must continue the same run
 if resume_from:
-    common.check_resumed_run(torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False).get("run"),
-                             run_settings, resume_from)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=resume_from)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)

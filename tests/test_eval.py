@@ -454,5 +454,6 @@ def test_models_whose_names_collide_each_get_a_directory(tiny_model, tmp_path):
     rows = (tmp_path / "out" / "table.md").read_text().splitlines()[2:5]
     assert [row.split(" | ")[0] for row in rows] == ["| 0_sft", "| 1_sft", "| 2_1_sft"]
     assert all((tmp_path / "out" / name / "gsm8k_records.jsonl").exists() for name in ("0_sft", "1_sft", "2_1_sft"))
-    proc = run_eval("--task", "gsm8k", "--responses", tmp_path / "r.jsonl", "--limit", "gsm8k=1", "gsm8k=3")
-    assert proc.returncode != 0 and "--limit gives gsm8k twice" in proc.stderr
+    for limits in (["--limit", "gsm8k=1", "gsm8k=3"], ["--limit", "gsm8k=1", "--limit", "gsm8k=3"]):
+        proc = run_eval("--task", "gsm8k", "--responses", tmp_path / "r.jsonl", *limits)
+        assert proc.returncode != 0 and "--limit gives gsm8k twice" in proc.stderr

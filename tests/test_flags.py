@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 
+import common
 from conftest import read_metrics, run_script
 
 FAST = ["--preprocessing_num_workers", "1", "--lr_scheduler_type", "constant", "--warmup_ratio", "0"]
@@ -89,3 +90,12 @@ def test_a_run_resumes_on_more_ranks(tiny_model_dir, sft_data, tmp_path):
     resumed, uninterrupted = read_metrics(interrupted), read_metrics(full)
     assert [m["step"] for m in resumed] == [1, 2]
     assert resumed[1]["loss"] == pytest.approx(uninterrupted[1]["loss"], rel=1e-5)
+
+
+def test_a_resume_compares_only_what_the_checkpoint_stored():
+    """A flag added (or a default changed) after a run started is not held against its resume, nor a flag that changes
+    nothing trained; a changed flag is named with both values."""
+    saved = {"learning_rate": 1e-3, "seed": 1, "logging_steps": None}
+    assert common.check_resumed_run(saved, {"learning_rate": 1e-3, "seed": 1, "logging_steps": 5, "model_revision": "main"}) == []
+    assert common.check_resumed_run(saved, {"learning_rate": 2e-3, "seed": 1}) == ["learning_rate: 0.001 -> 0.002"]
+    assert common.check_resumed_run(None, {"learning_rate": 2e-3}) == []  # a checkpoint from before the check

@@ -213,6 +213,7 @@ BAD_ROWS = [  # (row, the error it must give), all in one file: rlvr.py reports 
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": True, "dataset": "math"}, "field 'ground_truth' must be a string or a number"),
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "\\boxed{}", "dataset": "math"}, "field 'ground_truth' is empty once normalized"),
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "Half of 36.\n#### 18", "dataset": "math"}, "field 'ground_truth' holds '####'"),
+    ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": float("nan"), "dataset": "math"}, "field 'ground_truth' must be a finite number"),
     # IF constraints whose arguments no response could meet, or any would: a count "3" never equalled 3, a keyword list
     # as one string was checked letter by letter, "English" is no language code, an empty ending ends every text
     *[({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": json.dumps(truth), "dataset": "ifeval"}, f"field 'ground_truth' {message}")
