@@ -66,8 +66,9 @@ def check_args(parser, args, run_settings, **ranges):
     untouched model as trained, --keep_last_n_checkpoints 0 kept them all); the new run's checkpoints were sorted in
     with the old run's and deleted first, and a later --resume continued the old run. With --resume, the run's settings
     (`run_settings`: its flags and global batch, which the stage stores in each checkpoint) must be the checkpointed
-    run's (check_resumed_run), checked here, before minutes of tokenizing and loading.
-    -> with --resume, the newest complete checkpoint (its `done` file written), else None."""
+    run's (check_resumed_run), checked here, before minutes of tokenizing and loading. --resume auto (for a job that
+    is requeued with the same command) resumes when there is a complete checkpoint and starts the run when not.
+    -> the newest complete checkpoint (its `done` file written) to resume from, or None."""
     errors = [f"--{name} must be {_RANGES[kind][0]}, got {getattr(args, name)}" for kind, names in ranges.items()
               for name in names if getattr(args, name) is not None and not _RANGES[kind][1](getattr(args, name))]
     every = args.checkpointing_steps  # sft.py / dpo.py: "N" or "epoch" (a string); rlvr.py: an int
@@ -78,11 +79,11 @@ def check_args(parser, args, run_settings, **ranges):
     old = [d for d in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", d)] if os.path.isdir(args.output_dir) else []
     if old and not args.resume:
         parser.error(f"{args.output_dir} holds an earlier run's checkpoints ({', '.join(sorted(old))}): --resume "
-                     "continues that run; to start another, delete them or choose another --output_dir")
+                     "(or --resume auto) continues that run; to start another, delete them or choose another --output_dir")
     complete = [d for d in old if os.path.exists(os.path.join(args.output_dir, d, "done"))]  # (a save killed midway has none)
-    if args.resume and not complete:
-        parser.error(f"--resume: no complete checkpoint in {args.output_dir}")
-    if not args.resume:
+    if args.resume == "yes" and not complete:
+        parser.error(f"--resume: no complete checkpoint in {args.output_dir} (--resume auto starts a run then)")
+    if not complete:  # (--resume auto with nothing to resume: a new run)
         return None
     resume_from = os.path.join(args.output_dir, max(complete, key=lambda d: int(d.split("-")[1])))
     saved = torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False).get("run")

@@ -91,7 +91,7 @@ parser.add_argument("--mixed_precision", default=None, choices=["bf16", "no"],
 parser.add_argument("--output_dir", default=os.path.join(ROOT, "out", "dpo"))
 parser.add_argument("--checkpointing_steps", default=None, help="an integer (every N steps) or 'epoch'")
 parser.add_argument("--keep_last_n_checkpoints", type=int, default=2)
-parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
+parser.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"], help="continue from the newest checkpoint; auto: if any")
 parser.add_argument("--with_tracking", action="store_true", help="also log metrics.jsonl's metrics to --report_to")
 parser.add_argument("--report_to", default="all", choices=["all", "tensorboard", "wandb"], help="all: both; W&B offline")
 # accepted so the published open-instruct command runs unchanged; they change nothing here

@@ -90,7 +90,7 @@ parser.add_argument("--save_rollouts", action="store_true", help="write every sa
 parser.add_argument("--output_dir", default=os.path.join(ROOT, "out", "rlvr"))
 parser.add_argument("--checkpointing_steps", type=int, default=0, help="save a resumable checkpoint every N steps")
 parser.add_argument("--keep_last_n_checkpoints", type=int, default=2)
-parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output_dir")
+parser.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"], help="continue from the newest checkpoint; auto: if any")
 parser.add_argument("--with_tracking", action="store_true", help="also log metrics.jsonl's metrics to --report_to")
 parser.add_argument("--report_to", default="all", choices=["all", "tensorboard", "wandb"], help="all: both; W&B offline")
 args = parser.parse_args()
@@ -428,7 +428,7 @@ if resume_from:
 # Start the logs, or on --resume drop the lines logged after the checkpoint, so they read like one uninterrupted run.
 for log_path in ([metrics_path] + ([rollouts_path] if args.save_rollouts else [])) if rank == 0 else []:
     kept = []
-    if args.resume and os.path.exists(log_path):
+    if resume_from and os.path.exists(log_path):
         with open(log_path) as f:
             kept = [line for line in f if json.loads(line)["step"] <= start_step]
     with open(log_path, "w") as f:

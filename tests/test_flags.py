@@ -99,3 +99,27 @@ def test_a_resume_compares_only_what_the_checkpoint_stored():
     assert common.check_resumed_run(saved, {"learning_rate": 1e-3, "seed": 1, "logging_steps": 5, "model_revision": "main"}) == []
     assert common.check_resumed_run(saved, {"learning_rate": 2e-3, "seed": 1}) == ["learning_rate: 0.001 -> 0.002"]
     assert common.check_resumed_run(None, {"learning_rate": 2e-3}) == []  # a checkpoint from before the check
+
+
+def test_resume_auto_starts_a_run_or_resumes_it(tmp_path):
+    """A requeued job repeats one command: without --resume its second start is refused (checkpoints there), with
+    --resume its first start is (none yet). --resume auto starts when there is no complete checkpoint, else resumes."""
+    import argparse
+
+    import torch
+
+    parser = argparse.ArgumentParser()
+    args = lambda resume: argparse.Namespace(output_dir=str(tmp_path), resume=resume, checkpointing_steps="1", lr=1e-3)
+    assert common.check_args(parser, args("auto"), {"lr": 1e-3}) is None  # nothing yet: a new run
+    with pytest.raises(SystemExit):
+        common.check_args(parser, args("yes"), {"lr": 1e-3})
+    os.makedirs(tmp_path / "checkpoint-2")  # a save killed midway (no `done`): auto starts anew
+    assert common.check_args(parser, args("auto"), {"lr": 1e-3}) is None
+    torch.save({"step": 2, "run": {"lr": 1e-3}}, tmp_path / "checkpoint-2" / "trainer_state_rank0.pt")
+    (tmp_path / "checkpoint-2" / "done").touch()  # now complete
+    assert common.check_args(parser, args("auto"), {"lr": 1e-3}) == str(tmp_path / "checkpoint-2")
+    assert common.check_args(parser, args("yes"), {"lr": 1e-3}) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(SystemExit):  # the checkpointed run's settings still hold
+        common.check_args(parser, args("auto"), {"lr": 2e-3})
+    with pytest.raises(SystemExit):  # and a new run without --resume is refused
+        common.check_args(parser, args(None), {"lr": 1e-3})
