@@ -1986,18 +1986,15 @@ def _check_kwargs(kwargs):
     string was checked letter by letter, an empty end phrase or marker is in every text, "English" is no language code."""
     for name, value in kwargs.items():
         if name in _COUNT_KWARGS:
-            ok = type(value) is int and value >= 0
-        elif name in _LIST_KWARGS:
-            ok = isinstance(value, list) and value and all(isinstance(w, str) and w.strip() for w in value)
-        elif name == "options":  # a list, or one string of them (_choice_options)
-            ok = isinstance(value, (str, list)) and _choice_options(value) and all(
-                isinstance(o, str) and o.strip() for o in _choice_options(value))
-        else:  # a word, letter, phrase, marker, splitter, relation, quantifier or language
-            ok = isinstance(value, str) and value.strip() and (name != "language" or value in _LANGUAGES)
+            ok, kind = type(value) is int and value >= 0, "a whole number >= 0"
+        elif name in _LIST_KWARGS or name == "options":  # options: a list, or one string of them (_choice_options)
+            words = value if isinstance(value, list) else _choice_options(value) if name == "options" and isinstance(value, str) else None
+            ok, kind = bool(words) and all(isinstance(w, str) and w.strip() for w in words), "a non-empty list of words"
+        elif name == "language":
+            ok, kind = isinstance(value, str) and value in _LANGUAGES, "a language code langdetect answers (en, fr, zh, ...)"
+        else:  # a word, letter, phrase, marker, splitter, relation or quantifier
+            ok, kind = isinstance(value, str) and bool(value.strip()), "non-empty text"
         if not ok:
-            kind = ("a whole number >= 0" if name in _COUNT_KWARGS else "a non-empty list of words" if name in
-                    _LIST_KWARGS else "a language code langdetect answers (en, fr, zh, ...)" if name == "language"
-                    else "non-empty text")
             raise ValueError(f"kwarg {name!r} must be {kind}, got {value!r}")
 
 
