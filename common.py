@@ -194,6 +194,11 @@ def iter_rows(source):
         for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
             yield f"{source}[row {i}]", row
         return
+    files = _dataset_directory_files(source)
+    if files is not None:  # a local dataset directory: its files, each read as above
+        for path in files:
+            yield from iter_rows(path)
+        return
     for i, row in enumerate(_arrow_table(source)):  # memory-mapped by datasets: rows are read as they are needed
         yield f"{source}[row {i}]", row
 
@@ -225,6 +230,27 @@ def _parse_json(data, where):
         raise ValueError(f"{where}: not valid JSON ({e.msg} at {at(e.lineno, e.colno)})") from None
     except ValueError as e:  # _unique_keys
         raise ValueError(f"{where}: {e}") from None
+
+
+def _dataset_directory_files(source):
+    """A local dataset directory, "DIR" or "DIR:SPLIT" (default train): the files of that split as
+    datasets.load_dataset finds them (its README's `configs`, else file names such as data/train-00000-of-00004.parquet),
+    which iter_rows then reads itself, file by file. Read by datasets, a file rewritten with its mtime kept (`cp -p`,
+    `rsync -a`, tar) came from datasets' cache with its OLD rows, and a bad row failed as "An error occurred while
+    generating the dataset", naming no file or line. -> [path, ...], or None when `source` is not a local directory."""
+    directory, _, split = source.partition(":")
+    if not os.path.isdir(directory):
+        return None
+    import datasets
+
+    split_files = datasets.load_dataset_builder(directory).config.data_files  # resolves names only, reads no row
+    split = split or "train"
+    if split not in split_files:
+        raise ValueError(f"{source}: the dataset directory has no split {split!r} (it has {', '.join(map(str, split_files))})")
+    for path in split_files[split]:
+        if not path.endswith((".jsonl", ".json", ".parquet")):
+            raise ValueError(f"{path} (in {source}): a dataset directory's files must end in .jsonl, .json or .parquet")
+    return list(split_files[split])
 
 
 def _arrow_table(source):
@@ -262,7 +288,8 @@ def count_rows(source):
         return sum(1 for _ in iter_rows(source))
     if source.endswith(".parquet"):
         return _parquet_file(source).metadata.num_rows
-    return len(_arrow_table(source))
+    files = _dataset_directory_files(source)
+    return sum(map(count_rows, files)) if files is not None else len(_arrow_table(source))
 
 
 def load_rows(source):

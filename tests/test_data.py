@@ -459,6 +459,40 @@ def test_a_dataset_directory_is_fingerprinted_by_its_files(tmp_path):
     assert common.source_fingerprint([str(tmp_path / "data"), "1.0"]) != before
 
 
+def test_a_dataset_directory_is_read_file_by_file_as_it_is_now(tmp_path):
+    """A local dataset directory was read by datasets.load_dataset, whose cache knows a file by its mtime: a file
+    rewritten with its mtime kept (cp -p, rsync -a) gave its OLD rows (a gold 41 stayed 41 after the file said 14),
+    while the new content's key tokenized them afresh; and a bad row failed as "An error occurred while generating the
+    dataset", naming no file. Now the directory's split is resolved as datasets does (file names, README configs) and
+    each file read by iter_rows."""
+    data = tmp_path / "data"
+    (data / "data").mkdir(parents=True)
+    shard = data / "data" / "train-00000-of-00001.jsonl"
+    shard.write_text('{"gold": 41}\n')
+    (data / "data" / "test-00000-of-00001.jsonl").write_text('{"gold": 7}\n{"gold": 8}\n')
+    assert [row for _, row in common.load_rows(str(data))] == [{"gold": 41}]
+    stamp = os.stat(shard).st_mtime_ns
+    shard.write_text('{"gold": 14}\n')
+    os.utime(shard, ns=(stamp, stamp))
+    assert [row for _, row in common.load_rows(str(data))] == [{"gold": 14}]
+    assert common.load_rows(str(data))[0][0] == f"{shard}:1"  # errors name the file and line
+    assert common.count_rows(f"{data}:test") == 2 and [row["gold"] for _, row in common.load_rows(f"{data}:test")] == [7, 8]
+    with pytest.raises(ValueError, match="has no split 'validation' \\(it has train, test\\)"):
+        common.count_rows(f"{data}:validation")
+    shard.write_text('{"gold": 14}\n{"gold": \n')
+    with pytest.raises(ValueError, match=f"{shard}:2: not valid JSON"):
+        common.load_rows(str(data))
+    # a README's configs choose the files, as datasets.load_dataset does
+    (data / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                    "    path: data/test-*\n---\n")
+    assert [row["gold"] for _, row in common.load_rows(str(data))] == [7, 8]
+    (data / "README.md").unlink()
+    for split in ("train", "test"):  # read by datasets' csv builder before: refused, naming the file
+        (data / "data" / f"{split}-00000-of-00001.jsonl").rename(data / "data" / f"{split}-00000-of-00001.csv")
+    with pytest.raises(ValueError, match="train-00000-of-00001.csv \\(in .*\\): a dataset directory's files must end in"):
+        common.count_rows(str(data))
+
+
 def test_a_deleted_arrow_file_is_rebuilt(tiny_model_dir, tmp_path):
     """The .arrow file deleted, its .arrow.json left: the next run failed opening it; now it tokenizes again."""
     data = write_jsonl(tmp_path / "rows.jsonl", varied_rows(8))
