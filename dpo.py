@@ -288,20 +288,17 @@ def response_logps(model, batch_pairs):
 
 # ----------------------------------------------------------------------------- Reference log-probs
 
-def reference_cache_key():
-    """What the reference log-probs depend on: the initial weights, the tokenized pairs (their file's name is a key of
-    the data, chat template, tokenizer, max length and truncation) and the compute dtype; not the loss, batch size or
-    world size."""
-    key = hashlib.sha256(json.dumps([args.model_name_or_path, os.path.basename(data_stats["path"]),
-                                     str(mp_policy.param_dtype)]).encode())
-    if os.path.isdir(args.model_name_or_path):  # the weights' identity: config + files' contents
+def initial_weights_key():
+    """The initial weights' identity: config + the weights files' contents (~12 s for 8B), or a hub name itself (delete
+    the cache if that repository changes)."""
+    key = hashlib.sha256(args.model_name_or_path.encode())
+    if os.path.isdir(args.model_name_or_path):
         for name in sorted(os.listdir(args.model_name_or_path)):
             path = os.path.join(args.model_name_or_path, name)
             if name == "config.json":
                 key.update(open(path, "rb").read())
-            elif name.endswith((".safetensors", ".bin", ".safetensors.index.json")):  # by content, as the data (~12 s for 8B)
+            elif name.endswith((".safetensors", ".bin", ".safetensors.index.json")):  # by content, as the data
                 key.update(f"{name} {common.file_digest(path)}".encode())
-    # (a hub name is keyed by the name alone: delete the cache if that repository changes)
     return key.hexdigest()[:20]
 
 
@@ -327,11 +324,26 @@ def compute_reference_logps():
     return torch.cat(gathered)[: len(lengths)]  # (N, 2), row i = pair i on every rank
 
 
+# The reference is the initial model, so a --resume needs the same one: the initial weights' key (rank 0's: the only
+# rank that reads them) is stored in each checkpoint, and a --model_name_or_path since rewritten with other weights (an
+# SFT run repeated into it) is refused; it used to give the resumed run another reference without a word.
+weights_key = initial_weights_key() if rank == 0 and use_reference else None
+if resume_from:  # (a checkpoint saved before this check has no key: not compared)
+    saved = torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False) if rank == 0 else {}
+    stale = torch.tensor(int(saved.get("reference", weights_key) != weights_key), device=device)
+    dist.broadcast(stale, 0)
+    if stale:
+        raise SystemExit(f"--resume from {resume_from}: {args.model_name_or_path} now holds other weights than the run "
+                         f"started from, its reference model: restore them, or start a new run")
 # Before any checkpoint is loaded, so the model here is the initial one even when resuming. Rank 0 alone reads and
 # writes the cache and tells the others, so a cache on one node's local disk works for a multi-node run.
 ref_logps = None
 if use_reference and not live_reference:
-    cache_path = os.path.join(args.ref_cache_dir, f"{reference_cache_key()}.pt") if rank == 0 else None
+    # keyed by what the reference log-probs depend on: the initial weights, the tokenized pairs (their file's name is a
+    # key of the data, chat template, tokenizer, max length and truncation) and the compute dtype; not the loss, batch
+    # size or world size
+    reference_key = hashlib.sha256(json.dumps([weights_key, os.path.basename(data_stats["path"]), str(mp_policy.param_dtype)]).encode())
+    cache_path = os.path.join(args.ref_cache_dir, f"{reference_key.hexdigest()[:20]}.pt") if rank == 0 else None
     hit = torch.tensor(int(rank == 0 and os.path.exists(cache_path)), device=device)
     dist.broadcast(hit, 0)
     if hit:
@@ -402,7 +414,7 @@ def save_checkpoint(step):
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
     torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if use_cuda else None,
-                "run": run_settings}, os.path.join(path, f"trainer_state_rank{rank}.pt"))
+                "run": run_settings, "reference": weights_key}, os.path.join(path, f"trainer_state_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
         open(os.path.join(path, "done"), "w").close()

@@ -100,8 +100,10 @@ resume_from = common.check_args(parser, args, vars(args), count_or_all=["keep_la
     "per_device_train_batch_size", "eval_batch_size", "max_prompt_length", "vllm_tensor_parallel_size"],
     at_least_zero=["learning_rate", "beta", "weight_decay", "vf_coef", "eval_every", "checkpointing_steps"],
     above_zero=["temperature", "cliprange", "cliprange_value", "self_check_tolerance"], fraction=["gamma", "lam", "vllm_gpu_memory_utilization"])
-if args.algo == "grpo" and args.num_samples_per_prompt < 2:
-    parser.error("GRPO compares samples of one prompt: --num_samples_per_prompt must be >= 2")
+ppo_only = [f"--{name}" for name in ("gamma", "lam", "vf_coef", "cliprange_value") if getattr(args, name) != parser.get_default(name)]
+if args.algo == "grpo" and (args.num_samples_per_prompt < 2 or ppo_only):  # (PPO's flags were silently ignored)
+    parser.error(f"GRPO has no value model: {', '.join(ppo_only)} need --algo ppo" if ppo_only else
+                 "GRPO compares samples of one prompt: --num_samples_per_prompt must be >= 2")
 if args.generator == "vllm" and not importlib.util.find_spec("vllm"):
     parser.error("--generator vllm: vllm does not import here (on a GPU: pip install vllm==0.32.0; or --generator hf)")
 common.require_model_directory(args.model_name_or_path, args.tokenizer_name)
@@ -624,7 +626,5 @@ if rank == 0:
     tokenizer.save_pretrained(args.output_dir)
     print0(f"saved the model to {args.output_dir}")
 dist.barrier()
-if backend == "vllm":  # the engine's shutdown destroys its groups, then torch's default one (vllm/v1/engine/core.py:824-839)
-    llm.llm_engine.engine_core.shutdown()
-else:
-    dist.destroy_process_group()
+# vLLM's engine shutdown destroys its groups, then torch's default one (vllm/v1/engine/core.py:824-839)
+llm.llm_engine.engine_core.shutdown() if backend == "vllm" else dist.destroy_process_group()

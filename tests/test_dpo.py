@@ -174,6 +174,27 @@ def test_resumed_on_one_process_with_live_reference_matches_two_processes_with_c
         assert live[1][key] == pytest.approx(two[1][key], rel=1e-4), key
 
 
+def test_a_resume_refuses_initial_weights_rewritten_since(tiny_model_dir, pairs_data, tmp_path):
+    """The reference is the initial model, read again from --model_name_or_path at a resume. Rewritten since (an SFT
+    run repeated into that directory), it gave the resumed run another reference without a word; now the resume is
+    refused. The same weights written again (a fresh copy) resume."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "sft"
+    shutil.copytree(tiny_model_dir, model)
+    args = ["--model_name_or_path", model, "--dataset_mixer_list", pairs_data, "1.0", "--max_seq_length", 256, "--overlong",
+            "drop", "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 4, "--checkpointing_steps", 1,
+            "--ref_cache_dir", tmp_path / "cache", "--output_dir", tmp_path / "out", *FAST]
+    run_script("dpo.py", *args, "--max_steps", 2)  # checkpoint-1, then the model
+    weights = load_file(model / "model.safetensors")
+    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    result = run_script("dpo.py", *args, "--max_steps", 2, "--resume", check=False)
+    assert result.returncode != 0 and f"now holds other weights than the run started from" in result.stderr, result.stderr[-2000:]
+    assert "resumed from" not in result.stdout
+    shutil.copytree(tiny_model_dir, model, dirs_exist_ok=True)
+    assert "resumed from" in run_script("dpo.py", *args, "--max_steps", 2, "--resume").stdout
+
+
 GOOD = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
         "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}]}
 BAD_ROWS = [  # (row, the error it must give), all in one file: dpo.py reports every bad row at once

@@ -41,6 +41,14 @@ def test_dpo_label_smoothing_past_one_half_is_refused(tmp_path):
     assert result.returncode == 2 and "--label_smoothing must be in [0, 0.5)" in result.stderr
 
 
+def test_ppo_flags_under_grpo_are_refused(tmp_path):
+    """--gamma, --lam, --vf_coef, --cliprange_value set PPO's value model and GAE: under GRPO they did nothing, silently."""
+    result = run_script("rlvr.py", "--lam", 0.9, "--vf_coef", 0.5, "--model_name_or_path", tmp_path / "none", check=False)
+    assert result.returncode == 2 and "GRPO has no value model: --lam, --vf_coef need --algo ppo" in result.stderr
+    result = run_script("rlvr.py", "--num_samples_per_prompt", 1, "--model_name_or_path", tmp_path / "none", check=False)
+    assert result.returncode == 2 and "--num_samples_per_prompt must be >= 2" in result.stderr
+
+
 def test_a_new_run_does_not_take_over_an_earlier_runs_checkpoints(tiny_model_dir, sft_data, tmp_path):
     """Before: a new run into a used --output_dir sorted its checkpoints in with the old run's and deleted its own first;
     a later --resume continued the OLD run. Now the new run is refused, and so is --resume with nothing to resume."""
