@@ -348,6 +348,34 @@ def file_digest(path):
     return digest.hexdigest()
 
 
+def weights_key(model_name_or_path):
+    """A model's identity: its config and each weights file's content (file_digest, ~12 s for 8B), or a hub name itself
+    (delete what is keyed by it if that repository changes)."""
+    key = hashlib.sha256(model_name_or_path.encode())
+    if os.path.isdir(model_name_or_path):
+        for name in sorted(os.listdir(model_name_or_path)):
+            path = os.path.join(model_name_or_path, name)
+            if name == "config.json":
+                key.update(open(path, "rb").read())
+            elif name.endswith((".safetensors", ".bin", ".safetensors.index.json")):
+                key.update(f"{name} {file_digest(path)}".encode())
+    return key.hexdigest()[:20]
+
+
+def check_resumed_reference(resume_from, initial_key, device):
+    """A --resume reads the initial model again, as its reference (DPO's log-probs, RLVR's KL anchor): it must be the
+    one the run started from. initial_key: weights_key(--model_name_or_path), on rank 0 (the only rank that reads the
+    weights); the stage stores it in each checkpoint as "reference". A directory rewritten since (an SFT run repeated
+    into it) gave the resumed run another reference without a word; now every rank stops. (A checkpoint saved before
+    this check stored no key: not compared.)"""
+    saved = torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False) if initial_key else {}
+    stale = torch.tensor(int(saved.get("reference", initial_key) != initial_key), device=device)
+    torch.distributed.broadcast(stale, 0)
+    if stale:
+        raise SystemExit(f"--resume from {resume_from}: the initial model (the reference) now holds other weights than "
+                         "the run started from: restore them, or start a new run")
+
+
 def source_fingerprint(dataset_mixer_list):
     """What identifies the mixture's data: each local file's path and content (file_digest; a local dataset directory
     by every file in it; a hub dataset by its name: delete the cache if that repository changes), and the weights."""

@@ -288,20 +288,6 @@ def response_logps(model, batch_pairs):
 
 # ----------------------------------------------------------------------------- Reference log-probs
 
-def initial_weights_key():
-    """The initial weights' identity: config + the weights files' contents (~12 s for 8B), or a hub name itself (delete
-    the cache if that repository changes)."""
-    key = hashlib.sha256(args.model_name_or_path.encode())
-    if os.path.isdir(args.model_name_or_path):
-        for name in sorted(os.listdir(args.model_name_or_path)):
-            path = os.path.join(args.model_name_or_path, name)
-            if name == "config.json":
-                key.update(open(path, "rb").read())
-            elif name.endswith((".safetensors", ".bin", ".safetensors.index.json")):  # by content, as the data
-                key.update(f"{name} {common.file_digest(path)}".encode())
-    return key.hexdigest()[:20]
-
-
 def compute_reference_logps():
     """(N, 2) summed log-probs of every pair's chosen and rejected response under the initial model. Each rank scores
     a contiguous slice of the pairs and all_gather joins them; FSDP needs every rank in every forward (each one
@@ -324,17 +310,10 @@ def compute_reference_logps():
     return torch.cat(gathered)[: len(lengths)]  # (N, 2), row i = pair i on every rank
 
 
-# The reference is the initial model, so a --resume needs the same one: the initial weights' key (rank 0's: the only
-# rank that reads them) is stored in each checkpoint, and a --model_name_or_path since rewritten with other weights (an
-# SFT run repeated into it) is refused; it used to give the resumed run another reference without a word.
-weights_key = initial_weights_key() if rank == 0 and use_reference else None
-if resume_from:  # (a checkpoint saved before this check has no key: not compared)
-    saved = torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False) if rank == 0 else {}
-    stale = torch.tensor(int(saved.get("reference", weights_key) != weights_key), device=device)
-    dist.broadcast(stale, 0)
-    if stale:
-        raise SystemExit(f"--resume from {resume_from}: {args.model_name_or_path} now holds other weights than the run "
-                         f"started from, its reference model: restore them, or start a new run")
+# The reference is the initial model, so a --resume needs the same one (rank 0 reads and keys the weights)
+weights_key = common.weights_key(args.model_name_or_path) if rank == 0 and use_reference else None
+if resume_from:
+    common.check_resumed_reference(resume_from, weights_key, device)
 # Before any checkpoint is loaded, so the model here is the initial one even when resuming. Rank 0 alone reads and
 # writes the cache and tells the others, so a cache on one node's local disk works for a multi-node run.
 ref_logps = None

@@ -218,6 +218,7 @@ policy = build_fsdp_model(AutoModelForCausalLM, config)
 optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=use_cuda)
 # The frozen reference only serves the KL term: with --beta 0 it is not even built.
 reference = build_fsdp_model(AutoModelForCausalLM, config).requires_grad_(False) if args.beta > 0 else None
+weights_key = common.weights_key(args.model_name_or_path) if rank == 0 and reference else None  # a --resume needs the same
 value_model = value_optimizer = None
 if args.algo == "ppo":  # Tulu 3 initializes the value model from a reward model; we start from the policy's backbone
     value_config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1)
@@ -407,7 +408,7 @@ def save_checkpoint(step):
     """Policy (and value model) + optimizer shards via DCP; the step and every rank's RNG state beside them."""
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     dcp.save(training_state(), checkpoint_id=path)
-    torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "run": vars(args)}, os.path.join(path, f"trainer_state_rank{rank}.pt"))
+    torch.save(dict(step=step, cpu_rng=torch.get_rng_state(), run=vars(args), reference=weights_key), f"{path}/trainer_state_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
         open(os.path.join(path, "done"), "w").close()
@@ -418,6 +419,7 @@ def save_checkpoint(step):
 
 start_step = 0
 if resume_from:
+    common.check_resumed_reference(resume_from, weights_key, device)
     state = training_state()
     dcp.load(state, checkpoint_id=resume_from)
     for name, (model, opt) in models.items():
@@ -529,7 +531,7 @@ for step in progress:
 
     # --- policy (and value) updates: num_epochs x num_mini_batches optimizer steps ---------------------------------------
     per_mini = P // args.num_mini_batches  # prompts per mini-batch; mini-batch m = batch positions [m * per_mini, ...)
-    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in ("pg_loss", "vf_loss", "clipped", "entropy", "tokens")}
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in ("pg_loss", "vf_loss", "clip_frac", "entropy", "tokens")}
     first_ratio, grad_norms, value_grad_norms = None, [], []
     for epoch in range(args.num_epochs):
         for m in range(args.num_mini_batches):
@@ -567,9 +569,9 @@ for step in progress:
                     (args.vf_coef * vf_losses.sum() * loss_scale).backward()
                     sums["vf_loss"] += vf_losses.sum().detach()
                 sums["pg_loss"] += pg_losses.sum().detach()
-                sums["clipped"] += (clipped > unclipped).sum()  # tokens whose gradient the clip stops (as open-instruct, TRL)
+                sums["clip_frac"] += (clipped > unclipped).sum()  # tokens whose gradient the clip stops (as open-instruct, TRL)
                 sums["entropy"] += entropy.sum()
-                sums["tokens"] += len(logps)
+                sums["tokens"] += len(logps)  # the step's policy-forward tokens (all epochs, mini-batches, ranks): per-token means
                 ratio_sum += ratio.sum().detach()
             if first_ratio is None:  # before any update of this rollout: exactly 1 when old_logps are recomputed
                 dist.all_reduce(ratio_sum)
@@ -596,13 +598,11 @@ for step in progress:
                 "score": sum(sc for _, sc, _ in everything) / len(everything)}
     metrics |= {f"accuracy/{name}": sum(sc == 1 for d, sc, _ in everything if d == name) / sum(d == name for d, _, _ in everything)
                 for name in sorted({d for d, _, _ in everything})}
-    n_tokens = sums["tokens"]  # policy-forward tokens of the step (all epochs, mini-batches and ranks): what pg_loss etc. average over
     metrics |= {"response_length": sums["response_tokens"] / len(everything), "finished": sums["finished"] / len(everything),
-                "kl": sums["kl"] / sums["response_tokens"], "ratio_mean": first_ratio, "clip_frac": sums["clipped"] / n_tokens,
-                "entropy": sums["entropy"] / n_tokens, "pg_loss": sums["pg_loss"] / n_tokens, "lr": lr,
-                "grad_norm": sum(grad_norms) / len(grad_norms), "tokens_per_sec": sums["response_tokens"] / (time.time() - step_start)}
-    if value_model is not None:
-        metrics |= {"vf_loss": sums["vf_loss"] / n_tokens, "value_grad_norm": sum(value_grad_norms) / len(value_grad_norms)}
+                "kl": sums["kl"] / sums["response_tokens"], "ratio_mean": first_ratio, "lr": lr, "grad_norm": sum(grad_norms) / len(grad_norms),
+                "tokens_per_sec": sums["response_tokens"] / (time.time() - step_start)}
+    metrics |= {name: sums[name] / sums["tokens"] for name in ("clip_frac", "entropy", "pg_loss") + ("vf_loss",) * bool(value_model)}
+    metrics |= {"value_grad_norm": sum(value_grad_norms) / len(value_grad_norms)} if value_model else {}
     if args.save_rollouts:
         rows = gather([{"step": step + 1, "rank": rank, **{k: v.tolist() if torch.is_tensor(v) else v for k, v in s.items()
                                                            if k not in ("input_ids", "labels")}} for s in samples])

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import statistics
 
 import pytest
@@ -259,6 +260,25 @@ def test_resume_logs_the_same_metrics(tiny_model_dir, rlvr_data, tmp_path):
     rollouts = [[json.loads(line) for line in open(tmp_path / run / "rollouts.jsonl")] for run in ("full", "fresh")]
     assert [r["step"] for r in rollouts[0]] == [r["step"] for r in rollouts[1]]  # step 3 not logged twice
     assert [r["response"] for r in rollouts[0]] == [r["response"] for r in rollouts[1]]
+
+
+def test_a_resume_refuses_a_reference_rewritten_since(tiny_model_dir, rlvr_data, tmp_path):
+    """The KL's reference is the initial model, read again from --model_name_or_path at a resume: rewritten since (an SFT
+    run repeated into it), it anchored the resumed run to other weights without a word. Now refused; the same weights
+    written again (a fresh copy) resume."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "sft"
+    shutil.copytree(tiny_model_dir, model)
+    args = ["--model_name_or_path", model, "--dataset_mixer_list", rlvr_data, "1.0", "--eval_every", 0, "--max_steps", 2,
+            "--checkpointing_steps", 1, "--output_dir", tmp_path / "out", "--dataset_local_cache_dir", tmp_path / "cache", *FAST]
+    run_script("rlvr.py", *args)
+    weights = load_file(model / "model.safetensors")
+    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+    result = run_script("rlvr.py", *args, "--resume", check=False)
+    assert result.returncode != 0 and "the initial model (the reference) now holds other weights" in result.stderr, result.stderr[-2000:]
+    shutil.copytree(tiny_model_dir, model, dirs_exist_ok=True)
+    assert "resumed from" in run_script("rlvr.py", *args, "--resume").stdout
 
 
 def test_prompt_is_every_turn_up_to_the_last_user_turn(tiny_model_dir, tokenizer, tmp_path):
