@@ -189,17 +189,16 @@ def dpo_example(where, row):
     pair = preference_pair(where, row)
     chosen, rejected = tokenize(pair)
     reasons = ("special text",) if any(special_text.search(m["content"]) for side in pair for m in side) else ()
-    if max(len(chosen[0]), len(rejected[0])) > args.max_seq_length:
-        if args.overlong == "drop":
-            return reasons + ("overlong",), None
-        chosen, rejected = [(ids[: args.max_seq_length], labels[: args.max_seq_length]) for ids, labels in (chosen, rejected)]
-        reasons += ("truncated",)
+    truncated = max(len(chosen[0]), len(rejected[0])) > args.max_seq_length
+    if truncated and args.overlong == "drop":
+        return reasons + ("overlong",), None
+    chosen, rejected = [(ids[: args.max_seq_length], labels[: args.max_seq_length]) for ids, labels in (chosen, rejected)]
     if any(all(label == -100 for label in labels[1:]) for _, labels in (chosen, rejected)):  # a response truncated away
         return reasons + ("untrained",), None
     if chosen == rejected:  # the same response (or the same after the cut): no preference, its margin is 0 for any
         return reasons + ("identical",), None  # policy; open-instruct trains it at loss ln 2 with zero gradient
-    return reasons, {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
-                    "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}
+    columns = {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1], "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}
+    return reasons + ("truncated",) * truncated, columns  # (a pair dropped after the cut is counted there only)
 
 
 # Tokenized once per machine into a memory-mapped Arrow file, which every later run, rank and --resume reads:

@@ -122,13 +122,13 @@ def sft_example(where, row):
         raise ValueError(f"{where}: field 'messages' has no assistant turn to train on")
     input_ids, labels = common.tokenize_conversation(tokenizer, row["messages"])
     reasons = ("special text",) if any(special_text.search(m["content"]) for m in row["messages"]) else ()
-    if len(input_ids) > args.max_seq_length:
-        if args.overlong == "drop":
-            return reasons + ("overlong",), None
-        input_ids, labels, reasons = input_ids[: args.max_seq_length], labels[: args.max_seq_length], reasons + ("truncated",)
+    truncated = len(input_ids) > args.max_seq_length
+    if truncated and args.overlong == "drop":
+        return reasons + ("overlong",), None
+    input_ids, labels = input_ids[: args.max_seq_length], labels[: args.max_seq_length]
     if all(label == -100 for label in labels[1:]):  # the first label is never a target (nothing predicts it)
         return reasons + ("untrained",), None
-    return reasons, {"input_ids": input_ids, "labels": labels}
+    return reasons + ("truncated",) * truncated, {"input_ids": input_ids, "labels": labels}  # (a row dropped: counted there only)
 
 
 # Tokenized once per machine into a memory-mapped Arrow file, which every later run, rank and --resume reads:

@@ -246,7 +246,8 @@ def test_overlong_pairs_are_truncated_by_default_and_counted(tiny_model_dir, tmp
                         "--max_seq_length", 64, "--per_device_train_batch_size", 1,
                         "--gradient_accumulation_steps", 1, "--max_steps", 1, "--output_dir", tmp_path / "out",
                         "--ref_cache_dir", tmp_path / "cache", *FAST)
-    assert ("10 rows -> 7 pairs (0 dropped with a side longer than 64 tokens, 3 truncated, "
+    # (truncated: the pairs kept so; the two dropped after the cut were counted there too, as if trained truncated)
+    assert ("10 rows -> 7 pairs (0 dropped with a side longer than 64 tokens, 1 truncated, "
             "1 dropped with a response truncated away, 2 with identical responses, 1 with a special token's text in a "
             "message") in result.stdout
 

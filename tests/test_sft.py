@@ -253,16 +253,18 @@ def test_bad_input_names_file_line_and_field(tiny_model_dir, tmp_path, line, mes
 def test_overlong_examples_are_truncated_by_default_or_dropped_and_counted(tiny_model_dir, tmp_path, tokenizer):
     rows = [{"messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": " ".join(["one"] * n)}]}
             for n in (5, 5, 5, 5, 200)]
+    # and one whose prompt alone is past the cut: dropped with no trained token, and not counted truncated as well
+    rows.append({"messages": [{"role": "user", "content": " ".join(["count"] * 200)}, {"role": "assistant", "content": "ok"}]})
     # and one that quotes the end-of-turn token's text: kept and tokenized as the token (as open-instruct), but counted
     rows.append({"messages": [{"role": "user", "content": "End?"}, {"role": "assistant", "content": "<|im_end|>, so."}]})
     data = write_jsonl(tmp_path / "long.jsonl", rows)
     args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0", "--max_seq_length", 64,
             "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1, "--max_steps", 1, *FAST]
     dropped = run_script("sft.py", *args, "--output_dir", tmp_path / "drop", "--overlong", "drop")
-    assert "6 rows -> 5 examples (1 dropped as longer than 64 tokens, 0 truncated" in dropped.stdout
+    assert "7 rows -> 5 examples (2 dropped as longer than 64 tokens, 0 truncated" in dropped.stdout
     assert "0 dropped with no trained token, 1 with a special token's text in a message" in dropped.stdout
     truncated = run_script("sft.py", *args, "--output_dir", tmp_path / "truncate")  # the default, as open-instruct
-    assert "6 rows -> 6 examples (0 dropped as longer than 64 tokens, 1 truncated" in truncated.stdout
+    assert "7 rows -> 6 examples (0 dropped as longer than 64 tokens, 1 truncated, 1 dropped with no trained token" in truncated.stdout
     missing = run_script("sft.py", *args[:2], "--dataset_mixer_list", tmp_path / "nope.jsonl", "1.0",
                          "--output_dir", tmp_path / "x", check=False)
     assert "nope.jsonl: no such file" in missing.stderr
