@@ -15,8 +15,8 @@ the rule independent of both and of any model's vocabulary.) A test prompt of fe
 can never be matched: it counts as unmatched.
 
 Training prompts: each user turn on its own (as open-instruct indexes one document per user message), from `messages`
-(SFT, RLVR) or `chosen` (DPO), or a DPO row's `prompt` when `chosen` holds the response alone; a row is removed when
-any of its user turns overlaps. Cleaned files keep the original lines byte for byte (read and written as bytes, split
+(SFT, RLVR; an SFT row without a user turn: its system turns) or `chosen` (DPO), or a DPO row's `prompt` when `chosen`
+holds the response alone; a row is removed when any of its prompts overlaps. Cleaned files keep the original lines byte for byte (read and written as bytes, split
 on "\n" only, as the stages read them), in order. The run is deterministic and idempotent.
 """
 import argparse
@@ -71,8 +71,9 @@ def overlapped(train_text, eval_ngrams, index, n, threshold):
 
 
 def prompt_turns(row, where):
-    """The prompts of a training row, one per user turn: of `messages` (SFT, RLVR) or `chosen` (DPO); a DPO row whose
-    `chosen` is the response alone takes them from `prompt` (a string, or a message list)."""
+    """The prompts of a training row, one per user turn: of `messages` (SFT, RLVR; with no user turn, its system
+    turns) or `chosen` (DPO); a DPO row whose `chosen` is the response alone takes them from `prompt` (a string, or a
+    message list)."""
     for field in ("messages", "chosen", "prompt"):  # SFT / RLVR rows, then DPO rows
         if field not in row:
             continue
@@ -82,7 +83,9 @@ def prompt_turns(row, where):
         user_turns = [m["content"] for m in row[field] if m["role"] == "user"]
         if user_turns:
             return user_turns
-        if field != "chosen" or "prompt" not in row:
+        if field == "messages":  # an SFT row with no user turn (sft.py trains it): its system turns prompt the reply
+            return [m["content"] for m in row[field] if m["role"] == "system"]
+        if field != "chosen" or "prompt" not in row:  # (dpo.py refuses a preference with no prompt too)
             raise ValueError(f"{where}: field '{field}' has no user turn to take the prompt from")
     raise ValueError(f"{where}: no prompt found: expected field 'messages', 'prompt' or 'chosen'")
 

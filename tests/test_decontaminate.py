@@ -190,6 +190,10 @@ def test_bad_rows_name_file_and_line(tmp_path, monkeypatch):
         decontaminate.prompt_turns({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}, "f.jsonl:7")
     with pytest.raises(ValueError, match=r"f\.jsonl:2: field 'chosen' has no user turn"):
         decontaminate.prompt_turns({"chosen": [{"role": "assistant", "content": "a"}]}, "f.jsonl:2")
+    # an SFT row with no user turn, which sft.py trains (it stopped the whole run): its system turns are its prompt
+    system = [{"role": "system", "content": "Solve: 2 + 2"}, {"role": "assistant", "content": "4"}]
+    assert decontaminate.prompt_turns({"messages": system}, "f.jsonl:3") == ["Solve: 2 + 2"]
+    assert decontaminate.prompt_turns({"messages": system[1:]}, "f.jsonl:4") == []
     path = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "fine"}]},
                                                 {"text": "no prompt field here"}])
     monkeypatch.setattr(sys, "argv", [SCRIPT, "--train", path, "--out_dir", str(tmp_path / "out")])
