@@ -600,6 +600,36 @@ def set_chat_template(tokenizer, chat_template):
         raise ValueError("the tokenizer has no eos token: the end of an assistant turn cannot be trained")
 
 
+def generation_config(model_name_or_path):
+    """The model's generation_config.json (its stop ids, sampling defaults), else one derived from its config.json. The
+    stages set it on the model they save: a model built from its config saved a derived one, which lost the ids the
+    source stops at besides config.json's eos (Gemma's <end_of_turn>, Qwen's <|endoftext|>), so eval and RLVR of the
+    trained model generated past them."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_name_or_path)
+    except OSError:
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_name_or_path))
+
+
+def stop_token_ids(tokenizer, model_name_or_path):
+    """The ids generation stops at: the tokenizer's eos and the model's generation_config eos ids (Llama 3's <|eot_id|>).
+    The chat template's end of an assistant turn must be among them, else generation runs on past every turn's end
+    into a made-up next turn, which is scored (a base model's ChatML template ends turns with <|im_end|>, its eos is
+    <|endoftext|>): refused, saying what to do. -> sorted ids."""
+    model_eos = generation_config(model_name_or_path).eos_token_id
+    ids = sorted({tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])} - {None})
+    probe = render(tokenizer, [{"role": "user", "content": "\ue000"}, {"role": "assistant", "content": "\ue001"}])
+    turn_end = tokenizer(probe[probe.index("\ue001") + 1 :].lstrip(), add_special_tokens=False).input_ids[:1]
+    if turn_end and turn_end[0] not in ids:
+        raise ValueError(f"the chat template ends an assistant turn with {tokenizer.decode(turn_end)!r}, which is not "
+                         f"among the model's stop tokens {tokenizer.convert_ids_to_tokens(ids)}: a model would never "
+                         f"stop there; pass --chat_template tulu (its turns end with the eos), or add id {turn_end[0]} "
+                         f"to eos_token_id in {model_name_or_path}/generation_config.json")
+    return ids
+
+
 def tokenizer_fingerprint(tokenizer):
     """What a tokenizer's output depends on (vocabulary, merges, normalization, special tokens), as a hash."""
     key = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode() if tokenizer.is_fast else

@@ -136,6 +136,7 @@ torch.manual_seed(args.seed)
 
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
 common.set_chat_template(tokenizer, args.chat_template)
+common.stop_token_ids(tokenizer, args.model_name_or_path)  # refuses a template whose turns end where the model never stops
 special_text = common.special_token_text(tokenizer)
 
 
@@ -265,6 +266,7 @@ def sharded_model(gradient_checkpointing):
 
 
 model = sharded_model(args.gradient_checkpointing)
+model.generation_config = common.generation_config(args.model_name_or_path)  # saved with it: its stop ids, as given
 # --no_cache_ref: the reference is a second, frozen copy of the initial model (twice the weights, a forward per step)
 use_reference = args.loss_type != "simpo"  # SimPO needs no reference model at all
 live_reference = args.no_cache_ref and use_reference

@@ -264,11 +264,7 @@ def generate(model_path):
     prompts = [prompt_text(tokenizer, task, example) for task, example in jobs]
     prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
     max_new = [args.max_new_tokens or MAX_NEW_TOKENS[task] for task, _ in jobs]
-    try:  # the model may stop on ids besides the tokenizer's eos (e.g. Llama 3's <|eot_id|>)
-        model_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-    except OSError:
-        model_eos = None
-    eos_ids = sorted({tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])} - {None})
+    eos_ids = common.stop_token_ids(tokenizer, model_path)  # the eos and the model's other stop ids (Llama 3's <|eot_id|>)
     mine = list(range(rank, len(jobs), world_size))  # strided, so every rank gets a mix of lengths
     texts, counts = {}, {}  # job index -> response text / number of generated tokens
 

@@ -129,11 +129,7 @@ if P % (args.num_mini_batches * world_size):
 
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
 common.set_chat_template(tokenizer, args.chat_template)
-try:  # the model may stop on ids besides the tokenizer's eos (e.g. Llama 3's <|eot_id|>)
-    model_eos = GenerationConfig.from_pretrained(args.model_name_or_path).eos_token_id
-except OSError:
-    model_eos = None
-eos_ids = sorted({tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])} - {None})
+eos_ids = common.stop_token_ids(tokenizer, args.model_name_or_path)  # the eos and the model's other stop ids (<|eot_id|>)
 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
@@ -215,6 +211,7 @@ def build_fsdp_model(auto_class, config, zero_head=False):
 
 config = AutoConfig.from_pretrained(args.model_name_or_path)
 policy = build_fsdp_model(AutoModelForCausalLM, config)
+policy.generation_config = common.generation_config(args.model_name_or_path)  # saved with it: its stop ids, as given
 optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=use_cuda)
 # The frozen reference only serves the KL term: with --beta 0 it is not even built.
 reference = build_fsdp_model(AutoModelForCausalLM, config).requires_grad_(False) if args.beta > 0 else None

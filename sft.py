@@ -112,6 +112,7 @@ torch.manual_seed(args.seed)
 
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
 common.set_chat_template(tokenizer, args.chat_template)
+common.stop_token_ids(tokenizer, args.model_name_or_path)  # refuses a template whose turns end where the model never stops
 special_text = common.special_token_text(tokenizer)
 
 
@@ -174,6 +175,7 @@ attn_implementation = "sdpa" if args.no_padding_free else "packed"
 # in every rank's memory. Rank 0 alone reads the checkpoint and broadcasts it.
 with torch.device("meta"):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
+model.generation_config = common.generation_config(args.model_name_or_path)  # saved with it: its stop ids, as given
 if args.gradient_checkpointing:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 # bf16: compute in bf16, keep fp32 master weights and reduce gradients in fp32 (a CPU with AVX512-BF16 or AMX runs

@@ -304,3 +304,32 @@ def test_the_published_tulu_3_sft_command_parses(tmp_path):
     result = run_script("sft.py", "--model_name_or_path", tmp_path / "no_model", "--dataset_mixer_list",
                         "allenai/tulu-v.3.9-mix-preview-noncommercial", "1.0", *TULU3_SFT_FLAGS, check=False)
     assert "unrecognized arguments" not in result.stderr and "no model directory" in result.stderr, result.stderr[-500:]
+
+
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "rlvr.py"])
+def test_the_saved_model_keeps_the_source_generation_config(script, tiny_model_dir, tmp_path):
+    """Each stage builds its model from config.json and saved the generation_config.json derived from it, which lost
+    the ids the source stops at besides config.json's eos (Gemma's <end_of_turn>, Qwen's <|endoftext|>) and its sampling
+    defaults: eval and RLVR of the trained model then generated past those stops. The source's is saved now."""
+    from transformers import GenerationConfig
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    source = GenerationConfig.from_pretrained(model)
+    GenerationConfig(eos_token_id=[source.eos_token_id, 7], bos_token_id=source.bos_token_id, do_sample=True,
+                     temperature=0.6, top_p=0.9).save_pretrained(model)
+    user = {"role": "user", "content": "What is 2 + 3?"}
+    rows = {"sft.py": [{"messages": [user, {"role": "assistant", "content": "5."}]}] * 4,
+            "dpo.py": [{"chosen": [user, {"role": "assistant", "content": "5."}],
+                        "rejected": [user, {"role": "assistant", "content": "6."}]}] * 4,
+            "rlvr.py": [{"messages": [user], "ground_truth": "5", "dataset": "gsm8k"}] * 4}[script]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    stage = {"sft.py": ["--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1],
+             "dpo.py": ["--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1, "--ref_cache_dir", tmp_path / "ref"],
+             "rlvr.py": ["--num_unique_prompts_rollout", 2, "--num_samples_per_prompt", 2, "--response_length", 4,
+                         "--eval_every", 0]}[script]
+    run_script(script, "--model_name_or_path", model, "--dataset_mixer_list", data, "1.0", "--max_steps", 1,
+               "--preprocessing_num_workers", 1, "--dataset_local_cache_dir", tmp_path / "cache", *stage,
+               "--output_dir", tmp_path / "out")
+    saved = GenerationConfig.from_pretrained(tmp_path / "out")
+    assert (saved.eos_token_id, saved.do_sample, saved.temperature, saved.top_p) == ([source.eos_token_id, 7], True, 0.6, 0.9)

@@ -103,3 +103,31 @@ def test_an_opening_assistant_turn_is_trained_without_what_the_template_puts_bef
     input_ids, labels = common.tokenize_conversation(tokenizer, messages)
     eos = tokenizer.eos_token
     assert trained_text(tokenizer, input_ids, labels) == [m["content"] + eos for m in messages if m["role"] == "assistant"]
+
+
+def test_a_template_whose_turns_end_where_the_model_never_stops_is_refused(tokenizer, tiny_model_dir, tmp_path):
+    """A base model's ChatML template ends an assistant turn with <|im_end|> while its eos is <|endoftext|>: trained so,
+    the model ends its turns with a token generation does not stop at, and eval / RLVR ran on into a made-up next turn,
+    which was scored. Refused, unless the model's generation_config stops there too; the Tulu template (turns end with
+    the eos) passes."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    base = copy.deepcopy(tokenizer)  # (the fixture: SmolLM2's ChatML template, eos <|im_end|>)
+    base.eos_token = "<|endoftext|>"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    assert common.stop_token_ids(tokenizer, str(model)) == [tokenizer.eos_token_id]
+    GenerationConfig(eos_token_id=base.eos_token_id).save_pretrained(model)  # the base model's: <|endoftext|> alone
+    with pytest.raises(ValueError, match=r"the chat template ends an assistant turn with '<\|im_end\|>', which is not among "
+                                         r"the model's stop tokens \['<\|endoftext\|>'\]: .* pass --chat_template tulu"):
+        common.stop_token_ids(base, str(model))
+    GenerationConfig(eos_token_id=[base.eos_token_id, tokenizer.eos_token_id]).save_pretrained(model)
+    assert common.stop_token_ids(base, str(model)) == sorted([base.eos_token_id, tokenizer.eos_token_id])
+    GenerationConfig(eos_token_id=base.eos_token_id).save_pretrained(model)
+    common.set_chat_template(base, "tulu")
+    assert common.stop_token_ids(base, str(model)) == [base.eos_token_id]
+    # no generation_config.json: config.json's eos ids (the stop ids were the tokenizer's eos alone)
+    (model / "generation_config.json").unlink()
+    assert common.stop_token_ids(base, str(model)) == sorted([base.eos_token_id, tokenizer.eos_token_id])
