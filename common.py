@@ -16,6 +16,8 @@ import multiprocessing
 import os
 import re
 import select
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -91,6 +93,18 @@ def check_args(parser, args, run_settings, **ranges):
     if changed:
         parser.error(f"--resume from {resume_from}: this run differs from the checkpointed one in " + "; ".join(changed))
     return resume_from
+
+
+def prune_checkpoints(output_dir, keep):
+    """After a checkpoint is complete (its `done` written; rank 0): keep the newest `keep` complete ones (-1: all), and
+    delete the others and every incomplete one (a save killed midway, by this run or an earlier one). Counted among
+    the newest before, an incomplete checkpoint of a higher step left by a killed run outlived the complete ones: the
+    run deleted the checkpoint it had just written, and a later --resume auto started over from step 0. A name that
+    is not checkpoint-N (a copy, "checkpoint-2.bak") is left alone; it stopped the run at its first save."""
+    found = [d for d in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", d)]
+    complete = sorted((d for d in found if os.path.exists(os.path.join(output_dir, d, "done"))), key=lambda d: int(d[11:]))
+    for name in [d for d in found if d not in complete] + (complete[:-keep] if keep > 0 else []):
+        shutil.rmtree(os.path.join(output_dir, name))
 
 
 # flags a resumed run may change: where and how it logs and saves, how fast it tokenizes, how it splits a global batch
@@ -421,24 +435,28 @@ def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num
     long_wait_group = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         os.makedirs(cache_dir, exist_ok=True)
-        lock = path + ".lock"
-        # Until the file is complete: build it if no one else is, else wait. A lock that goes away with no file means
-        # its builder failed (bad rows, say): we take over, and so report that error ourselves, where waiting for the
-        # file (as before) waited forever for a lock that was no longer there.
+        # Until the file is complete: build it if no one else is, else wait. The lock is flock()'s, which the kernel
+        # releases when its holder dies: a builder killed by SIGKILL or SIGTERM (a preempted job) left a lock file that
+        # made every later run wait forever. Where the filesystem has no flock, builders may race: each writes a temp
+        # file of its own and renames it into place, the same content, so that is only work done twice.
         complete = lambda: os.path.exists(path) and os.path.exists(path + ".json")  # (a deleted .arrow is rebuilt)
-        while not complete():
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # whoever creates the lock builds the file
-            except FileExistsError:  # another run, or machine (shared filesystem), builds it, or died doing so
-                print(f"waiting for {lock} (delete it if the run that made it died)", flush=True)
-                time.sleep(10)
-                continue
-            try:
-                if not complete():  # not completed between our check and our lock
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            fcntl = None
+        with open(path + ".lock", "a") as lock:
+            while not complete():
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # another run, or machine (shared filesystem), builds it
+                    print(f"waiting for {path}: another run is tokenizing this data", flush=True)
+                    time.sleep(10)
+                    continue
+                except (OSError, AttributeError):  # no flock on this filesystem (ENOLCK, ENOSYS) or system: build
+                    pass
+                if not complete():  # not completed between our check and our lock (a builder that failed left none)
                     _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets)
-            finally:
-                os.close(fd)
-                os.remove(lock)
+        # (closing the file released the lock)
     built = int(os.environ.get("LOCAL_RANK", 0)) == 0 and os.path.exists(path + ".built_by") and \
         open(path + ".built_by").read() == str(os.getpid())
     torch.distributed.barrier(group=long_wait_group)
@@ -446,7 +464,14 @@ def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num
     with open(path + ".json") as f:
         stats = json.load(f)
     how = f"tokenized in {stats['seconds']:.0f} s into" if built else "reused the tokenization in"
-    return *_memory_mapped_reader(path, columns), stats | {"path": path, "how": how}
+    try:  # a file cut short (a copy interrupted, a crash before the disk had it) at a batch boundary read as fewer rows
+        read, lengths = _memory_mapped_reader(path, columns)
+    except (OSError, ValueError) as e:  # (pyarrow's ArrowInvalid is a ValueError)
+        raise ValueError(f"{path}: the stored tokenization is damaged ({e}): delete it and its .json to rebuild it") from None
+    if len(lengths) != stats["kept"]:
+        raise ValueError(f"{path}: the stored tokenization is damaged ({len(lengths)} of its {stats['kept']} examples): "
+                         "delete it and its .json to rebuild it")
+    return read, lengths, stats | {"path": path, "how": how}
 
 
 def _memory_mapped_reader(path, columns):
@@ -481,6 +506,7 @@ def _memory_mapped_reader(path, columns):
 
 def _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets):
     start = time.time()
+    temp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # this builder's own (another may build at once)
     counts, bad_rows, kept, rows_read = collections.Counter(), [], 0, 0
     rows = iter_mixture(dataset_mixer_list)
     # The workers call make_example, a function of the stage script (__main__) with the tokenizer it closes over, which
@@ -512,7 +538,7 @@ def _build_tokenized(path, dataset_mixer_list, make_example, columns, num_worker
                     features = datasets.Features({name: datasets.Value("string") if isinstance(example[name], str) else
                                                   datasets.Sequence(datasets.Value("int32")) for name in columns}
                                                  | {"length": datasets.Value("int32")})
-                    writer = ArrowWriter(features=features, path=path + ".tmp")
+                    writer = ArrowWriter(features=features, path=temp)
                 if len(batch["length"]) == 1000:
                     writer.write_batch(batch)
                     batch = {name: [] for name in batch}
@@ -527,21 +553,23 @@ def _build_tokenized(path, dataset_mixer_list, make_example, columns, num_worker
             writer.write_batch(batch)
         writer.finalize()
     except BaseException:
-        if writer is not None:
-            writer.close()
-            os.remove(path + ".tmp")  # nothing half-made is left behind
+        try:
+            writer is not None and writer.close()  # (on a full disk this raises again)
+        finally:
+            if os.path.exists(temp):
+                os.remove(temp)  # nothing half-made is left behind
         raise
     finally:
         if pool:
             pool.terminate()
     writer.close()
-    os.replace(path + ".tmp", path)
+    os.replace(temp, path)
     with open(path + ".built_by", "w") as f:  # so the builder can say it built it (and a test can tell)
         f.write(str(os.getpid()))
     stats = {"rows": rows_read, "kept": kept, "counts": dict(counts), "seconds": time.time() - start}
-    with open(path + ".json.tmp", "w") as f:  # written last: its presence means the file is complete
+    with open(temp + ".json", "w") as f:  # written last: its presence means the file is complete
         json.dump(stats, f)
-    os.replace(path + ".json.tmp", path + ".json")
+    os.replace(temp + ".json", path + ".json")
 
 
 def _make_example_star(task):

@@ -20,7 +20,6 @@ import collections
 import json
 import math
 import os
-import shutil
 import time
 
 import torch
@@ -229,9 +228,7 @@ def save_checkpoint(step):
     dist.barrier()
     if rank == 0:
         open(os.path.join(path, "done"), "w").close()
-        finished = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
-        for old in finished[: -args.keep_last_n_checkpoints] if args.keep_last_n_checkpoints > 0 else []:  # (-1: all)
-            shutil.rmtree(os.path.join(args.output_dir, old))
+        common.prune_checkpoints(args.output_dir, args.keep_last_n_checkpoints)
 
 
 start_step = 0

@@ -67,7 +67,7 @@ def test_stored_tokens_and_labels_equal_direct_tokenization_and_are_reused(tiny_
     resumed = run_script("sft.py", *args[:-12], "--max_steps", 3, *args[-10:], "--output_dir", tmp_path / "a", "--resume")
     assert "reused the tokenization in" in resumed.stdout and stored_path(resumed.stdout) == path
     assert os.stat(path).st_mtime_ns == mtime and sorted(os.listdir(cache)) == sorted(
-        os.path.basename(path) + suffix for suffix in ("", ".json", ".built_by"))
+        os.path.basename(path) + suffix for suffix in ("", ".json", ".built_by", ".lock"))
     # a different max length is a different tokenization
     other = run_script("sft.py", *[a if a != 256 else 512 for a in args], "--output_dir", tmp_path / "c")
     assert "tokenized in" in other.stdout and stored_path(other.stdout) != path
@@ -357,31 +357,73 @@ def _keep_row(where, row):
 def test_a_run_waiting_for_a_build_that_failed_builds_itself(tmp_path, monkeypatch):
     """Two runs share a cache dir; the one building fails (bad rows) and releases its lock without a file. The other,
     waiting for that file, used to wait forever ("waiting for ....lock") for a lock that no longer existed; now it takes
-    over, builds, and so reports the error itself (here the build succeeds: the failure was the other run's)."""
+    over, builds, and so reports the error itself (here the build succeeds: the failure was the other run's). And a
+    lock file left by a builder that was killed (SIGKILL, or SIGTERM: a preempted job, whose `finally` never ran) made
+    every later run wait forever; the lock is flock()'s now, which dies with its holder: nobody waits for it."""
+    import fcntl
+
     import torch.distributed as dist
 
     data = write_jsonl(tmp_path / "rows.jsonl", [{"i": i} for i in range(3)])
     cache, mixture, key, columns = tmp_path / "cache", [data, "1.0"], ["test"], ["input_ids", "text"]
     digest = hashlib.sha256(json.dumps([common.source_fingerprint(mixture), key, columns]).encode()).hexdigest()[:20]
     cache.mkdir()
-    lock = cache / f"{digest}.arrow.lock"
-    lock.write_text("")  # the other run, building
+    lock_path = cache / f"{digest}.arrow.lock"
+    lock_path.write_text("")  # left by a killed builder: no one holds it
     waits = []
 
-    def sleep(seconds):  # the other run fails while we wait: its lock goes, and no file comes
+    def wait(seconds):
         waits.append(seconds)
-        assert len(waits) < 3, "still waiting for a lock that is gone"
-        if lock.exists():
-            lock.unlink()
+        assert len(waits) < 3, "waiting for a lock that no one holds"
 
-    monkeypatch.setattr(common.time, "sleep", sleep)
+    monkeypatch.setattr(common.time, "sleep", wait)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
+        read, lengths, stats = common.tokenize_once(mixture, _keep_row, columns, key, str(cache), num_workers=1)
+        assert waits == [] and stats["how"].startswith("tokenized in") and list(lengths) == [3, 3, 3]
+        assert [r["text"] for r in read(range(3))] == [f"{data}:{i}" for i in (1, 2, 3)]
+
+        for name in os.listdir(cache):  # the other run builds (it holds the lock), then fails: no file comes
+            if not name.endswith(".lock"):
+                os.remove(cache / name)
+        other = open(lock_path, "a")
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+        def sleep(seconds):
+            waits.append(seconds)
+            assert len(waits) < 3, "still waiting for a lock that is gone"
+            other.close()  # the other run's failure released its lock
+
+        monkeypatch.setattr(common.time, "sleep", sleep)
         read, lengths, stats = common.tokenize_once(mixture, _keep_row, columns, key, str(cache), num_workers=1)
     finally:
         dist.destroy_process_group()
     assert len(waits) == 1 and stats["how"].startswith("tokenized in") and list(lengths) == [3, 3, 3]
-    assert [r["text"] for r in read(range(3))] == [f"{data}:{i}" for i in (1, 2, 3)] and not lock.exists()
+
+
+def test_a_damaged_stored_tokenization_is_refused_naming_the_file(tiny_model_dir, tmp_path):
+    """An Arrow file cut at a record batch boundary (a copy interrupted, a crash before the disk had it all) read as
+    fewer rows, and the run trained on them without a word; cut elsewhere, it failed with pyarrow's "Expected to be able
+    to read ... bytes", naming no file."""
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"messages": [m for m in conversation(i) if m]} for i in range(2500)])
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0", "--max_steps", 1,
+            "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1,
+            "--dataset_local_cache_dir", tmp_path / "cache", *FAST]
+    path = stored_path(run_script("sft.py", *args, "--output_dir", tmp_path / "one").stdout)
+    import pyarrow as pa
+
+    reader = pa.ipc.open_stream(pa.memory_map(path))  # 3 batches of <= 1000 rows: keep the first two
+    batches = [reader.read_next_batch(), reader.read_next_batch()]
+    with pa.OSFile(path + ".cut", "wb") as sink, pa.ipc.new_stream(sink, reader.schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    os.replace(path + ".cut", path)
+    result = run_script("sft.py", *args, "--output_dir", tmp_path / "two", check=False)
+    assert result.returncode != 0 and f"{path}: the stored tokenization is damaged (2000 of its 2500 examples)" in result.stderr
+    with open(path, "r+b") as f:  # cut inside a batch
+        f.truncate(os.path.getsize(path) // 2)
+    result = run_script("sft.py", *args, "--output_dir", tmp_path / "three", check=False)
+    assert result.returncode != 0 and f"{path}: the stored tokenization is damaged (" in result.stderr
 
 
 # ----------------------------------------------------------------------------- found by a review (2026-12-06)

@@ -131,3 +131,20 @@ def test_resume_auto_starts_a_run_or_resumes_it(tmp_path):
         common.check_args(parser, args("auto"), {"lr": 2e-3})
     with pytest.raises(SystemExit):  # and a new run without --resume is refused
         common.check_args(parser, args(None), {"lr": 1e-3})
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints_and_drops_incomplete_ones(tmp_path):
+    """A run killed while saving checkpoint-9 left it without `done`; resumed from checkpoint-6 with
+    --keep_last_n_checkpoints 1, its save of checkpoint-8 kept checkpoint-9 (the highest step) and deleted checkpoint-6
+    and checkpoint-8 itself: nothing complete was left, and a later --resume auto started over from step 0. A stray
+    checkpoint-2.bak stopped the run at its first save (int('2.bak'))."""
+    for name in ("checkpoint-6", "checkpoint-8", "checkpoint-9", "checkpoint-2.bak", "checkpoint-10"):
+        os.makedirs(tmp_path / name)
+    for name in ("checkpoint-6", "checkpoint-8", "checkpoint-10"):
+        (tmp_path / name / "done").write_text("")
+    common.prune_checkpoints(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-2.bak", "checkpoint-8"]
+    common.prune_checkpoints(str(tmp_path), -1)  # -1: every complete one kept
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-2.bak", "checkpoint-8"]
+    common.prune_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-2.bak"]
