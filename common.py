@@ -107,6 +107,29 @@ def prune_checkpoints(output_dir, keep):
         shutil.rmtree(os.path.join(output_dir, name))
 
 
+def start_log(path, resume_step=None):
+    """Start a stage's .jsonl log (metrics.jsonl, rollouts.jsonl): empty, or when resuming at `resume_step`, its lines up
+    to that step, so it reads like one uninterrupted run. A last line cut short (the run was killed writing it) is
+    dropped; it used to stop the resume with a JSONDecodeError naming no file, after the model had loaded. A bad line
+    elsewhere is an error naming file and line. Rewritten whole, then renamed: a kill here leaves the old log."""
+    kept = []
+    if resume_step is not None and os.path.exists(path):
+        with open(path, "rb") as f:
+            lines = f.readlines()
+        for number, line in enumerate(lines, 1):
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                if number == len(lines):
+                    break
+                raise ValueError(f"{path}:{number}: not a log line (a JSON object with a step)") from None
+            if step <= resume_step:
+                kept.append(line.rstrip(b"\n") + b"\n")
+    with open(path + ".tmp", "wb") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 # flags a resumed run may change: where and how it logs and saves, how fast it tokenizes, how it splits a global batch
 # into micro-batches and ranks (the stages store the global batch itself), what memory it uses (a resume after running
 # out of it), and its length (to train on past the planned end: the learning-rate schedule then follows the new

@@ -411,14 +411,9 @@ if resume_from:
     torch.set_rng_state(trainer_state["cpu_rng"])
     if use_cuda:
         torch.cuda.set_rng_state(trainer_state["cuda_rng"])
-    if rank == 0:  # drop metrics logged after the checkpoint, so the file reads like one uninterrupted run
-        with open(metrics_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(kept)
     print0(f"resumed from {resume_from} at step {start_step}")
-elif rank == 0:
-    open(metrics_path, "w").close()
+if rank == 0:  # a new log, or on --resume the lines up to the checkpoint's step: it reads like one uninterrupted run
+    common.start_log(metrics_path, start_step if resume_from else None)
 # --with_tracking: the same metrics also to TensorBoard / W&B
 track = (common.start_tracking(args.report_to, args.output_dir, "dpo", vars(args), start_step)
          if args.with_tracking and rank == 0 else None)

@@ -423,14 +423,9 @@ if resume_from:
     start_step = trainer_state["step"]
     torch.set_rng_state(trainer_state["cpu_rng"])
     print0(f"resumed from {resume_from} at step {start_step}")
-# Start the logs, or on --resume drop the lines logged after the checkpoint, so they read like one uninterrupted run.
+# New logs, or on --resume their lines up to the checkpoint's step, so they read like one uninterrupted run.
 for log_path in ([metrics_path] + ([rollouts_path] if args.save_rollouts else [])) if rank == 0 else []:
-    kept = []
-    if resume_from and os.path.exists(log_path):
-        with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= start_step]
-    with open(log_path, "w") as f:
-        f.writelines(kept)
+    common.start_log(log_path, start_step if resume_from else None)
 
 
 track = common.start_tracking(args.report_to, args.output_dir, "rlvr", vars(args), start_step) if args.with_tracking and rank == 0 else None

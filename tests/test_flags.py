@@ -148,3 +148,19 @@ def test_pruning_keeps_the_newest_complete_checkpoints_and_drops_incomplete_ones
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-2.bak", "checkpoint-8"]
     common.prune_checkpoints(str(tmp_path), 1)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-2.bak"]
+
+
+def test_a_log_restarts_at_the_checkpoint_and_names_a_bad_line(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    lines = [f'{{"step": {step}, "loss": 1.5}}\n' for step in range(1, 6)]
+    open(path, "w").writelines(lines[:4] + [lines[4][:9]])  # step 5's line cut short: the run was killed writing it
+    common.start_log(path, 3)
+    assert open(path).readlines() == lines[:3]
+    common.start_log(path, None)  # a new run: an empty log
+    assert open(path).read() == ""
+    open(path, "w").writelines(lines[:2] + ["oops\n"] + lines[2:])
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:3: not a log line"):
+        common.start_log(path, 4)
+    os.remove(path)
+    common.start_log(path, 4)  # (no log yet: an empty one)
+    assert open(path).read() == ""

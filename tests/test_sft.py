@@ -194,13 +194,14 @@ def test_resume_logs_the_same_losses(tiny_model_dir, sft_data, tmp_path):
             "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 3, *FAST]
     full = tmp_path / "full"
     run_script("sft.py", *args, "--output_dir", full)  # 24 rows / 4 = 6 steps per epoch, 12 steps, checkpoints at 3, 6, 9
-    # An interrupted run: what was on disk after step 7 (checkpoints 3 and 6, metrics through step 7).
+    # An interrupted run: what was on disk after step 7 (checkpoints 3 and 6, metrics through step 7), killed while it
+    # wrote step 8's line (which stopped the resume with a JSONDecodeError naming no file)
     interrupted = tmp_path / "interrupted"
     shutil.copytree(full, interrupted, ignore=shutil.ignore_patterns("checkpoint-9", "*.safetensors"))
     with open(interrupted / "metrics.jsonl") as f:
-        lines = f.readlines()[:7]
+        lines = f.readlines()
     with open(interrupted / "metrics.jsonl", "w") as f:
-        f.writelines(lines)
+        f.writelines(lines[:7] + [lines[7][:40]])
     result = run_script("sft.py", *args, "--output_dir", interrupted, "--resume")
     assert "resumed from" in result.stdout and "checkpoint-6" in result.stdout
     full_metrics, resumed_metrics = read_metrics(full), read_metrics(interrupted)
