@@ -70,7 +70,8 @@ def check_args(parser, args, run_settings, **ranges):
     (`run_settings`: its flags and global batch, which the stage stores in each checkpoint) must be the checkpointed
     run's (check_resumed_run), checked here, before minutes of tokenizing and loading. --resume auto (for a job that
     is requeued with the same command) resumes when there is a complete checkpoint and starts the run when not.
-    -> the newest complete checkpoint (its `done` file written) to resume from, or None."""
+    Rank 0 also takes --output_dir for this run (another run writing there is refused) and deletes an earlier run's
+    final weights there. -> the newest complete checkpoint (its `done` file written) to resume from, or None."""
     errors = [f"--{name} must be {_RANGES[kind][0]}, got {getattr(args, name)}" for kind, names in ranges.items()
               for name in names if getattr(args, name) is not None and not _RANGES[kind][1](getattr(args, name))]
     every = args.checkpointing_steps  # sft.py / dpo.py: "N" or "epoch" (a string); rlvr.py: an int
@@ -78,6 +79,24 @@ def check_args(parser, args, run_settings, **ranges):
         errors.append(f"--checkpointing_steps must be a whole number (0: none) or 'epoch', got {every!r}")
     if errors:
         parser.error("; ".join(errors))
+    for flag in ("output_dir", "dataset_local_cache_dir"):  # (it failed after tokenizing and loading: FileExistsError)
+        if os.path.isfile(getattr(args, flag, "")):
+            parser.error(f"--{flag} {getattr(args, flag)} is a file, not a directory")
+    writer = os.environ.get("RANK", "0") == "0"  # rank 0 writes the outputs
+    if writer and os.path.realpath(args.output_dir) not in _HELD:  # two runs into one --output_dir (a job launched
+        # twice, a requeue while the first still runs) both reported success, their metrics interleaved and their
+        # checkpoints mixed: the first holds this flock until it exits (the kernel releases it however the run ends)
+        os.makedirs(args.output_dir, exist_ok=True)
+        lock = open(os.path.join(args.output_dir, ".run.lock"), "a")
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _HELD[os.path.realpath(args.output_dir)] = lock
+        except BlockingIOError:
+            parser.error(f"another run is writing to {args.output_dir} now: wait for it, or choose another --output_dir")
+        except (ImportError, OSError):  # no flock on this system or filesystem: unguarded, as before
+            pass
     old = [d for d in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", d)] if os.path.isdir(args.output_dir) else []
     if old and not args.resume:
         parser.error(f"{args.output_dir} holds an earlier run's checkpoints ({', '.join(sorted(old))}): --resume "
@@ -85,14 +104,23 @@ def check_args(parser, args, run_settings, **ranges):
     complete = [d for d in old if os.path.exists(os.path.join(args.output_dir, d, "done"))]  # (a save killed midway has none)
     if args.resume == "yes" and not complete:
         parser.error(f"--resume: no complete checkpoint in {args.output_dir} (--resume auto starts a run then)")
-    if not complete:  # (--resume auto with nothing to resume: a new run)
-        return None
-    resume_from = os.path.join(args.output_dir, max(complete, key=lambda d: int(d.split("-")[1])))
-    saved = torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False).get("run")
-    changed = check_resumed_run(saved, run_settings)
-    if changed:
-        parser.error(f"--resume from {resume_from}: this run differs from the checkpointed one in " + "; ".join(changed))
+    resume_from = os.path.join(args.output_dir, max(complete, key=lambda d: int(d[11:]))) if complete else None
+    if resume_from:  # (else a new run; --resume auto with nothing to resume too)
+        saved = torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False).get("run")
+        changed = check_resumed_run(saved, run_settings)
+        if changed:
+            parser.error(f"--resume from {resume_from}: this run differs from the checkpointed one in " + "; ".join(changed))
+    # An earlier run's final model goes now, not when this run saves its own: a run killed before that left the old
+    # weights beside its own metrics, and the next stage trained from them. (Not where the model is read from.)
+    if writer and os.path.realpath(args.output_dir) != os.path.realpath(getattr(args, "model_name_or_path", "")):
+        for name in os.listdir(args.output_dir):
+            if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?", name):
+                os.remove(os.path.join(args.output_dir, name))
+                print(f"{args.output_dir}: removed {name}, an earlier run's (this run saves its own)", flush=True)
     return resume_from
+
+
+_HELD = {}  # the --output_dir locks of this process (by real path): held until it exits
 
 
 def prune_checkpoints(output_dir, keep):
@@ -1790,7 +1818,8 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     if any(len(answer) > _MAX_PARSE_CHARS for answer in answers):  # not a final answer (and not worth normalizing)
         return 0.0
     # "\\frac{20000}{\\pi} \\approx 6366.2": the exact value before a decimal approximation is the answer
-    answers = list(dict.fromkeys(re.sub(r"\\approx\s*-?[\d.,]+\s*$", "", answer) for answer in answers))
+    # (before the Minerva sentence's closing "$": "$\\frac{20000}{\\pi} \\approx 6366.2$" paid 0)
+    answers = list(dict.fromkeys(re.sub(r"\\approx\s*-?[\d.,]+\s*(\$*)\s*$", r"\1", answer) for answer in answers))
     gold_form = _form(gold_tree) if gold_tree is not None else None
     spans, span_forms, equations = _problem_expressions(problem[:MAX_RESPONSE_CHARS])
     copied = spans - {gold_text}

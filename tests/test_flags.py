@@ -164,3 +164,31 @@ def test_a_log_restarts_at_the_checkpoint_and_names_a_bad_line(tmp_path):
     os.remove(path)
     common.start_log(path, 4)  # (no log yet: an empty one)
     assert open(path).read() == ""
+
+
+def test_a_run_takes_its_output_dir(tiny_model_dir, sft_data, tmp_path):
+    """A run killed before its save left the previous run's model in --output_dir beside its own metrics, and the next
+    stage trained from that model without a word: a run now deletes the earlier weights when it starts. Two runs into
+    one --output_dir at once both reported success, their metrics interleaved: the second is refused. A file given as
+    --output_dir failed after tokenizing and loading."""
+    import fcntl
+
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "8", *FAST, "--max_steps", 1,
+            "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1, "--output_dir", out]
+    run_script("sft.py", *args)
+    assert (out / "model.safetensors").exists()
+    held = open(out / ".run.lock", "a")  # a run writing there now
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    result = run_script("sft.py", *args, check=False)
+    assert result.returncode == 2 and f"another run is writing to {out} now" in result.stderr, result.stderr[-2000:]
+    assert (out / "model.safetensors").exists()  # (refused before touching anything)
+    held.close()
+    # a run that dies before its save (here: at the first bad row) leaves no model behind it
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": "not a list"}\n')
+    result = run_script("sft.py", *[a if a != sft_data else bad for a in args], check=False)
+    assert result.returncode != 0 and "removed model.safetensors, an earlier run's" in result.stdout
+    assert not (out / "model.safetensors").exists()
+    result = run_script("sft.py", *[a if a != out else sft_data for a in args], check=False)
+    assert result.returncode == 2 and "--output_dir" in result.stderr and "is a file, not a directory" in result.stderr

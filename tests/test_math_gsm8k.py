@@ -207,6 +207,8 @@ def test_math_normalize(raw, normalized):
     ("$\\boxed{(2, \u221e)}$", "(2,\\infty)"),
     ("$\\boxed{52_{(8)}}$", "52_8"),
     ("$\\boxed{\\frac{20000}{\\pi} \\approx 6366.2}$", "\\frac{20000}{\\pi}"),
+    # the same in the Minerva sentence (4-shot eval), whose closing "$" hid the approximation from the strip: paid 0
+    ("Final Answer: The final answer is $\\frac{20000}{\\pi} \\approx 6366.2$. I hope it is correct.", "\\frac{20000}{\\pi}"),
     ("$\\boxed{\\frac{\\pi}{2} \\text{ radians}}$", "\\frac{\\pi}{2}"),
     ("$\\boxed{15 \\text{ min}}$", "15"),
     ("$\\boxed{1 \\text{ or } -2}$", "1,-2"),  # a list gold's solutions joined by "or", named or not
@@ -288,6 +290,7 @@ def test_math_equivalent_forms_score_1(response, gold):
     ("$\\boxed{\\cot (1) 0}$", "\\cot 10"),
     ("$\\boxed{\\cot(x)^2}$", "\\cot x"),
     ("$\\boxed{6366.2 \\approx \\frac{20000}{\\pi}}$", "\\frac{20000}{\\pi}"),  # the approximation is not the answer
+    ("Final Answer: The final answer is $6366.2 \\approx 6366.2$. I hope it is correct.", "\\frac{20000}{\\pi}"),
     ("$\\boxed{5 \\approx 5 \\text{ or } 6}$", "5"),  # only a decimal number after \approx is an approximation
     ("$\\boxed{\\text{(C)} \\approx (D)}$", "\\text{(C)}"),
     ("$\\boxed{\u221a2.5}$", "\\frac{\\sqrt{2}}{2}"),  # not \\sqrt{2}.5
