@@ -323,10 +323,18 @@ if use_reference and not live_reference:
     # size or world size
     reference_key = hashlib.sha256(json.dumps([weights_key, os.path.basename(data_stats["path"]), str(mp_policy.param_dtype)]).encode())
     cache_path = os.path.join(args.ref_cache_dir, f"{reference_key.hexdigest()[:20]}.pt") if rank == 0 else None
-    hit = torch.tensor(int(rank == 0 and os.path.exists(cache_path)), device=device)
+    cached = None
+    if rank == 0 and os.path.exists(cache_path):
+        try:
+            cached = torch.load(cache_path)["ref_logps"]
+            assert cached.shape == (len(lengths), 2), f"{tuple(cached.shape)} for {len(lengths)} pairs"
+        except Exception as e:  # damaged since it was written (a copy cut short): it stopped the run with a bare EOFError
+            print(f"warning: {cache_path} is unreadable ({type(e).__name__}: {e}): computing it again", flush=True)
+            cached = None
+    hit = torch.tensor(int(cached is not None), device=device)
     dist.broadcast(hit, 0)
     if hit:
-        ref_logps = torch.load(cache_path)["ref_logps"].to(device) if rank == 0 else torch.empty(len(lengths), 2, device=device)
+        ref_logps = cached.to(device) if rank == 0 else torch.empty(len(lengths), 2, device=device)
         dist.broadcast(ref_logps, 0)
         print0(f"reference log-probs: cache hit, {cache_path}")
     else:
@@ -334,8 +342,9 @@ if use_reference and not live_reference:
         ref_logps = compute_reference_logps()
         if rank == 0:
             os.makedirs(args.ref_cache_dir, exist_ok=True)
-            torch.save({"ref_logps": ref_logps.cpu(), "model": args.model_name_or_path}, cache_path + ".tmp")
-            os.replace(cache_path + ".tmp", cache_path)  # never a half-written cache, even if killed here
+            temp = f"{cache_path}.{os.getpid()}.tmp"  # (its own: another run may be writing the same key)
+            torch.save({"ref_logps": ref_logps.cpu(), "model": args.model_name_or_path}, temp)
+            os.replace(temp, cache_path)  # never a half-written cache, even if killed here
         print0(f"reference log-probs: computed for {len(lengths)} pairs in {time.time() - start_time:.1f} s, "
                f"cached in {cache_path}")
 

@@ -239,13 +239,26 @@ def read_responses(path, task, examples):
     return pairs
 
 
-tasks = list(dict.fromkeys(args.task))
+tasks = args.task
+if len(set(tasks)) < len(tasks):  # (dropped silently, then "give one --responses file per --task" with two files)
+    sys.exit(f"error: --task {next(t for t in tasks if tasks.count(t) > 1)} given twice")
 task_limit(tasks[0])  # a malformed --limit fails here, before any model is loaded
+if [item for item in args.limit if item.rpartition("=")[0] not in ("", *tasks)]:  # (ignored before)
+    sys.exit(f"error: --limit {' '.join(args.limit)} names a task this run does not --task")
 if args.responses and len(args.responses) != len(tasks):
     sys.exit("error: give one --responses file per --task, in the same order")
 if not args.responses and not args.model_name_or_path:
     sys.exit("error: --model_name_or_path is required unless --responses is given")
-examples = {task: load_task(task) for task in tasks}
+shaping = [flag for flag, given in [("--limit", args.limit), ("--max_new_tokens", args.max_new_tokens), ("--chat_template",
+           args.chat_template != "default"), ("--mixed_precision", args.mixed_precision), ("--no_prefix_cache",
+           args.no_prefix_cache)] if given]
+if args.responses and shaping:  # (ignored without a word before)
+    print(f"warning: {', '.join(shaping)} shape generation, and do nothing here: --responses scores every given response",
+          file=sys.stderr)
+try:
+    examples = {task: load_task(task) for task in tasks}
+except ValueError as e:  # a bad row: its file, line and field, not a traceback
+    sys.exit(f"error: {e}")
 
 
 # ----------------------------------------------------------------------------- generation
@@ -447,9 +460,14 @@ names = [name if [n for n, _ in runs].count(name) == 1 else f"{k}_{name}" for k,
 if len(set(names)) < len(names):  # a model named "1_sft" beside two "sft": it and the second wrote to one directory
     names = [f"{k}_{name}" for k, (name, _) in enumerate(runs)]
 table, per_prompt = {}, {}
+if rank == 0 and os.path.exists(os.path.join(args.output_dir, "table.md")):  # an earlier run's, not this one's: it
+    os.remove(os.path.join(args.output_dir, "table.md"))  # stayed beside this run's results as if it were
 for name, (_, model_path) in zip(names, runs):
     if model_path is None:  # score what someone else generated: no tokenizer, no model
-        pairs = {task: read_responses(path, task, examples[task]) for task, path in zip(tasks, args.responses)}
+        try:
+            pairs = {task: read_responses(path, task, examples[task]) for task, path in zip(tasks, args.responses)}
+        except ValueError as e:  # a bad row: its file and line, not a traceback
+            sys.exit(f"error: {e}")
         elapsed = None
     else:
         pairs, elapsed, generated_tokens = generate(model_path)
@@ -492,7 +510,8 @@ if rank == 0 and len(runs) > 1:  # the headline number of each task, as Tulu 3 r
 
     lines += [f"| {name} | " + " | ".join(cell(k, t) for t in tasks) + " |" for k, name in enumerate(names)]
     lines += ["", "Points: score ± standard error (sample std / sqrt(n)); in parentheses the gain over the row above ± "
-              "its paired standard error (std of the per-prompt differences / sqrt(n))."]
+              "its paired standard error (std of the per-prompt differences / sqrt(n)).", "",
+              "Models: " + "; ".join(f"{name} = {path}" for name, (_, path) in zip(names, runs)) + "."]
     with open(os.path.join(args.output_dir, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print0("\n" + "\n".join(lines) + f"\nwrote {os.path.join(args.output_dir, 'table.md')}")

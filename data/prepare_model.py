@@ -23,7 +23,10 @@ parser.add_argument("--output_dir", default=DEFAULT_MODEL_DIR)
 parser.add_argument("--force", action="store_true", help="convert again even if output_dir already holds a model")
 args = parser.parse_args()
 
-if os.path.exists(os.path.join(args.output_dir, "model.safetensors")) and not args.force:
+# Written last: a conversion killed midway (a model.safetensors cut short) is redone, where the weights' presence
+# alone skipped it for good, and every stage then failed on the damaged file.
+converted = os.path.join(args.output_dir, "converted")
+if os.path.exists(converted) and not args.force:
     print(f"{args.output_dir} already holds the converted model (use --force to redo)")
     raise SystemExit(0)
 
@@ -47,6 +50,9 @@ assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpe
 model.tie_weights()
 
 os.makedirs(args.output_dir, exist_ok=True)
+if os.path.exists(converted):  # (--force)
+    os.remove(converted)
 model.save_pretrained(args.output_dir)
 tokenizer.save_pretrained(args.output_dir)
+open(converted, "w").close()
 print(f"saved {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters to {args.output_dir}")

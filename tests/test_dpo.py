@@ -177,7 +177,7 @@ def test_resumed_on_one_process_with_live_reference_matches_two_processes_with_c
 def test_a_resume_refuses_initial_weights_rewritten_since(tiny_model_dir, pairs_data, tmp_path):
     """The reference is the initial model, read again from --model_name_or_path at a resume. Rewritten since (an SFT
     run repeated into that directory), it gave the resumed run another reference without a word; now the resume is
-    refused. The same weights written again (a fresh copy) resume."""
+    refused. The same weights written again (a fresh copy) resume; a damaged reference cache is computed again."""
     from safetensors.torch import load_file, save_file
 
     model = tmp_path / "sft"
@@ -192,7 +192,11 @@ def test_a_resume_refuses_initial_weights_rewritten_since(tiny_model_dir, pairs_
     assert result.returncode != 0 and "the initial model (the reference) now holds other weights" in result.stderr, result.stderr[-2000:]
     assert "resumed from" not in result.stdout
     shutil.copytree(tiny_model_dir, model, dirs_exist_ok=True)
-    assert "resumed from" in run_script("dpo.py", *args, "--max_steps", 2, "--resume").stdout
+    # and the reference cache damaged since it was written (a bare EOFError stopped the run): computed again
+    [cache_file] = os.listdir(tmp_path / "cache")
+    (tmp_path / "cache" / cache_file).write_bytes(b"")
+    resumed = run_script("dpo.py", *args, "--max_steps", 2, "--resume").stdout
+    assert "resumed from" in resumed and "is unreadable (EOFError" in resumed and "computed for 9 pairs" in resumed
 
 
 GOOD = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],

@@ -145,10 +145,21 @@ def test_flags_that_cannot_score_are_refused(tmp_path):
     for args, message in [(["--responses", tmp_path / "r.jsonl", "--limit", "0"], "--limit takes N or TASK=N"),
                           (["--responses", tmp_path / "r.jsonl", "--max_new_tokens", "0"], "--max_new_tokens must be >= 1"),
                           (["--responses", tmp_path / "r.jsonl", "--model_name_or_path", tmp_path], "give one of the two"),
-                          (["--responses", tmp_path / "empty.jsonl"], f"{tmp_path / 'empty.jsonl'}: no response")]:
+                          (["--responses", tmp_path / "empty.jsonl"], f"{tmp_path / 'empty.jsonl'}: no response"),
+                          # a task given twice was dropped silently, then: "give one --responses file per --task"
+                          (["--task", "gsm8k", "--responses", tmp_path / "r.jsonl", "--responses", tmp_path / "r.jsonl"],
+                           "--task gsm8k given twice"),
+                          # a limit for a task not run was ignored
+                          (["--responses", tmp_path / "r.jsonl", "--limit", "math500=2"], "names a task this run does not"),
+                          # a response that is not a string: the right message, but in a traceback
+                          (["--responses", tmp_path / "null.jsonl"], "error: " + f"{tmp_path / 'null.jsonl'}:1: expected")]:
+        write_jsonl(tmp_path / "null.jsonl", [{"question": gsm[0]["question"], "response": None}])
         proc = run_eval("--task", "gsm8k", *args, "--output_dir", tmp_path / "out")
-        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
     assert not (tmp_path / "out").exists()
+    # flags that shape generation do nothing to given responses: said (they were ignored without a word)
+    proc = run_eval("--task", "gsm8k", "--responses", tmp_path / "r.jsonl", "--max_new_tokens", 5, "--output_dir", tmp_path / "ok")
+    assert proc.returncode == 0 and "warning: --max_new_tokens shape generation, and do nothing here" in proc.stderr
 
 
 def test_responses_ifeval_reproduces_google_scores(tmp_path):
@@ -439,6 +450,11 @@ def test_several_models_end_with_one_table(tiny_model, tmp_path):
                       f"({100 * statistics.mean(diffs):+.1f} ± {points(statistics.stdev(diffs) / math.sqrt(6))})")
     assert rows[2] == f"| {names[0]} | {first[0]} | {first[1]} |"
     assert rows[3] == f"| other | {second[0]} | {second[1]} |"
+    assert rows[-1] == f"Models: {names[0]} = {tiny_model}; other = {other}."  # (a row named 0_sft said not which sft)
+    # a one-model run into that directory: the table, the earlier run's, no longer stands beside its results as if it
+    # were this run's
+    alone = run_eval("--model_name_or_path", other, *task_args, "--output_dir", tmp_path / "both")
+    assert alone.returncode == 0 and not (tmp_path / "both" / "table.md").exists()
 
 
 def test_models_whose_names_collide_each_get_a_directory(tiny_model, tmp_path):
