@@ -1095,7 +1095,8 @@ def math_extract(response: str, listed: bool = False) -> list[str]:
       \\boxed{4}" is a hedge).
     - With both, the response has stated two final answers: both must be right ("\\boxed{5}, Final Answer: ... 4"
       is a hedge, not a commitment to 4).
-    - Only when there is neither, the text between the last two '$' is the answer ("... so the sum is $12$").
+    - Only when there is neither, the last math span is the answer ("... so the sum is $12$"): $...$, $$...$$, or
+      LaTeX's \\(...\\) and \\[...\\], which chat models write as often (those paid 0 before).
     """
     text, answers = response, []
     start = response.find(_MINERVA_PREFIX)
@@ -1116,8 +1117,14 @@ def math_extract(response: str, listed: bool = False) -> list[str]:
         before = text.rfind("$", 0, last) if last > 0 else -1
         if before >= 0 and before == last - 1:  # display math "$$x$$": step over the closing "$$"
             last, before = before, text.rfind("$", 0, before)
-        if before >= 0:
-            answers.append(text[before + 1:last])
+        spans = [(last, text[before + 1:last])] if before >= 0 else []  # (end, content) of the last span of each kind
+        for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
+            end = text.rfind(closer)
+            begin = text.rfind(opener, 0, end) if end > 0 else -1
+            if begin >= 0:
+                spans.append((end, text[begin + 2:end]))
+        if spans:
+            answers.append(max(spans)[1])  # the one that ends last
     return answers
 
 

@@ -76,6 +76,12 @@ def test_math_extract_commitments():
     assert math_extract("so $$x+1$$") == ["x+1"]  # display math
     assert math_extract("$4$ then \\boxed{5} then $6$") == ["5"]  # $...$ only when there is no box
     assert math_extract("no answer here") == []
+    # LaTeX's own inline and display delimiters, as chat models write them (they paid 0): the last span of any kind
+    assert math_extract("The answer is \\(15\\).") == ["15"] and math_extract("so\n\\[x = 15\\]\n") == ["x = 15"]
+    assert math_extract("$4$, then \\(5\\), then \\[6\\] and $7$") == ["7"]
+    assert math_extract("$4$, then \\(5\\) at last") == ["5"] and math_extract("\\(4\\) and \\(5 \\) ") == ["5 "]
+    assert math_score("The answer is \\(\\frac{1}{2}\\).", "\\frac12") == 1.0
+    assert math_score("The answer is \\(\\frac{1}{3}\\).", "\\frac12") == 0.0
     # boxes that end a line joined only by "and" / "or", commas or "x =": a list of solutions, or each one an answer
     assert math_extract("So $x = \\boxed{1}$ or $x = \\boxed{-2}$.", listed=True) == ["1, -2"]
     assert math_extract("So $x = \\boxed{1}$ or $x = \\boxed{-2}$.") == ["1", "-2"]
