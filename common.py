@@ -5,6 +5,7 @@ packed documents apart) and its loss, and the verifiers that score model answers
 """
 import atexit
 import collections
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -495,8 +496,8 @@ def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num
             import fcntl
         except ImportError:  # Windows
             fcntl = None
-        with open(path + ".lock", "a") as lock:
-            while not complete():
+        with open(path + ".lock", "a") if not complete() else contextlib.nullcontext() as lock:  # (a read-only
+            while not complete():  # cache directory that holds the file is read, as before)
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:  # another run, or machine (shared filesystem), builds it
