@@ -71,8 +71,7 @@ def check_args(parser, args, run_settings, **ranges):
     (`run_settings`: its flags and global batch, which the stage stores in each checkpoint) must be the checkpointed
     run's (check_resumed_run), checked here, before minutes of tokenizing and loading. --resume auto (for a job that
     is requeued with the same command) resumes when there is a complete checkpoint and starts the run when not.
-    Rank 0 also takes --output_dir for this run (another run writing there is refused) and deletes an earlier run's
-    final weights there. -> the newest complete checkpoint (its `done` file written) to resume from, or None."""
+    -> the newest complete checkpoint (its `done` file written) to resume from, or None."""
     errors = [f"--{name} must be {_RANGES[kind][0]}, got {getattr(args, name)}" for kind, names in ranges.items()
               for name in names if getattr(args, name) is not None and not _RANGES[kind][1](getattr(args, name))]
     every = args.checkpointing_steps  # sft.py / dpo.py: "N" or "epoch" (a string); rlvr.py: an int
@@ -83,21 +82,6 @@ def check_args(parser, args, run_settings, **ranges):
     for flag in ("output_dir", "dataset_local_cache_dir"):  # (it failed after tokenizing and loading: FileExistsError)
         if os.path.isfile(getattr(args, flag, "")):
             parser.error(f"--{flag} {getattr(args, flag)} is a file, not a directory")
-    writer = os.environ.get("RANK", "0") == "0"  # rank 0 writes the outputs
-    if writer and os.path.realpath(args.output_dir) not in _HELD:  # two runs into one --output_dir (a job launched
-        # twice, a requeue while the first still runs) both reported success, their metrics interleaved and their
-        # checkpoints mixed: the first holds this flock until it exits (the kernel releases it however the run ends)
-        os.makedirs(args.output_dir, exist_ok=True)
-        lock = open(os.path.join(args.output_dir, ".run.lock"), "a")
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _HELD[os.path.realpath(args.output_dir)] = lock
-        except BlockingIOError:
-            parser.error(f"another run is writing to {args.output_dir} now: wait for it, or choose another --output_dir")
-        except (ImportError, OSError):  # no flock on this system or filesystem: unguarded, as before
-            pass
     old = [d for d in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", d)] if os.path.isdir(args.output_dir) else []
     if old and not args.resume:
         parser.error(f"{args.output_dir} holds an earlier run's checkpoints ({', '.join(sorted(old))}): --resume "
@@ -111,14 +95,33 @@ def check_args(parser, args, run_settings, **ranges):
         changed = check_resumed_run(saved, run_settings)
         if changed:
             parser.error(f"--resume from {resume_from}: this run differs from the checkpointed one in " + "; ".join(changed))
-    # An earlier run's final model goes now, not when this run saves its own: a run killed before that left the old
-    # weights beside its own metrics, and the next stage trained from them. (Not where the model is read from.)
-    if writer and os.path.realpath(args.output_dir) != os.path.realpath(getattr(args, "model_name_or_path", "")):
-        for name in os.listdir(args.output_dir):
-            if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?", name):
-                os.remove(os.path.join(args.output_dir, name))
-                print(f"{args.output_dir}: removed {name}, an earlier run's (this run saves its own)", flush=True)
     return resume_from
+
+
+def claim_output_dir(output_dir, model_name_or_path):
+    """Rank 0 takes --output_dir for the run, once every check has passed (a refused run touches nothing):
+    - two runs into one --output_dir (a job launched twice, a requeue while the first still runs) both reported
+      success, their metrics interleaved and their checkpoints mixed: the first holds a flock until it exits (the
+      kernel releases it however the run ends), and the second is refused;
+    - an earlier run's final weights there go now, not when this run saves its own: a run killed before its save left
+      them beside its own metrics, and the next stage trained from them. (Not where the model is read from.)"""
+    os.makedirs(output_dir, exist_ok=True)
+    if os.path.realpath(output_dir) not in _HELD:
+        lock = open(os.path.join(output_dir, ".run.lock"), "a")
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _HELD[os.path.realpath(output_dir)] = lock
+        except BlockingIOError:
+            raise SystemExit(f"error: another run is writing to {output_dir} now: wait for it, or choose another --output_dir")
+        except (ImportError, OSError):  # no flock on this system or filesystem: unguarded, as before
+            pass
+    if os.path.realpath(output_dir) != os.path.realpath(model_name_or_path):
+        for name in os.listdir(output_dir):
+            if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?", name):
+                os.remove(os.path.join(output_dir, name))
+                print(f"{output_dir}: removed {name}, an earlier run's (this run saves its own)", flush=True)
 
 
 _HELD = {}  # the --output_dir locks of this process (by real path): held until it exits
@@ -227,7 +230,7 @@ def iter_rows(source):
     """Rows of one dataset source as (where, row) pairs, streamed; `where` names file and line (or dataset and row) for
     errors. A source is a local .jsonl / .json / .parquet file or a Hugging Face hub dataset name ("name" or
     "name:split")."""
-    if source.endswith(".jsonl"):
+    if source.endswith(".jsonl") or _json_lines(source):
         if not os.path.exists(source):
             raise FileNotFoundError(f"{source}: no such file")
         # Read as bytes and split on b"\n" only, exactly as count_rows counts: text mode would also split on a lone
@@ -303,7 +306,8 @@ def _dataset_directory_files(source):
     datasets.load_dataset finds them (its README's `configs`, else file names such as data/train-00000-of-00004.parquet),
     which iter_rows then reads itself, file by file. Read by datasets, a file rewritten with its mtime kept (`cp -p`,
     `rsync -a`, tar) came from datasets' cache with its OLD rows, and a bad row failed as "An error occurred while
-    generating the dataset", naming no file or line. -> [path, ...], or None when `source` is not a local directory."""
+    generating the dataset", naming no file or line. -> [path, ...]; None when `source` is not a local directory, or
+    holds files of other formats (read by datasets then)."""
     directory, _, split = source.partition(":")
     if not os.path.isdir(directory):
         return None
@@ -313,9 +317,8 @@ def _dataset_directory_files(source):
     split = split or "train"
     if split not in split_files:
         raise ValueError(f"{source}: the dataset directory has no split {split!r} (it has {', '.join(map(str, split_files))})")
-    for path in split_files[split]:
-        if not path.endswith((".jsonl", ".json", ".parquet")):
-            raise ValueError(f"{path} (in {source}): a dataset directory's files must end in .jsonl, .json or .parquet")
+    if not all(path.endswith((".jsonl", ".json", ".parquet")) for path in split_files[split]):
+        return None  # (.jsonl.gz, .csv, .arrow, ...: datasets reads them, as before)
     return list(split_files[split])
 
 
@@ -343,9 +346,18 @@ def _parquet_file(source):
         raise ValueError(f"{source}: not a readable parquet file ({e})") from None
 
 
+def _json_lines(source):
+    """A .json file that holds JSON Lines (one object per line, as many hub datasets store them; datasets reads both),
+    not a JSON list: its first character is "{"."""
+    if not source.endswith(".json") or not os.path.isfile(source):
+        return False
+    with open(source, "rb") as f:
+        return f.read(1 << 16).decode("utf-8", "replace").lstrip("\ufeff \t\r\n").startswith("{")
+
+
 def count_rows(source):
     """How many rows iter_rows(source) yields, without parsing them."""
-    if source.endswith(".jsonl"):
+    if source.endswith(".jsonl") or _json_lines(source):
         if not os.path.exists(source):
             raise FileNotFoundError(f"{source}: no such file")
         with open(source, "rb") as f:
@@ -438,8 +450,8 @@ def check_resumed_reference(resume_from, initial_key, device):
     stale = torch.tensor(int(saved.get("reference", initial_key) != initial_key), device=device)
     torch.distributed.broadcast(stale, 0)
     if stale:
-        raise SystemExit(f"--resume from {resume_from}: the initial model (the reference) now holds other weights than "
-                         "the run started from: restore them, or start a new run")
+        raise SystemExit(f"--resume from {resume_from}: the initial model (the reference) now holds other weights (or "
+                         "config) than the run started from: restore them, or start a new run")
 
 
 def source_fingerprint(dataset_mixer_list):
@@ -606,7 +618,8 @@ def _build_tokenized(path, dataset_mixer_list, make_example, columns, num_worker
         writer.finalize()
     except BaseException:
         try:
-            writer is not None and writer.close()  # (on a full disk this raises again)
+            if writer is not None:
+                writer.close()  # (on a full disk this raises again)
         finally:
             if os.path.exists(temp):
                 os.remove(temp)  # nothing half-made is left behind

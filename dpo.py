@@ -136,6 +136,8 @@ torch.manual_seed(args.seed)
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
 common.set_chat_template(tokenizer, args.chat_template)
 common.stop_token_ids(tokenizer, args.model_name_or_path)  # refuses a template whose turns end where the model never stops
+if rank == 0:  # every check passed: the run takes --output_dir (refused if another run writes there now)
+    common.claim_output_dir(args.output_dir, args.model_name_or_path)
 special_text = common.special_token_text(tokenizer)
 
 
@@ -197,7 +199,8 @@ def dpo_example(where, row):
         return reasons + ("untrained",), None
     if chosen == rejected:  # the same response (or the same after the cut): no preference, its margin is 0 for any
         return reasons + ("identical",), None  # policy; open-instruct trains it at loss ln 2 with zero gradient
-    columns = {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1], "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}
+    columns = {"chosen_input_ids": chosen[0], "chosen_labels": chosen[1],
+               "rejected_input_ids": rejected[0], "rejected_labels": rejected[1]}
     return reasons + ("truncated",) * truncated, columns  # (a pair dropped after the cut is counted there only)
 
 
@@ -311,7 +314,8 @@ def compute_reference_logps():
 
 
 # The reference is the initial model, so a --resume needs the same one (rank 0 reads and keys the weights)
-weights_key = common.weights_key(args.model_name_or_path) if rank == 0 and use_reference else None
+weights_key = (common.weights_key(args.model_name_or_path) if rank == 0 and use_reference and
+               (not live_reference or args.checkpointing_steps not in (None, "0") or resume_from) else None)  # (~12 s, 8B)
 if resume_from:
     common.check_resumed_reference(resume_from, weights_key, device)
 # Before any checkpoint is loaded, so the model here is the initial one even when resuming. Rank 0 alone reads and
@@ -327,7 +331,8 @@ if use_reference and not live_reference:
     if rank == 0 and os.path.exists(cache_path):
         try:
             cached = torch.load(cache_path)["ref_logps"]
-            assert cached.shape == (len(lengths), 2), f"{tuple(cached.shape)} for {len(lengths)} pairs"
+            if cached.shape != (len(lengths), 2):
+                raise ValueError(f"{tuple(cached.shape)} for {len(lengths)} pairs")
         except Exception as e:  # damaged since it was written (a copy cut short): it stopped the run with a bare EOFError
             print(f"warning: {cache_path} is unreadable ({type(e).__name__}: {e}): computing it again", flush=True)
             cached = None

@@ -78,6 +78,12 @@ for model_path in args.model_name_or_path:  # every model found before the first
         sys.exit(f"error: {model_path}: {e}")
     except ValueError:  # a model type transformers does not know: vLLM may
         pass
+    try:  # and its template, whose turns must end where the model stops (refused halfway through the models before)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        common.set_chat_template(tokenizer, args.chat_template)
+        common.stop_token_ids(tokenizer, model_path)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {model_path}: {e}")
 
 # ----------------------------------------------------------------------------- setup
 ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun
@@ -249,9 +255,8 @@ if args.responses and len(args.responses) != len(tasks):
     sys.exit("error: give one --responses file per --task, in the same order")
 if not args.responses and not args.model_name_or_path:
     sys.exit("error: --model_name_or_path is required unless --responses is given")
-shaping = [flag for flag, given in [("--limit", args.limit), ("--max_new_tokens", args.max_new_tokens), ("--chat_template",
-           args.chat_template != "default"), ("--mixed_precision", args.mixed_precision), ("--no_prefix_cache",
-           args.no_prefix_cache)] if given]
+shaping = [flag for flag, given in [("--max_new_tokens", args.max_new_tokens), ("--chat_template", args.chat_template != "default"),
+                                     ("--mixed_precision", args.mixed_precision), ("--no_prefix_cache", args.no_prefix_cache)] if given]
 if args.responses and shaping:  # (ignored without a word before)
     print(f"warning: {', '.join(shaping)} shape generation, and do nothing here: --responses scores every given response",
           file=sys.stderr)

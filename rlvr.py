@@ -99,9 +99,10 @@ resume_from = common.check_args(parser, args, vars(args), count_or_all=["keep_la
     "per_device_train_batch_size", "eval_batch_size", "max_prompt_length", "vllm_tensor_parallel_size"],
     at_least_zero=["learning_rate", "beta", "weight_decay", "vf_coef", "eval_every", "checkpointing_steps"],
     above_zero=["temperature", "cliprange", "cliprange_value", "self_check_tolerance"], fraction=["gamma", "lam", "vllm_gpu_memory_utilization"])
-ppo_only = [f"--{name}" for name in ("gamma", "lam", "vf_coef", "cliprange_value") if getattr(args, name) != parser.get_default(name)]
+ppo_only = [f"--{name}" for name in ("gamma", "lam", "vf_coef", "cliprange_value")
+            if getattr(args, name) != parser.get_default(name)]
 if args.algo == "grpo" and (args.num_samples_per_prompt < 2 or ppo_only):  # (PPO's flags were silently ignored)
-    parser.error(f"GRPO has no value model: {', '.join(ppo_only)} need --algo ppo" if ppo_only else
+    parser.error(f"GRPO has no value model: {', '.join(ppo_only)} are PPO's (--algo ppo)" if ppo_only else
                  "GRPO compares samples of one prompt: --num_samples_per_prompt must be >= 2")
 if args.generator == "vllm" and not importlib.util.find_spec("vllm"):
     parser.error("--generator vllm: vllm does not import here (on a GPU: pip install vllm==0.32.0; or --generator hf)")
@@ -129,6 +130,8 @@ if P % (args.num_mini_batches * world_size):
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
 common.set_chat_template(tokenizer, args.chat_template)
 eos_ids = common.stop_token_ids(tokenizer, args.model_name_or_path)  # the eos and the model's other stop ids (<|eot_id|>)
+if rank == 0:  # every check passed: the run takes --output_dir (refused if another run writes there now)
+    common.claim_output_dir(args.output_dir, args.model_name_or_path)
 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 
@@ -214,7 +217,8 @@ policy.generation_config = common.generation_config(args.model_name_or_path)  # 
 optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=use_cuda)
 # The frozen reference only serves the KL term: with --beta 0 it is not even built.
 reference = build_fsdp_model(AutoModelForCausalLM, config).requires_grad_(False) if args.beta > 0 else None
-weights_key = common.weights_key(args.model_name_or_path) if rank == 0 and reference else None  # a --resume needs the same
+# the initial weights' key, stored in each checkpoint: a --resume needs the same reference (~12 s for 8B: only then)
+weights_key = common.weights_key(args.model_name_or_path) if rank == 0 and reference and (args.checkpointing_steps or resume_from) else None
 value_model = value_optimizer = None
 if args.algo == "ppo":  # Tulu 3 initializes the value model from a reward model; we start from the policy's backbone
     value_config = AutoConfig.from_pretrained(args.model_name_or_path, num_labels=1)
@@ -404,7 +408,8 @@ def save_checkpoint(step):
     """Policy (and value model) + optimizer shards via DCP; the step and every rank's RNG state beside them."""
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     dcp.save(training_state(), checkpoint_id=path)
-    torch.save(dict(step=step, cpu_rng=torch.get_rng_state(), run=vars(args), reference=weights_key), f"{path}/trainer_state_rank{rank}.pt")
+    torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "run": vars(args), "reference": weights_key},
+               os.path.join(path, f"trainer_state_rank{rank}.pt"))
     dist.barrier()
     if rank == 0:
         open(os.path.join(path, "done"), "w").close()
@@ -615,5 +620,7 @@ if rank == 0:
     tokenizer.save_pretrained(args.output_dir)
     print0(f"saved the model to {args.output_dir}")
 dist.barrier()
-# vLLM's engine shutdown destroys its groups, then torch's default one (vllm/v1/engine/core.py:824-839)
-llm.llm_engine.engine_core.shutdown() if backend == "vllm" else dist.destroy_process_group()
+if backend == "vllm":  # the engine's shutdown destroys its groups, then torch's default one (vllm/v1/engine/core.py:824-839)
+    llm.llm_engine.engine_core.shutdown()
+else:
+    dist.destroy_process_group()

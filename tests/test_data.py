@@ -310,7 +310,8 @@ def test_tokenizing_workers_run_whatever_multiprocessing_start_method_is_the_def
     ("cut.jsonl", b'{"a": 1}\n{"a": [2]\r\n{"a": 3}\n', "cut.jsonl:2: not valid JSON (Expecting ',' delimiter at column 10)"),
     # .json: json.load's errors named no file, and a non-object element reached make_example (AttributeError there)
     ("bad.json", b'[{"a": 1},\n {"a": 2}', "bad.json: not valid JSON (Expecting ',' delimiter at line 2, column 10)"),
-    ("lines.json", b'{"a": 1}\n{"a": 2}\n', "lines.json: not valid JSON (Extra data at line 2, column 1)"),
+    # a .json of JSON Lines (hub datasets store them so) is read line by line, its errors named by line
+    ("lines.json", b'{"a": 1}\n{"a": 2\n', "lines.json:2: not valid JSON (Expecting ',' delimiter at column 8)"),
     ("mixed.json", b'[{"a": 1}, 3]', "mixed.json[1]: expected a JSON object, got int"),
     ("latin1.json", b'[{"a": 1},\n {"a": "caf\xe9"}]', "latin1.json: not UTF-8 (byte 0xe9 at line 2, column 12)"),
     # nested past Python's recursion limit: a bare RecursionError named no file
@@ -326,7 +327,8 @@ def test_unreadable_rows_name_file_and_line(tmp_path, name, content, message):
 def test_readable_variants_read_every_row(tmp_path):
     row = b'{"messages": [{"role": "user", "content": "a"}]}'
     for name, content in [("crlf.jsonl", row + b"\r\n" + row + b"\r\n"), ("bom.jsonl", b"\xef\xbb\xbf" + row + b"\n" + row),
-                          ("blank.jsonl", row + b"\n\n  \n" + row + b"\n"), ("bom.json", b"\xef\xbb\xbf[" + row + b"," + row + b"]")]:
+                          ("blank.jsonl", row + b"\n\n  \n" + row + b"\n"), ("bom.json", b"\xef\xbb\xbf[" + row + b"," + row + b"]"),
+                          ("lines.json", b"\xef\xbb\xbf" + row + b"\n" + row + b"\n")]:
         (tmp_path / name).write_bytes(content)
         assert common.count_rows(str(tmp_path / name)) == 2
         assert [r for _, r in common.load_mixture([str(tmp_path / name), "1.0"])] == [json.loads(row)] * 2
@@ -529,10 +531,19 @@ def test_a_dataset_directory_is_read_file_by_file_as_it_is_now(tmp_path):
                                     "    path: data/test-*\n---\n")
     assert [row["gold"] for _, row in common.load_rows(str(data))] == [7, 8]
     (data / "README.md").unlink()
-    for split in ("train", "test"):  # read by datasets' csv builder before: refused, naming the file
-        (data / "data" / f"{split}-00000-of-00001.jsonl").rename(data / "data" / f"{split}-00000-of-00001.csv")
-    with pytest.raises(ValueError, match="train-00000-of-00001.csv \\(in .*\\): a dataset directory's files must end in"):
-        common.count_rows(str(data))
+    # JSON Lines in a .json file (as hub datasets store them; datasets read it): read so too, line by line
+    (data / "data" / "train-00000-of-00001.jsonl").rename(data / "data" / "train-00000-of-00001.json")
+    with pytest.raises(ValueError, match=r"train-00000-of-00001\.json:2: not valid JSON"):
+        common.load_rows(str(data))
+    (data / "data" / "train-00000-of-00001.json").write_text('{"gold": 14}\n{"gold": 15}\n')
+    assert [row["gold"] for _, row in common.load_rows(str(data))] == [14, 15] and common.count_rows(str(data)) == 2
+    # other formats (csv, .jsonl.gz, arrow): datasets reads them, as before
+    for split in ("train", "test"):
+        (data / "data" / f"{split}-00000-of-00001.csv").write_text("gold\n3\n")
+        for name in os.listdir(data / "data"):
+            if not name.endswith(".csv"):
+                os.remove(data / "data" / name)
+    assert [row for _, row in common.load_rows(str(data))] == [{"gold": 3}]
 
 
 def test_a_deleted_arrow_file_is_rebuilt(tiny_model_dir, tmp_path):

@@ -37,15 +37,17 @@ def test_flags_out_of_range_are_refused_before_anything_loads(script, tmp_path):
 
 
 def test_dpo_label_smoothing_past_one_half_is_refused(tmp_path):
-    result = run_script("dpo.py", "--label_smoothing", 0.5, "--model_name_or_path", tmp_path / "none", check=False)
+    result = run_script("dpo.py", "--label_smoothing", 0.5, "--model_name_or_path", tmp_path / "none",
+                        "--output_dir", tmp_path / "out", check=False)
     assert result.returncode == 2 and "--label_smoothing must be in [0, 0.5)" in result.stderr
 
 
 def test_ppo_flags_under_grpo_are_refused(tmp_path):
     """--gamma, --lam, --vf_coef, --cliprange_value set PPO's value model and GAE: under GRPO they did nothing, silently."""
-    result = run_script("rlvr.py", "--lam", 0.9, "--vf_coef", 0.5, "--model_name_or_path", tmp_path / "none", check=False)
-    assert result.returncode == 2 and "GRPO has no value model: --lam, --vf_coef need --algo ppo" in result.stderr
-    result = run_script("rlvr.py", "--num_samples_per_prompt", 1, "--model_name_or_path", tmp_path / "none", check=False)
+    none = ["--model_name_or_path", tmp_path / "none", "--output_dir", tmp_path / "out"]
+    result = run_script("rlvr.py", "--lam", 0.9, "--vf_coef", 0.5, *none, check=False)
+    assert result.returncode == 2 and "GRPO has no value model: --lam, --vf_coef are PPO's (--algo ppo)" in result.stderr
+    result = run_script("rlvr.py", "--num_samples_per_prompt", 1, *none, check=False)
     assert result.returncode == 2 and "--num_samples_per_prompt must be >= 2" in result.stderr
 
 
@@ -181,9 +183,13 @@ def test_a_run_takes_its_output_dir(tiny_model_dir, sft_data, tmp_path):
     held = open(out / ".run.lock", "a")  # a run writing there now
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     result = run_script("sft.py", *args, check=False)
-    assert result.returncode == 2 and f"another run is writing to {out} now" in result.stderr, result.stderr[-2000:]
+    assert result.returncode != 0 and f"another run is writing to {out} now" in result.stderr, result.stderr[-2000:]
     assert (out / "model.safetensors").exists()  # (refused before touching anything)
     held.close()
+    # a run refused by a check deletes nothing either (the weights went before later checks refused the run)
+    for refused in (["--label_smoothing", 0.6], ["--model_name_or_path", tmp_path / "no_model"]):
+        result = run_script("dpo.py", *args[:2], "--output_dir", out, *refused, check=False)
+        assert result.returncode != 0 and (out / "model.safetensors").exists(), result.stderr[-2000:]
     # a run that dies before its save (here: at the first bad row) leaves no model behind it
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": "not a list"}\n')

@@ -66,6 +66,22 @@ def test_eval_finds_every_model_before_it_evaluates_the_first(tiny_model_dir, tm
                "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode != 0 and "error: sft_v2:" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+    # and a model whose chat template ends its turns where it never stops: refused up front too, not after the first
+    # model had generated, in a traceback (a ChatML template on a tokenizer whose eos is <|endoftext|>)
+    import shutil
+
+    from transformers import AutoTokenizer, GenerationConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.save_pretrained(base)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id).save_pretrained(base)
+    proc = run(ROOT, "eval.py", "--model_name_or_path", tiny_model_dir, str(base), "--task", "gsm8k", "--limit", "1",
+               "--output_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode != 0 and f"error: {base}: the chat template ends an assistant turn with" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 def test_another_revision_of_the_model_is_refused(tmp_path):
