@@ -5,7 +5,6 @@ packed documents apart) and its loss, and the verifiers that score model answers
 """
 import atexit
 import collections
-import contextlib
 import datetime
 import functools
 import hashlib
@@ -106,17 +105,16 @@ def claim_output_dir(output_dir, model_name_or_path):
     - an earlier run's final weights there go now, not when this run saves its own: a run killed before its save left
       them beside its own metrics, and the next stage trained from them. (Not where the model is read from.)"""
     os.makedirs(output_dir, exist_ok=True)
-    if os.path.realpath(output_dir) not in _HELD:
-        lock = open(os.path.join(output_dir, ".run.lock"), "a")
-        try:
-            import fcntl
+    lock = open(os.path.join(output_dir, ".run.lock"), "a")
+    try:
+        import fcntl
 
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _HELD[os.path.realpath(output_dir)] = lock
-        except BlockingIOError:
-            raise SystemExit(f"error: another run is writing to {output_dir} now: wait for it, or choose another --output_dir")
-        except (ImportError, OSError):  # no flock on this system or filesystem: unguarded, as before
-            pass
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _HELD.append(lock)
+    except BlockingIOError:
+        raise SystemExit(f"error: another run is writing to {output_dir} now: wait for it, or choose another --output_dir")
+    except (ImportError, OSError):  # no flock on this system or filesystem: unguarded, as before
+        pass
     if os.path.realpath(output_dir) != os.path.realpath(model_name_or_path):
         for name in os.listdir(output_dir):
             if re.fullmatch(r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?|pytorch_model.*\.bin(\.index\.json)?", name):
@@ -124,7 +122,7 @@ def claim_output_dir(output_dir, model_name_or_path):
                 print(f"{output_dir}: removed {name}, an earlier run's (this run saves its own)", flush=True)
 
 
-_HELD = {}  # the --output_dir locks of this process (by real path): held until it exits
+_HELD = []  # this process's --output_dir lock: held open until it exits
 
 
 def prune_checkpoints(output_dir, keep):
@@ -508,18 +506,19 @@ def tokenize_once(dataset_mixer_list, make_example, columns, key, cache_dir, num
             import fcntl
         except ImportError:  # Windows
             fcntl = None
-        with open(path + ".lock", "a") if not complete() else contextlib.nullcontext() as lock:  # (a read-only
-            while not complete():  # cache directory that holds the file is read, as before)
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:  # another run, or machine (shared filesystem), builds it
-                    print(f"waiting for {path}: another run is tokenizing this data", flush=True)
-                    time.sleep(10)
-                    continue
-                except (OSError, AttributeError):  # no flock on this filesystem (ENOLCK, ENOSYS) or system: build
-                    pass
-                if not complete():  # not completed between our check and our lock (a builder that failed left none)
-                    _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets)
+        if not complete():  # (a read-only cache directory that holds the file is only read: no lock file made)
+            with open(path + ".lock", "a") as lock:
+                while not complete():
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:  # another run, or machine (shared filesystem), builds it
+                        print(f"waiting for {path}: another run is tokenizing this data", flush=True)
+                        time.sleep(10)
+                        continue
+                    except (OSError, AttributeError):  # no flock on this filesystem (ENOLCK, ENOSYS) or system: build
+                        pass
+                    if not complete():  # not completed between our check and our lock (a builder that failed left none)
+                        _build_tokenized(path, dataset_mixer_list, make_example, columns, num_workers, ArrowWriter, datasets)
         # (closing the file released the lock)
     built = int(os.environ.get("LOCAL_RANK", 0)) == 0 and os.path.exists(path + ".built_by") and \
         open(path + ".built_by").read() == str(os.getpid())
