@@ -18,9 +18,11 @@ Writes <output_dir>/results.json as {task: {metric: value}} and <output_dir>/<ta
 models, those go to <output_dir>/<model directory name>/ and the table to <output_dir>/table.md.
 The prompts are those of Tulu 3's evaluation (OLMES's gsm8k::tulu, minerva_math::tulu, ifeval::tulu), token for token:
 few-shot exemplars as chat turns (user "Question: ..." / "Problem: ... Solution:", assistant the worked answer), not one
-long user message; with their stop strings and per-task token caps. Each record keeps the whole prompt as "input".
+long user message; with their stop strings and per-task token caps. Each record keeps the whole prompt as "input" and
+says whether the response was cut at the token cap ("truncated", counted in results.json as "num_truncated").
 """
 import argparse
+import contextlib
 import gc
 import importlib.util
 import inspect
@@ -38,7 +40,7 @@ import torch.distributed as dist
 # 100 on CPU (SIGABRT, "terminate called without an active exception"; core: ~AsyncAllgatherWork in runLoop).
 import torch.distributed.nn  # noqa: F401
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import common
 from common import gsm8k_extract, gsm8k_score, ifeval_follow, math_extract, math_normalize, math_score
@@ -70,28 +72,28 @@ if args.responses and args.model_name_or_path:  # one or the other: the models w
     parser.error("--responses scores given responses; --model_name_or_path generates them: give one of the two")
 if args.generator == "vllm" and not importlib.util.find_spec("vllm"):
     parser.error("--generator vllm: vllm does not import here (on a GPU: pip install vllm==0.32.0; or --generator hf)")
+tokenizers = {}  # model path -> (its tokenizer, template set; its eos and other stop ids, e.g. Llama 3's <|eot_id|>)
 for model_path in args.model_name_or_path:  # every model found before the first is evaluated, not after it
     common.require_model_directory(model_path)
-    try:
-        AutoConfig.from_pretrained(model_path)
-    except OSError as e:  # (a missing name: the hub, retried for a minute, after the models before it had run)
-        sys.exit(f"error: {model_path}: {e}")
-    except ValueError:  # a model type transformers does not know: vLLM may
-        pass
-    try:  # and its template, whose turns must end where the model stops (refused halfway through the models before)
+    try:  # (a missing name: the hub, retried for a minute, after the models before it had run)
+        with contextlib.suppress(ValueError):  # a model type transformers does not know: vLLM may
+            AutoConfig.from_pretrained(model_path)
+        # and its template, whose turns must end where the model stops (refused halfway through the models before)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         common.set_chat_template(tokenizer, args.chat_template)
-        common.stop_token_ids(tokenizer, model_path)
+        tokenizers[model_path] = tokenizer, common.stop_token_ids(tokenizer, model_path)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {model_path}: {e}")
 
 # ----------------------------------------------------------------------------- setup
 ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # launched by torchrun
+backend = "nccl" if torch.cuda.is_available() else "gloo"
 if ddp:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend)
 rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+engines = []  # the vLLM engines started so far (after each, torchrun's group is rebuilt under a prefix of its own)
 
 
 def print0(*a, **k):
@@ -156,8 +158,8 @@ STOP_STRINGS = {"gsm8k": ["Question:", "</s>", "<|im_end|>"]}  # a model that go
 MAX_NEW_TOKENS = {"gsm8k": 512, "math500": 1024, "ifeval": 2048, "ifheldout": 2048}
 
 
-def task_limit(task):
-    """--limit's N for this task: its TASK=N if given, else a bare N, else None (all examples)."""
+def parse_limits():
+    """--limit as {task: N}: the task's TASK=N if given, else a bare N, else None (all examples)."""
     limits = {}
     for item in args.limit:
         name, _, n = item.rpartition("=")
@@ -166,7 +168,9 @@ def task_limit(task):
         if (name or None) in limits:  # the last one silently won
             sys.exit(f"error: --limit gives {name or 'N'} twice: {' '.join(args.limit)}")
         limits[name or None] = int(n)
-    return limits.get(task, limits.get(None))
+    if set(limits) - {None, *tasks}:  # (ignored before)
+        sys.exit(f"error: --limit {' '.join(args.limit)} names a task this run does not --task")
+    return {task: limits.get(task, limits.get(None)) for task in tasks}
 
 
 def load_task(task):
@@ -193,13 +197,11 @@ def load_task(task):
                 common.ground_truth_text({"gsm8k": "gsm8k", "math500": "math"}[task], row["answer"])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: field '{'kwargs' if task in IFEVAL_FORMAT else 'answer'}' {e}") from None
+        if task in IFEVAL_FORMAT:  # the hub copy pads every kwargs dict with all keys set to None
+            row["kwargs"] = [{k: v for k, v in (kw or {}).items() if v is not None} for kw in row["kwargs"]]
     if not rows:
         raise ValueError(f"{os.path.join(args.data_dir, DATA_FILES[task])}: no {task} example")
-    rows = [row for _, row in rows]
-    if task in IFEVAL_FORMAT:  # the hub copy pads every kwargs dict with all keys set to None
-        for row in rows:
-            row["kwargs"] = [{k: v for k, v in (kw or {}).items() if v is not None} for kw in row["kwargs"]]
-    return rows[:task_limit(task)] if not args.responses else rows
+    return [row for _, row in rows]  # all of them: --limit is applied to the prompts or to the given responses
 
 
 def prompt_text(tokenizer, task, example):
@@ -222,10 +224,8 @@ def until_stop(task, response):
 
 
 def read_responses(path, task, examples):
-    """[(example, response, None)] in file order; each row is matched to the task's data by its question text."""
-    by_question = {}
-    for example in examples:
-        by_question.setdefault(example[QUESTION_FIELD[task]], example)
+    """[(example, response, {})] in file order; each row is matched to the task's data by its question text."""
+    by_question = {example[QUESTION_FIELD[task]]: example for example in reversed(examples)}  # (a repeat: the first)
     pairs = []
     for where, row in common.load_rows(path):  # errors name file and line
         # our own <task>_records.jsonl call the question "prompt": accept it so they can be re-scored
@@ -235,12 +235,12 @@ def read_responses(path, task, examples):
         if question not in by_question:
             raise ValueError(f"{where}: {QUESTION_FIELD[task]} not found in the {task} data: {str(question)[:80]!r}")
         # (a question may be answered several times: several samples of one prompt are each scored)
-        pairs.append((by_question[question], row["response"], None))  # (no prompt text: not generated here)
-    pairs = pairs[:task_limit(task)]
+        pairs.append((by_question[question], row["response"], {}))  # (no prompt text, no "truncated": not generated here)
+    pairs = pairs[:limits[task]]
     if not pairs:  # (no score to give: an accuracy of 0 over 0 examples was reported)
         raise ValueError(f"{path}: no response")
     answered = len({id(example) for example, _, _ in pairs})
-    if answered < len(by_question) and task_limit(task) is None:
+    if answered < len(by_question) and limits[task] is None:
         print0(f"warning: {path} answers {answered} of the {len(by_question)} {task} questions; scored on those")
     return pairs
 
@@ -248,9 +248,7 @@ def read_responses(path, task, examples):
 tasks = args.task
 if len(set(tasks)) < len(tasks):  # (dropped silently, then "give one --responses file per --task" with two files)
     sys.exit(f"error: --task {next(t for t in tasks if tasks.count(t) > 1)} given twice")
-task_limit(tasks[0])  # a malformed --limit fails here, before any model is loaded
-if [item for item in args.limit if item.rpartition("=")[0] not in ("", *tasks)]:  # (ignored before)
-    sys.exit(f"error: --limit {' '.join(args.limit)} names a task this run does not --task")
+limits = parse_limits()  # a malformed --limit fails here, before any model is loaded
 if args.responses and len(args.responses) != len(tasks):
     sys.exit("error: give one --responses file per --task, in the same order")
 if not args.responses and not args.model_name_or_path:
@@ -260,31 +258,28 @@ shaping = [flag for flag, given in [("--max_new_tokens", args.max_new_tokens), (
 if args.responses and shaping:  # (ignored without a word before)
     print(f"warning: {', '.join(shaping)} shape generation, and do nothing here: --responses scores every given response",
           file=sys.stderr)
-try:
+try:  # a bad row: its file, line and field, not a traceback
     examples = {task: load_task(task) for task in tasks}
-except ValueError as e:  # a bad row: its file, line and field, not a traceback
+    # responses generated elsewhere, scored in place of a model's: no tokenizer, no model
+    given_pairs = {task: read_responses(path, task, examples[task]) for task, path in zip(tasks, args.responses or [])}
+except ValueError as e:
     sys.exit(f"error: {e}")
 
 
 # ----------------------------------------------------------------------------- generation
-engines = []  # the vLLM engines started so far
-
-
 def generate(model_path):
-    """Greedy responses of one model to every example -> ({task: [(example, response, prompt text)]}, seconds,
-    generated tokens).
+    """Greedy responses of one model to every example -> ({task: [(example, response, {"truncated": cut at the token
+    cap, "input": prompt text})]}, seconds, generated tokens).
     Every rank answers a strided share of the prompts; every rank returns all of them."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    common.set_chat_template(tokenizer, args.chat_template)
+    tokenizer, eos_ids = tokenizers[model_path]
     # All tasks go through one generation pass (better batches); jobs[i] = (task, example).
-    jobs = [(task, example) for task in tasks for example in examples[task]]
+    jobs = [(task, example) for task in tasks for example in examples[task][:limits[task]]]
     # The template decides BOS and the rest, so the tokenizer must not add special tokens again.
     prompts = [prompt_text(tokenizer, task, example) for task, example in jobs]
     prompt_ids = [tokenizer(text, add_special_tokens=False).input_ids for text in prompts]
     max_new = [args.max_new_tokens or MAX_NEW_TOKENS[task] for task, _ in jobs]
-    eos_ids = common.stop_token_ids(tokenizer, model_path)  # the eos and the model's other stop ids (Llama 3's <|eot_id|>)
     mine = list(range(rank, len(jobs), world_size))  # strided, so every rank gets a mix of lengths
-    texts, counts = {}, {}  # job index -> response text / number of generated tokens
+    done = {}  # job index -> (response text, number of generated tokens, whether it ran to the cap)
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process (as external_launcher wants)
     try:
@@ -299,7 +294,6 @@ def generate(model_path):
         # group of one first, as rlvr.py does, so vLLM never rendezvous on MASTER_PORT.
         for key, value in dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=29500).items():
             os.environ.setdefault(key, str(value))
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
         if not ddp:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         llm = vllm.LLM(model=model_path, seed=0, distributed_executor_backend="external_launcher")
@@ -307,8 +301,8 @@ def generate(model_path):
         params = [vllm.SamplingParams(temperature=0, max_tokens=max_new[i], stop_token_ids=eos_ids,
                                       stop=STOP_STRINGS.get(jobs[i][0])) for i in mine]
         outputs = llm.generate([{"prompt_token_ids": prompt_ids[i]} for i in mine], params, use_tqdm=rank == 0)
-        for i, out in zip(mine, outputs):
-            texts[i], counts[i] = out.outputs[0].text, len(out.outputs[0].token_ids)
+        for i, out in zip(mine, outputs):  # "length": it reached max_tokens, not an eos id or a stop string
+            done[i] = out.outputs[0].text, len(out.outputs[0].token_ids), out.outputs[0].finish_reason == "length"
         # Shut the engine down before the next model: `del llm` is not enough, since EngineCore.__init__ freezes the gc
         # heap (vllm/v1/engine/core.py:253), so its weights, KV cache and parallel groups can outlive it. The shutdown
         # (vllm/v1/engine/core_client.py:401 -> core.py:824-839) unfreezes the heap and runs cleanup_dist_env_and_memory:
@@ -333,10 +327,8 @@ def generate(model_path):
         # Batches of one task each, longest prompts first: a batch shares one few-shot prefix and little padding (a
         # batch that mixed IFEval's tail with GSM8K's head had no common prefix: its IFEval rows were padded to
         # GSM8K's ~1,000 tokens and GSM8K's exemplars prefilled row by row), and OOM shows up at once.
-        batches = []
-        for task in tasks:
-            order = sorted((i for i in mine if jobs[i][0] == task), key=lambda i: -len(prompt_ids[i]))
-            batches += [order[b:b + args.batch_size] for b in range(0, len(order), args.batch_size)]
+        orders = [sorted((i for i in mine if jobs[i][0] == task), key=lambda i: -len(prompt_ids[i])) for task in tasks]
+        batches = [order[b:b + args.batch_size] for order in orders for b in range(0, len(order), args.batch_size)]
         for batch in tqdm(batches, desc=f"generate {model_path}", disable=rank != 0):
             # The few-shot exemplars (~1,000 tokens for GSM8K) are the same in every prompt of a task: run that shared
             # prefix once, copy its KV cache to every row, and feed only the rest: [prefix | padding | question].
@@ -347,25 +339,23 @@ def generate(model_path):
                                                    prompt_ids[i][shared] == prompt_ids[batch[0]][shared] for i in batch):
                 shared += 1
             width = max(len(prompt_ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            input_ids[:, :shared], attention_mask[:, :shared] = torch.tensor(prompt_ids[batch[0]][:shared]), 1
-            for row, i in enumerate(batch):  # the rest is left-padded, so every prompt ends where generation starts
-                first = width - len(prompt_ids[i]) + shared  # not `start`: that name holds the clock
-                input_ids[row, first:], attention_mask[row, first:] = torch.tensor(prompt_ids[i][shared:]), 1
+            # the rest of each prompt, left-padded, so that every prompt ends where generation starts
+            rests = [(prompt_ids[i][shared:], width - len(prompt_ids[i])) for i in batch]
+            step_ids = torch.tensor([[pad_id] * pad + rest for rest, pad in rests], device=device)  # (B, width - shared)
+            mask = torch.tensor([[1] * shared + [0] * pad + [1] * len(rest) for rest, pad in rests], device=device)  # (B, width)
             with torch.no_grad():
                 cache = DynamicCache(config=model.config)
                 if shared:
-                    model(input_ids=input_ids[:1, :shared].to(device), **{cache_name: cache}, use_cache=True,
-                          logits_to_keep=1)  # only the cache is kept: no (shared, V) logits
+                    model(input_ids=torch.tensor([prompt_ids[batch[0]][:shared]], device=device), **{cache_name: cache},
+                          use_cache=True, logits_to_keep=1)  # only the cache is kept: no (shared, V) logits
                     cache.batch_repeat_interleave(len(batch))
                 # Greedy decoding written out, so that a finished row leaves the batch: model.generate computes every
                 # row until the longest ends, and most answers are short (held-out IF: ~40 of 96 tokens), so on CPU
                 # most of its work went to rows already done. The same forward calls, positions (from the mask, as
                 # transformers' _prepare_position_ids_for_generation) and argmax as its greedy search: the same tokens (tested).
-                mask = attention_mask.to(device)  # (B, width), grows by one column per step
                 positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, shared:]  # (B, width - shared)
-                step_ids, live, new = input_ids[:, shared:].to(device), list(range(len(batch))), [[] for _ in batch]
+                live, new = list(range(len(batch))), [[] for _ in batch]
+                ended = set()  # the rows that stopped at an eos id or a stop string; the others ran to the cap
                 cap, stops = max_new[batch[0]], STOP_STRINGS.get(jobs[batch[0]][0], [])  # a batch is one task
                 for _ in range(cap):
                     next_ids = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, **{cache_name: cache},
@@ -376,7 +366,9 @@ def generate(model_path):
                         # a stop string this token completed lies within the last 16 tokens: the longest is 10
                         # characters, and a token is at least one (the full text is cut at scoring, as ever)
                         tail = tokenizer.decode(new[row][-16:], skip_special_tokens=True) if stops else ""
-                        if token not in eos_ids and len(new[row]) < cap and not any(stop in tail for stop in stops):
+                        if token in eos_ids or any(stop in tail for stop in stops):
+                            ended.add(row)
+                        elif len(new[row]) < cap:
                             keep.append(k)
                     if not keep:
                         break
@@ -384,21 +376,20 @@ def generate(model_path):
                         index = torch.tensor(keep, device=device)
                         cache.batch_select_indices(index)
                         mask, next_ids, positions, live = mask[index], next_ids[index], positions[index], [live[k] for k in keep]
-                    mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+                    mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)  # one column more per step
                     step_ids, positions = next_ids[:, None], positions[:, -1:] + 1  # (live, 1) each
-            for row, i in enumerate(batch):  # a row's eos, if it has one, is its last token
-                counts[i] = len(new[row])  # the eos counts as generated
-                texts[i] = tokenizer.decode(new[row][:-1] if new[row][-1] in eos_ids else new[row], skip_special_tokens=True)
+            for row, i in enumerate(batch):  # a row's eos, if it has one, is its last token (and counts as generated)
+                text = tokenizer.decode(new[row][:-1] if new[row][-1] in eos_ids else new[row], skip_special_tokens=True)
+                done[i] = text, len(new[row]), row not in ended
     if ddp:  # everyone's answers to every rank (only rank 0 uses them)
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, (texts, counts))
-        for part_texts, part_counts in gathered:
-            texts.update(part_texts)
-            counts.update(part_counts)
+        dist.all_gather_object(gathered, done)
+        done = {i: answer for part in gathered for i, answer in part.items()}
     pairs = {task: [] for task in tasks}
     for i, (task, example) in enumerate(jobs):
-        pairs[task].append((example, texts[i], prompts[i]))
-    return pairs, time.time() - start, sum(counts.values())
+        text, _, truncated = done[i]
+        pairs[task].append((example, text, {"truncated": truncated, "input": prompts[i]}))
+    return pairs, time.time() - start, sum(count for _, count, _ in done.values())
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -413,16 +404,16 @@ def stderr(values):
 
 
 def score(pairs, output_dir):
-    """Score every (example, response, prompt text) with common.verify's rules (IFEval: Google's), the response cut at
-    the task's first stop string; write <task>_records.jsonl (with the whole prompt as "input" when generated here) and
-    results.json to output_dir; return ({task: {metric: value}}, {task: [per-prompt score of the headline metric]})."""
+    """Score every (example, response, generation's record fields) with common.verify's rules (IFEval: Google's), the
+    response cut at the task's first stop string; write <task>_records.jsonl and results.json to output_dir; return
+    ({task: {metric: value}}, {task: [per-prompt score of the headline metric]})."""
     os.makedirs(output_dir, exist_ok=True)
     results, scores = {}, {}  # scores: the headline metric prompt by prompt (ifeval: prompt-level loose, = "score")
     for task in tasks:
         records = []
-        for example, response, prompt in tqdm(pairs[task], desc=f"score {task}", leave=False):
+        for example, response, generated in tqdm(pairs[task], desc=f"score {task}", leave=False):
             response = until_stop(task, response)
-            record = {"prompt": example[QUESTION_FIELD[task]], "response": response} | ({"input": prompt} if prompt else {})
+            record = {"prompt": example[QUESTION_FIELD[task]], "response": response, **generated}
             if task == "gsm8k":
                 record.update(gold=example["answer"].split("####")[-1].strip(), extracted=gsm8k_extract(response),
                               score=gsm8k_score(response, example["answer"]))
@@ -450,6 +441,8 @@ def score(pairs, output_dir):
                 # prompt are not quite, so it is a little optimistic)
                 per_item[f"inst_level_{level}_acc"] = [float(x) for f in follows for x in f]
         results[task] = {"num_examples": len(records)}
+        if not args.responses:  # the responses cut at the token cap: unfinished, not (or not only) wrong
+            results[task]["num_truncated"] = sum(r["truncated"] for r in records)
         for metric, values in per_item.items():
             results[task][metric] = sum(values) / max(len(values), 1)
             results[task][f"{metric}_stderr"] = stderr(values)
@@ -460,42 +453,33 @@ def score(pairs, output_dir):
 
 # ----------------------------------------------------------------------------- one model after the other
 # One model writes to --output_dir; several write to --output_dir/<name>/ and end with a table comparing them.
-runs = [("responses", None)] if args.responses else [(os.path.basename(os.path.normpath(p)), p) for p in args.model_name_or_path]
-names = [name if [n for n, _ in runs].count(name) == 1 else f"{k}_{name}" for k, (name, _) in enumerate(runs)]
+paths = args.model_name_or_path or [None]  # None: the given responses
+bases = [os.path.basename(os.path.normpath(path)) if path else "responses" for path in paths]
+names = [base if bases.count(base) == 1 else f"{k}_{base}" for k, base in enumerate(bases)]
 if len(set(names)) < len(names):  # a model named "1_sft" beside two "sft": it and the second wrote to one directory
-    names = [f"{k}_{name}" for k, (name, _) in enumerate(runs)]
-table, per_prompt = {}, {}
-if rank == 0 and os.path.exists(os.path.join(args.output_dir, "table.md")):  # an earlier run's, not this one's: it
-    os.remove(os.path.join(args.output_dir, "table.md"))  # stayed beside this run's results as if it were
-for name, (_, model_path) in zip(names, runs):
-    if model_path is None:  # score what someone else generated: no tokenizer, no model
-        try:
-            pairs = {task: read_responses(path, task, examples[task]) for task, path in zip(tasks, args.responses)}
-        except ValueError as e:  # a bad row: its file and line, not a traceback
-            sys.exit(f"error: {e}")
-        elapsed = None
-    else:
-        pairs, elapsed, generated_tokens = generate(model_path)
+    names = [f"{k}_{base}" for k, base in enumerate(bases)]
+table, per_prompt, table_path = {}, {}, os.path.join(args.output_dir, "table.md")
+if rank == 0 and os.path.exists(table_path):  # an earlier run's, not this one's: it stayed beside this run's results
+    os.remove(table_path)  # as if it were
+for name, model_path in zip(names, paths):
+    pairs, elapsed, generated_tokens = (given_pairs, None, None) if model_path is None else generate(model_path)
     if rank != 0:
         continue
-    output_dir = args.output_dir if len(runs) == 1 else os.path.join(args.output_dir, name)
-    results, per_prompt[name] = score(pairs, output_dir)
-    table[name] = results
+    output_dir = args.output_dir if len(paths) == 1 else os.path.join(args.output_dir, name)
+    table[name], per_prompt[name] = score(pairs, output_dir)
     print0(f"{model_path or 'responses'}\n{'task':<10}{'metric':<26}{'value':>8}  stderr")
-    for task, metrics in results.items():
-        for metric, value in metrics.items():
-            if metric.endswith("_stderr"):
-                continue
-            se = metrics.get(f"{metric}_stderr")
+    for task, metrics in table[name].items():
+        for metric in [m for m in metrics if not m.endswith("_stderr")]:  # each with its stderr beside it
+            value, se = metrics[metric], metrics.get(f"{metric}_stderr")
             print0(f"{task:<10}{metric:<26}" + (f"{value:>8.4f}" if isinstance(value, float) else f"{value:>8}") +
-                   ("" if metric == "num_examples" else f"  {se:.4f}" if se is not None else "  n/a"))
+                   ("" if metric.startswith("num_") else f"  {se:.4f}" if se is not None else "  n/a"))
     if elapsed is not None:
         n_prompts = sum(len(p) for p in pairs.values())
         print0(f"generation: {n_prompts} prompts, {generated_tokens} tokens in {elapsed:.1f}s "
                f"({n_prompts / elapsed:.2f} prompts/s, {generated_tokens / elapsed:.1f} generated tokens/s)")
     print0(f"wrote {os.path.join(output_dir, 'results.json')}")
 
-if rank == 0 and len(runs) > 1:  # the headline number of each task, as Tulu 3 reports it: accuracy / prompt-level loose
+if rank == 0 and len(paths) > 1:  # the headline number of each task, as Tulu 3 reports it: accuracy / prompt-level loose
     headline = {"gsm8k": ("GSM8K", "accuracy"), "math500": ("MATH-500", "accuracy"), "ifeval": ("IFEval", "prompt_level_loose_acc"),
                 "ifheldout": ("IF held-out", "prompt_level_loose_acc")}
     n = {task: table[names[0]][task]["num_examples"] for task in tasks}
@@ -516,10 +500,10 @@ if rank == 0 and len(runs) > 1:  # the headline number of each task, as Tulu 3 r
     lines += [f"| {name} | " + " | ".join(cell(k, t) for t in tasks) + " |" for k, name in enumerate(names)]
     lines += ["", "Points: score ± standard error (sample std / sqrt(n)); in parentheses the gain over the row above ± "
               "its paired standard error (std of the per-prompt differences / sqrt(n)).", "",
-              "Models: " + "; ".join(f"{name} = {path}" for name, (_, path) in zip(names, runs)) + "."]
-    with open(os.path.join(args.output_dir, "table.md"), "w") as f:
+              "Models: " + "; ".join(f"{name} = {path}" for name, path in zip(names, paths)) + "."]
+    with open(table_path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print0("\n" + "\n".join(lines) + f"\nwrote {os.path.join(args.output_dir, 'table.md')}")
+    print0("\n" + "\n".join(lines) + f"\nwrote {table_path}")
 if ddp:  # rank 0 scores while the others wait, as at the end of sft.py
     dist.barrier()
     dist.destroy_process_group()

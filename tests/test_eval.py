@@ -67,6 +67,8 @@ def test_responses_gsm8k_and_math(tmp_path):
     assert [r["score"] for r in records] == [1.0, 0.0, 0.0]  # file order, the repeat included
     assert [r["extracted"] for r in records] == [gold0, "99", "7"]
     assert records[0]["prompt"] == gsm[0]["question"]
+    # given responses: whether they were cut at a cap is not known here, so neither is said
+    assert all("truncated" not in r for r in records) and "num_truncated" not in results["gsm8k"]
     math_records = read_jsonl(out / "math500_records.jsonl")
     assert [r["score"] for r in math_records] == [1.0, 0.0]
     assert math_records[1]["extracted"] == ["p+q"]  # the one answer it commits to
@@ -237,6 +239,8 @@ def test_generate_end_to_end(tiny_model, tmp_path):
         expected = [r[field] for r in read_jsonl(ROOT / "data" / data)[:5]]
         assert [r["prompt"] for r in records] == expected  # input order restored after length sorting
         assert all(isinstance(r["response"], str) and r["score"] in (0.0, 1.0) and "extracted" in r for r in records)
+        assert all(isinstance(r["truncated"], bool) for r in records)
+        assert results[task]["num_truncated"] == sum(r["truncated"] for r in records)
     assert "prompts/s" in proc.stdout and "generated tokens/s" in proc.stdout
 
     # the batched (left-padded) run answers like one prompt at a time
@@ -249,11 +253,9 @@ def test_generate_end_to_end(tiny_model, tmp_path):
         assert batched == one_by_one
 
 
-@pytest.mark.parametrize("generator", ["hf", "vllm"])
-def test_gsm8k_generation_stops_at_question_hf_and_vllm(tiny_model, tmp_path, generator):
-    """A model that answers, then starts the next "Question:" and would go on forever (a cycle of tokens built into its
-    weights) stops there on GSM8K: the response ends before the stop string and no token is generated after it, with
-    the HF loop and with vLLM's `stop` (tests/fake_vllm); IFEval, which has no stop strings, runs to the cap."""
+def cycle_model(tiny_model, path):
+    """The tiny model's copy at `path` whose weights cycle through " The answer is 7.\nQuestion:" forever (GSM8K's
+    "Answer:" leads into the cycle's first token); -> the cycle's token ids."""
     import shutil
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -273,12 +275,28 @@ def test_gsm8k_generation_stops_at_question_hf_and_vllm(tiny_model, tmp_path, ge
         embed[:, 63], head[cycle[0], 63] = 1, 5  # from any token outside the cycle into it
         for i, token in enumerate(cycle):  # and round it: token i -> token i + 1 -> ... -> token 0
             embed[token, i], head[cycle[(i + 1) % len(cycle)], i] = 4, 20
-    path = tmp_path / "cycle_model"
     shutil.copytree(tiny_model, path)
     model.save_pretrained(path)
+    return cycle
+
+
+def run_eval_with(generator, *args):
+    """eval.py with --generator hf, or vllm against tests/fake_vllm."""
+    args = [*args, "--generator", generator]
+    return run_eval(*args) if generator == "hf" else run_script("eval.py", *args, env=VLLM_ENV, check=False)
+
+
+@pytest.mark.parametrize("generator", ["hf", "vllm"])
+def test_gsm8k_generation_stops_at_question_hf_and_vllm(tiny_model, tmp_path, generator):
+    """A model that answers, then starts the next "Question:" and would go on forever (a cycle of tokens built into its
+    weights) stops there on GSM8K: the response ends before the stop string and no token is generated after it, with
+    the HF loop and with vLLM's `stop` (tests/fake_vllm); IFEval, which has no stop strings, runs to the cap, and its
+    record says so ("truncated"), where GSM8K's, stopped by the stop string, do not."""
+    path = tmp_path / "cycle_model"
+    cycle = cycle_model(tiny_model, path)
     args = ["--model_name_or_path", path, "--task", "gsm8k", "--task", "ifeval", "--limit", "gsm8k=3", "ifeval=1",
-            "--max_new_tokens", 40, "--output_dir", tmp_path / "out", "--generator", generator]
-    result = run_eval(*args) if generator == "hf" else run_script("eval.py", *args, env=VLLM_ENV, check=False)
+            "--max_new_tokens", 40, "--output_dir", tmp_path / "out"]
+    result = run_eval_with(generator, *args)
     assert result.returncode == 0, result.stderr
     gsm8k = read_jsonl(tmp_path / "out" / "gsm8k_records.jsonl")
     assert [r["response"] for r in gsm8k] == [" The answer is 7.\n"] * 3 and [r["extracted"] for r in gsm8k] == ["7"] * 3
@@ -286,6 +304,31 @@ def test_gsm8k_generation_stops_at_question_hf_and_vllm(tiny_model, tmp_path, ge
     assert "Question: The answer is 7.\nQuestion:" in ifeval[0]["response"]  # (its prompt ends inside the cycle)
     # 3 x the cycle (its last token completes "Question:", and counts) + IFEval's 40: not 4 x 40
     assert f"4 prompts, {3 * len(cycle) + 40} tokens in" in result.stdout
+    assert [r["truncated"] for r in gsm8k] == [False] * 3 and ifeval[0]["truncated"] is True
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["gsm8k"]["num_truncated"] == 0 and results["ifeval"]["num_truncated"] == 1
+    assert re.search(r"^gsm8k +num_truncated +0$", result.stdout, re.M) and re.search(r"^ifeval +num_truncated +1$", result.stdout, re.M)
+
+
+@pytest.mark.parametrize("generator", ["hf", "vllm"])
+def test_truncated_only_where_the_cap_cut_the_response_hf_and_vllm(tiny_model, tmp_path, generator):
+    """A response that ends at an eos id is finished, even when the eos is the last token the cap allows; one token
+    less and the same answer was cut: "truncated" (the old records could not tell the two apart)."""
+    path = tmp_path / "cycle_model"
+    cycle = cycle_model(tiny_model, path)
+    config = json.loads((path / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], cycle[2]]  # the cycle's third token ends every GSM8K answer
+    (path / "generation_config.json").write_text(json.dumps(config))
+    records = {}
+    for cap in (40, 3, 2):  # the eos comes well before the cap, as the cap's last token, and one token too late
+        result = run_eval_with(generator, "--model_name_or_path", path, "--task", "gsm8k", "--limit", 2,
+                               "--max_new_tokens", cap, "--output_dir", tmp_path / f"cap{cap}")
+        assert result.returncode == 0, result.stderr
+        records[cap] = read_jsonl(tmp_path / f"cap{cap}" / "gsm8k_records.jsonl")
+        assert json.loads((tmp_path / f"cap{cap}" / "results.json").read_text())["gsm8k"]["num_truncated"] == (2 if cap == 2 else 0)
+    assert [r["truncated"] for cap in (40, 3, 2) for r in records[cap]] == [False] * 4 + [True] * 2
+    assert records[40] == records[3]  # the same finished answers
+    assert all(finished["response"].startswith(cut["response"]) for finished, cut in zip(records[3], records[2]))
 
 
 def test_shared_prefix_cache_changes_no_token(tiny_model, tmp_path):
@@ -356,7 +399,7 @@ def test_generate_under_torchrun_matches_single_process(tiny_model, tmp_path):
     one = read_jsonl(tmp_path / "single" / "gsm8k_records.jsonl")
     two = read_jsonl(tmp_path / "multi" / "gsm8k_records.jsonl")
     assert [r["prompt"] for r in two] == [r["prompt"] for r in one]
-    assert [r["response"] for r in two] == [r["response"] for r in one]
+    assert [(r["response"], r["truncated"]) for r in two] == [(r["response"], r["truncated"]) for r in one]
 
 
 def test_missing_chat_template_is_an_error(tiny_model, tmp_path):

@@ -146,7 +146,7 @@ def test_eval_vllm_several_models_one_process_and_torchrun(tiny_model_dir, tmp_p
     run_script("eval.py", *args, "--output_dir", tmp_path / "two", nproc=2, env=VLLM_ENV)
     for name in ("0_" + os.path.basename(tiny_model_dir), "2_" + os.path.basename(tiny_model_dir)):
         for task in ("gsm8k", "ifeval"):
-            one, two = ([json.loads(line)["response"] for line in open(tmp_path / run / name / f"{task}_records.jsonl")]
+            one, two = ([(r["response"], r["truncated"]) for r in map(json.loads, open(tmp_path / run / name / f"{task}_records.jsonl"))]
                         for run in ("one", "two"))
-            assert len(one) == 3 and one == two
+            assert len(one) == 3 and one == two  # responses, and whether each ran to the 8-token cap
     assert os.path.exists(tmp_path / "one" / "table.md") and os.path.exists(tmp_path / "two" / "table.md")
