@@ -328,6 +328,10 @@ def test_truncated_only_where_the_cap_cut_the_response_hf_and_vllm(tiny_model, t
         assert json.loads((tmp_path / f"cap{cap}" / "results.json").read_text())["gsm8k"]["num_truncated"] == (2 if cap == 2 else 0)
     assert [r["truncated"] for cap in (40, 3, 2) for r in records[cap]] == [False] * 4 + [True] * 2
     assert records[40] == records[3]  # the same finished answers
+    # which hold the two tokens before the stop id and not its text, which is no special token: vLLM leaves a stop
+    # token out of the text all the same (vllm/v1/engine/detokenizer.py:107-113), as the HF loop does
+    from transformers import AutoTokenizer
+    assert [r["response"] for r in records[3]] == [AutoTokenizer.from_pretrained(path).decode(cycle[:2])] * 2
     assert all(finished["response"].startswith(cut["response"]) for finished, cut in zip(records[3], records[2]))
 
 

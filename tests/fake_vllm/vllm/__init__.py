@@ -352,7 +352,10 @@ class LLM:
                 finish = "stop"
                 break
             inputs = torch.tensor([[token]])
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)  # SamplingParams.skip_special_tokens is True
+        # A stop token (eos or stop_token_ids) is left out of the text even when it is not a special token
+        # (vllm/v1/engine/detokenizer.py:107-113, include_stop_str_in_output False), though it stays in token_ids
+        stopped_on_token = finish == "stop" and not isinstance(stop_reason, str) and not p.include_stop_str_in_output
+        text = self.tokenizer.decode(tokens[:-1] if stopped_on_token else tokens, skip_special_tokens=True)  # skip_special_tokens: True
         if isinstance(stop_reason, str):
             text = text[:end] if p.include_stop_str_in_output else text[:end - len(stop_reason)]
         return CompletionOutput(index, text, tokens, cumulative if p.logprobs is not None else None,
