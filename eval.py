@@ -48,7 +48,8 @@ from common import gsm8k_extract, gsm8k_score, ifeval_follow, math_extract, math
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model_name_or_path", nargs="+", default=[],
                     help="HF model directories; several: each is scored, then one table compares them")
-parser.add_argument("--task", action="append", required=True, choices=["gsm8k", "math500", "ifeval", "ifheldout"])
+TASKS = ["gsm8k", "math500", "ifeval", "ifheldout"]
+parser.add_argument("--task", action="append", required=True, choices=TASKS)
 parser.add_argument("--limit", nargs="+", action="extend", default=[],
                     help="only the first N examples: N (every task) and/or TASK=N (that task), e.g. 16 ifheldout=240")
 parser.add_argument("--max_new_tokens", type=int, default=None,
@@ -72,6 +73,30 @@ if args.responses and args.model_name_or_path:  # one or the other: the models w
     parser.error("--responses scores given responses; --model_name_or_path generates them: give one of the two")
 if args.generator == "vllm" and not importlib.util.find_spec("vllm"):
     parser.error("--generator vllm: vllm does not import here (on a GPU: pip install vllm==0.32.0; or --generator hf)")
+# Everything that needs only the command line is checked first, before a model or a data file is read.
+tasks = args.task
+if len(set(tasks)) < len(tasks):  # (dropped silently, then "give one --responses file per --task" with two files)
+    sys.exit(f"error: --task {next(t for t in tasks if tasks.count(t) > 1)} given twice")
+if args.responses and len(args.responses) != len(tasks):
+    sys.exit("error: give one --responses file per --task, in the same order")
+if not args.responses and not args.model_name_or_path:
+    sys.exit("error: --model_name_or_path is required unless --responses is given")
+limits = {}  # --limit as {task: N}: the task's TASK=N if given, else a bare N, else None (all examples)
+for item in args.limit:
+    name, _, n = item.rpartition("=")
+    if name and name not in TASKS or not n.isdigit() or int(n) == 0:  # (0 examples: no score to give)
+        sys.exit(f"error: --limit takes N or TASK=N with TASK one of {', '.join(TASKS)}; got {item!r}")
+    if (name or None) in limits:  # the last one silently won
+        sys.exit(f"error: --limit gives {name or 'N'} twice: {' '.join(args.limit)}")
+    limits[name or None] = int(n)
+if set(limits) - {None, *tasks}:  # (ignored before)
+    sys.exit(f"error: --limit {' '.join(args.limit)} names a task this run does not --task")
+limits = {task: limits.get(task, limits.get(None)) for task in tasks}
+shaping = [flag for flag, given in [("--max_new_tokens", args.max_new_tokens), ("--chat_template", args.chat_template != "default"),
+                                     ("--mixed_precision", args.mixed_precision), ("--no_prefix_cache", args.no_prefix_cache)] if given]
+if args.responses and shaping:  # (ignored without a word before)
+    print(f"warning: {', '.join(shaping)} shape generation, and do nothing here: --responses scores the given responses",
+          file=sys.stderr)
 tokenizers = {}  # model path -> (its tokenizer, template set; its eos and other stop ids, e.g. Llama 3's <|eot_id|>)
 for model_path in args.model_name_or_path:  # every model found before the first is evaluated, not after it
     common.require_model_directory(model_path)
@@ -158,21 +183,6 @@ STOP_STRINGS = {"gsm8k": ["Question:", "</s>", "<|im_end|>"]}  # a model that go
 MAX_NEW_TOKENS = {"gsm8k": 512, "math500": 1024, "ifeval": 2048, "ifheldout": 2048}
 
 
-def parse_limits():
-    """--limit as {task: N}: the task's TASK=N if given, else a bare N, else None (all examples)."""
-    limits = {}
-    for item in args.limit:
-        name, _, n = item.rpartition("=")
-        if name and name not in QUESTION_FIELD or not n.isdigit() or int(n) == 0:  # (0 examples: no score to give)
-            sys.exit(f"error: --limit takes N or TASK=N with TASK one of {', '.join(QUESTION_FIELD)}; got {item!r}")
-        if (name or None) in limits:  # the last one silently won
-            sys.exit(f"error: --limit gives {name or 'N'} twice: {' '.join(args.limit)}")
-        limits[name or None] = int(n)
-    if set(limits) - {None, *tasks}:  # (ignored before)
-        sys.exit(f"error: --limit {' '.join(args.limit)} names a task this run does not --task")
-    return {task: limits.get(task, limits.get(None)) for task in tasks}
-
-
 def load_task(task):
     if args.from_hub and task in HUB_DATASETS:  # ifheldout is ours: always the local file
         import datasets
@@ -245,24 +255,11 @@ def read_responses(path, task, examples):
     return pairs
 
 
-tasks = args.task
-if len(set(tasks)) < len(tasks):  # (dropped silently, then "give one --responses file per --task" with two files)
-    sys.exit(f"error: --task {next(t for t in tasks if tasks.count(t) > 1)} given twice")
-limits = parse_limits()  # a malformed --limit fails here, before any model is loaded
-if args.responses and len(args.responses) != len(tasks):
-    sys.exit("error: give one --responses file per --task, in the same order")
-if not args.responses and not args.model_name_or_path:
-    sys.exit("error: --model_name_or_path is required unless --responses is given")
-shaping = [flag for flag, given in [("--max_new_tokens", args.max_new_tokens), ("--chat_template", args.chat_template != "default"),
-                                     ("--mixed_precision", args.mixed_precision), ("--no_prefix_cache", args.no_prefix_cache)] if given]
-if args.responses and shaping:  # (ignored without a word before)
-    print(f"warning: {', '.join(shaping)} shape generation, and do nothing here: --responses scores every given response",
-          file=sys.stderr)
 try:  # a bad row: its file, line and field, not a traceback
     examples = {task: load_task(task) for task in tasks}
     # responses generated elsewhere, scored in place of a model's: no tokenizer, no model
     given_pairs = {task: read_responses(path, task, examples[task]) for task, path in zip(tasks, args.responses or [])}
-except ValueError as e:
+except (ValueError, OSError) as e:  # (OSError: a file that cannot be read)
     sys.exit(f"error: {e}")
 
 

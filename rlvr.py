@@ -377,9 +377,11 @@ def evaluate():
     """Greedy (temperature 0) verifier reward on the held-out prompts, each rank a strided share, gathered."""
     indices = group_share(range(len(eval_prompts)))
     responses = generate([eval_prompts[i]["prompt_ids"] for i in indices])
-    mine = [(p["dataset"], common.verify(p["dataset"], tokenizer.decode(response, skip_special_tokens=True), p["ground_truth"],
-                                         tokenizer.decode(p["prompt_ids"])), len(response))  # (the verifier reads the prompt too)
-            for p, (response, _, _) in [(eval_prompts[i], out) for i, out in zip(indices, responses) if i % world_size == rank]]
+    mine = []  # (dataset, score, response tokens) of this rank's prompts
+    for p, (response, finished, _) in [(eval_prompts[i], out) for i, out in zip(indices, responses) if i % world_size == rank]:
+        # the verifier reads the text without its stop token, special or not (as vLLM's text is), and the prompt
+        text = tokenizer.decode(response[:-1] if finished else response, skip_special_tokens=True)
+        mine.append((p["dataset"], common.verify(p["dataset"], text, p["ground_truth"], tokenizer.decode(p["prompt_ids"])), len(response)))
     results = gather(mine)  # (dataset, score, response tokens) of every prompt
     mean = lambda values: sum(values) / len(values)
     metrics = {"eval/reward": args.verification_reward * mean([score for _, score, _ in results]),
@@ -467,8 +469,8 @@ for step in progress:
             continue
         prompt, prompt_text = prompts[j], tokenizer.decode(prompts[j]["prompt_ids"])  # the verifier reads the prompt too
         for response, finished, generator_logps in generated[k * G : (k + 1) * G]:
-            score = common.verify(prompt["dataset"], tokenizer.decode(response, skip_special_tokens=True),
-                                  prompt["ground_truth"], prompt_text)
+            text = tokenizer.decode(response[:-1] if finished else response, skip_special_tokens=True)  # as in evaluate()
+            score = common.verify(prompt["dataset"], text, prompt["ground_truth"], prompt_text)
             penalized = args.non_stop_penalty and not finished  # Tulu: the penalty replaces the reward
             samples.append(dict(position=j, prompt_index=batch[j], dataset=prompt["dataset"], ground_truth=prompt["ground_truth"],
                                 response=response, finished=finished, generator_logps=generator_logps, score=score,

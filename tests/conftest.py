@@ -48,6 +48,33 @@ def conversation(i):
             {"role": "assistant", "content": f"Doubled, it is {6 * i}."}]
 
 
+def cycle_model(tiny_model, path):
+    """The tiny model's copy at `path` whose weights cycle through " The answer is 7.\nQuestion:" forever (from any
+    token outside the cycle, e.g. GSM8K's "Answer:", into its first); -> the cycle's token ids."""
+    import shutil
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    cycle = tokenizer(" The answer is 7.\nQuestion:", add_special_tokens=False).input_ids
+    assert len(set(cycle)) == len(cycle) < 63  # one hidden dimension per token of the cycle, one for the way in
+    config = LlamaConfig.from_pretrained(tiny_model)
+    config.tie_word_embeddings = False
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # the next token depends on the last one only: attention and MLP add nothing to the residual
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight  # (V, 64) each
+        embed.zero_(), head.zero_()
+        embed[:, 63], head[cycle[0], 63] = 1, 5  # from any token outside the cycle into it
+        for i, token in enumerate(cycle):  # and round it: token i -> token i + 1 -> ... -> token 0
+            embed[token, i], head[cycle[(i + 1) % len(cycle)], i] = 4, 20
+    shutil.copytree(tiny_model, path)
+    model.save_pretrained(path)
+    return cycle
+
+
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         for row in rows:

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-from conftest import SCRIPT_ENV, VLLM_ENV, run_script  # noqa: E402
+from conftest import SCRIPT_ENV, VLLM_ENV, cycle_model, run_script  # noqa: E402
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -154,7 +154,12 @@ def test_flags_that_cannot_score_are_refused(tmp_path):
                           # a limit for a task not run was ignored
                           (["--responses", tmp_path / "r.jsonl", "--limit", "math500=2"], "names a task this run does not"),
                           # a response that is not a string: the right message, but in a traceback
-                          (["--responses", tmp_path / "null.jsonl"], "error: " + f"{tmp_path / 'null.jsonl'}:1: expected")]:
+                          (["--responses", tmp_path / "null.jsonl"], "error: " + f"{tmp_path / 'null.jsonl'}:1: expected"),
+                          # a missing file
+                          (["--responses", tmp_path / "missing.jsonl"], f"error: {tmp_path / 'missing.jsonl'}: no such file"),
+                          # the command line is checked before any model is looked for: a bad --limit was reported
+                          # only after every model's config and tokenizer had loaded (a missing one reported first)
+                          (["--model_name_or_path", tmp_path / "no_model", "--limit", "0"], "--limit takes N or TASK=N")]:
         write_jsonl(tmp_path / "null.jsonl", [{"question": gsm[0]["question"], "response": None}])
         proc = run_eval("--task", "gsm8k", *args, "--output_dir", tmp_path / "out")
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
@@ -251,33 +256,6 @@ def test_generate_end_to_end(tiny_model, tmp_path):
         batched = [r["response"] for r in read_jsonl(out / f"{task}_records.jsonl")]
         one_by_one = [r["response"] for r in read_jsonl(tmp_path / "single" / f"{task}_records.jsonl")]
         assert batched == one_by_one
-
-
-def cycle_model(tiny_model, path):
-    """The tiny model's copy at `path` whose weights cycle through " The answer is 7.\nQuestion:" forever (GSM8K's
-    "Answer:" leads into the cycle's first token); -> the cycle's token ids."""
-    import shutil
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    cycle = tokenizer(" The answer is 7.\nQuestion:", add_special_tokens=False).input_ids
-    assert len(set(cycle)) == len(cycle) < 63  # one hidden dimension per token of the cycle, one for the way in
-    config = LlamaConfig.from_pretrained(tiny_model)
-    config.tie_word_embeddings = False
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # the next token depends on the last one only: attention and MLP add nothing to the residual
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        embed, head = model.model.embed_tokens.weight, model.lm_head.weight  # (V, 64) each
-        embed.zero_(), head.zero_()
-        embed[:, 63], head[cycle[0], 63] = 1, 5  # from any token outside the cycle into it
-        for i, token in enumerate(cycle):  # and round it: token i -> token i + 1 -> ... -> token 0
-            embed[token, i], head[cycle[(i + 1) % len(cycle)], i] = 4, 20
-    shutil.copytree(tiny_model, path)
-    model.save_pretrained(path)
-    return cycle
 
 
 def run_eval_with(generator, *args):

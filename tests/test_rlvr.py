@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 
 import common
-from conftest import read_metrics, run_script, write_jsonl
+from conftest import cycle_model, read_metrics, run_script, write_jsonl
 
 # tiny and fast: 4 prompts x 4 samples, 8 new tokens, a large lr so that one update visibly moves the policy
 FAST = ["--num_unique_prompts_rollout", 4, "--num_samples_per_prompt", 4, "--response_length", 8,
@@ -62,7 +62,7 @@ def test_grpo_numbers_match_a_hand_computation(tiny_model_dir, tokenizer, rlvr_d
         verifiers = {"gsm8k": common.gsm8k_score, "math": common.math_score, "ifeval": common.ifeval_rlvr_score}
         datasets = {row["ground_truth"]: row["dataset"].lower() for row in rlvr_rows()}  # the ground truths are distinct
         for s in samples:
-            text = tokenizer.decode(s["response"], skip_special_tokens=True)
+            text = tokenizer.decode(s["response"][:-1] if s["finished"] else s["response"], skip_special_tokens=True)
             assert s["score"] == verifiers[s["dataset"]](text, s["ground_truth"])
             assert s["reward"] == 10 * s["score"]
             assert s["dataset"] == datasets[s["ground_truth"]]
@@ -296,6 +296,28 @@ def test_prompt_is_every_turn_up_to_the_last_user_turn(tiny_model_dir, tokenizer
     stored = Dataset.from_file(path)["prompt_ids"]
     assert stored == [tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
                                 add_special_tokens=False).input_ids for p in prompts]
+
+
+def test_the_verifier_reads_a_response_without_its_stop_token(tiny_model_dir, tokenizer, tmp_path):
+    """A model may stop at an id that is no special token (an extra eos id in generation_config.json). Its text was
+    scored as part of the response: a model stopping at " answer" failed "do not say answer" every time. vLLM leaves a
+    stop token out of the text (vllm/v1/engine/detokenizer.py:107-113), and so do eval.py and now rlvr.py, in training
+    rollouts and in the greedy held-out evaluation alike."""
+    stopping = tmp_path / "cycle_model"
+    cycle = cycle_model(tiny_model_dir, stopping)  # it says "... The answer is 7.\nQuestion: ..." to any prompt
+    config = json.loads((stopping / "generation_config.json").read_text())
+    config["eos_token_id"] = [tokenizer.eos_token_id, cycle[1]]  # and stops at " answer"
+    (stopping / "generation_config.json").write_text(json.dumps(config))
+    truth = json.dumps({"func_name": "validate_forbidden_words", "forbidden_words": ["answer"]})
+    messages = [{"role": "user", "content": "Say something, but not the word answer."}]
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"messages": messages, "ground_truth": truth, "dataset": "ifeval"}] * 4)
+    out = tmp_path / "out"
+    run_script("rlvr.py", "--model_name_or_path", stopping, "--dataset_mixer_list", data, "1.0", "--eval_dataset", data,
+               "--eval_every", 1, "--max_steps", 1, "--save_rollouts", "--output_dir", out, *FAST)
+    assert read_metrics(out)[0]["eval/reward"] == 10  # the greedy answers: all 4 paid
+    samples = read_rollouts(out)
+    # ("\n" ends the generation prompt and is in the cycle: "Question: The answer", stopped at " answer")
+    assert len(samples) == 16 and all(s["response"][-1] == cycle[1] and s["finished"] and s["score"] == 1 for s in samples)
 
 
 def test_max_grad_norm_zero_turns_clipping_off(tiny_model_dir, rlvr_data, tmp_path):

@@ -3,15 +3,18 @@ model, the same tokens, the same hyperparameters, three optimizer steps each; th
 the final weights must agree.
 
 What this checks that the hand computations of test_sft.py / test_dpo.py do not: the whole optimizer step over several
-steps (gradient accumulation, the gradient-norm clip, AdamW, the linear schedule), against code we did not write.
-What it does not check: tokenization. Both sides train on the tokens common.tokenize_conversation makes, whose labels
-test_template.py checks against open-instruct's (TRL's DPO tokenization runs a response to the end of the rendered
-text, so with ChatML it also scores the "\\n" after <|im_end|>, which neither open-instruct nor we do). Each global batch is the whole data set, so the two trainers' different shuffles
-and micro-batch groupings change nothing but rounding: sft.py's --reduce_loss mean and TRL's loss are both the token
-mean over the global batch, and both DPO losses the mean over its pairs.
+steps (gradient accumulation, the gradient-norm clip, AdamW, the linear schedule), against code we did not write. What
+it does not check: tokenization. Both sides train on the tokens common.tokenize_conversation makes, whose labels
+test_template.py checks against open-instruct's (TRL's DPO tokenization runs a response to the end of the rendered text,
+so with ChatML it also scores the "\\n" after <|im_end|>, which neither open-instruct nor we do). Each global batch is
+the whole data set, so the two trainers' different shuffles and micro-batch groupings change nothing but rounding:
+sft.py's --reduce_loss mean and TRL's loss are both the token mean over the global batch, and both DPO losses the mean
+over its pairs.
 
-TRL runs in this process on CPU in fp32, padded batches (padding_free=False); ours packs padding-free. Skipped where
-trl does not import (CI installs it: requirements.txt)."""
+TRL runs in this process on CPU in fp32, padded batches (padding_free=False); ours packs padding-free. Weight decay is
+0 on both sides, as in Tulu 3's SFT and DPO, and only 0 compares: transformers exempts biases and norm weights from
+decay, we decay every weight (as Tulu 3's RLVR did, torch's AdamW over all parameters). Skipped where trl does not
+import (CI installs it: requirements.txt)."""
 import pytest
 import torch
 
@@ -25,12 +28,14 @@ STEPS, LR = 3, 1e-3
 BATCH = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}
 OURS = ["--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 4, "--max_steps", STEPS,
         "--learning_rate", LR, "--lr_scheduler_type", "linear", "--warmup_ratio", 0, "--clip_grad_norm", 1.0,
-        "--weight_decay", 0, "--preprocessing_num_workers", 1, "--mixed_precision", "no"]
+        "--weight_decay", 0, "--seed", 0, "--preprocessing_num_workers", 1, "--mixed_precision", "no"]
 
 
 def trl_config(config_class, output_dir, **extra):
-    """TRL's arguments equal to OURS: fp32 on CPU, linear decay from LR with no warmup, clip at 1.0, AdamW defaults."""
+    """TRL's arguments equal to OURS: fp32 on CPU, linear decay from LR with no warmup, clip at 1.0, torch's AdamW
+    with its defaults and, like ours on CPU, not fused (transformers picks the fused one by default)."""
     return config_class(output_dir=str(output_dir), max_steps=STEPS, learning_rate=LR, lr_scheduler_type="linear",
+                        optim="adamw_torch",
                         warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, use_cpu=True, bf16=False, fp16=False,
                         save_strategy="no", report_to="none", logging_steps=1, seed=0, dataloader_num_workers=0,
                         gradient_checkpointing=False, **BATCH, **extra)
