@@ -259,7 +259,7 @@ try:  # a bad row: its file, line and field, not a traceback
     examples = {task: load_task(task) for task in tasks}
     # responses generated elsewhere, scored in place of a model's: no tokenizer, no model
     given_pairs = {task: read_responses(path, task, examples[task]) for task, path in zip(tasks, args.responses or [])}
-except (ValueError, OSError) as e:  # (OSError: a file that cannot be read)
+except (ValueError, OSError) as e:  # (OSError: a missing or unreadable file, a traceback before)
     sys.exit(f"error: {e}")
 
 
