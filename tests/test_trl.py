@@ -1,6 +1,6 @@
-"""sft.py and dpo.py against TRL's trainers, an independent implementation of the same training step: the same tiny
-model, the same tokens, the same hyperparameters, three optimizer steps each; the per-step loss and gradient norm and
-the final weights must agree.
+"""sft.py, dpo.py and rlvr.py's GRPO update against TRL's trainers, an independent implementation of the same training
+step: the same tiny model, the same tokens, the same hyperparameters; the per-step loss and gradient norm and the final
+weights must agree (SFT and DPO: three optimizer steps of TRL's own loop; GRPO: see its test).
 
 What this checks that the hand computations of test_sft.py / test_dpo.py do not: the whole optimizer step over several
 steps (gradient accumulation, the gradient-norm clip, AdamW, the linear schedule), against code we did not write. What
@@ -125,3 +125,68 @@ def test_dpo_norm_matches_trl_dpo_trainer(tiny_model_dir, tokenizer, tmp_path):
     trainer.train_dataset = Dataset.from_list(rows)
     trainer.train()
     assert_same_training(tmp_path / "ours", trainer, tiny_model_dir)
+
+
+def test_grpo_updates_match_trl_grpo_loss(tiny_model_dir, tokenizer, tmp_path):
+    """rlvr.py's GRPO update (clipped surrogate, k3 KL, the token mean over the whole rollout batch: TRL's "bnpo" with
+    one batch) against TRL's GRPOTrainer._compute_loss, on the same rollouts: the samples, advantages, old and
+    reference log-probs that rlvr.py saved. Two epochs over one rollout, so the second optimizer step sees ratios away
+    from 1, some clipped, and a KL away from 0. The optimizer loop on TRL's side is the test's (TRL's own would generate
+    rollouts of its own): torch's AdamW and the norm clip, as rlvr.py's flags say."""
+    import json
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    limit = json.dumps({"func_name": "validate_word_constraint", "N": 6, "quantifier": "less than"})
+    rows = [{"messages": [{"role": "user", "content": f"Say something about {i}."}], "ground_truth": limit,
+             "dataset": "ifeval"} for i in range(8)]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "ours"
+    result = run_script("rlvr.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", data, "1.0",
+                        "--num_unique_prompts_rollout", 4, "--num_samples_per_prompt", 4, "--response_length", 8,
+                        "--per_device_train_batch_size", 4, "--num_epochs", 2, "--num_mini_batches", 1, "--max_steps", 1,
+                        "--learning_rate", LR, "--lr_scheduler_type", "constant", "--beta", 0.5, "--cliprange", 0.2,
+                        "--max_grad_norm", 1.0, "--weight_decay", 0, "--temperature", 1.0, "--eval_every", 0,
+                        "--save_rollouts", "--output_dir", out)
+    metrics, = read_metrics(out)
+    samples = [json.loads(line) for line in open(out / "rollouts.jsonl")]
+    assert len({s["reward"] for s in samples}) > 1 and metrics["clip_frac"] > 0  # advantages differ; the clip acted
+    prompt_ids = Dataset.from_file(next(w for w in result.stdout.split() if w.endswith(".arrow")))["prompt_ids"]
+
+    def padded(rows, left=False):
+        """(B, T) tensor of ragged rows and its 0/1 mask, padded on the left (prompts) or the right."""
+        width = max(map(len, rows))
+        pad = lambda row, fill: [fill] * (width - len(row)) + row if left else row + [fill] * (width - len(row))
+        return torch.tensor([pad(row, 0) for row in rows]), torch.tensor([pad([1] * len(row), 0) for row in rows])
+
+    prompts, prompt_mask = padded([prompt_ids[s["prompt_index"]] for s in samples], left=True)
+    completions, completion_mask = padded([s["response"] for s in samples])
+    inputs = {"prompt_ids": prompts, "prompt_mask": prompt_mask, "completion_ids": completions,
+              "completion_mask": completion_mask, "advantages": padded([s["advantages"] for s in samples])[0].float(),
+              "old_per_token_logps": padded([s["old_logps"] for s in samples])[0].float(),
+              "ref_per_token_logps": padded([s["ref_logps"] for s in samples])[0].float()}
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    # use_bias_correction_kl=False: the k3 KL as GRPO (eq. 4) and Tulu 3.1 take it, not weighted by the ratio (TRL 1.16's default)
+    config = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), loss_type="bnpo", beta=0.5, epsilon=0.2, temperature=1.0,
+                            use_bias_correction_kl=False, per_device_train_batch_size=16, num_generations=4,
+                            max_completion_length=8, gradient_accumulation_steps=1, use_cpu=True, bf16=False,
+                            report_to="none", seed=0)
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=config,
+                              train_dataset=Dataset.from_list([{"prompt": "x"}] * 16), processing_class=tokenizer)
+    optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=LR, weight_decay=0.0)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # (set by Trainer's own loop, which is not run here)
+    norms = []
+    for epoch in range(2):
+        trainer._compute_loss(trainer.model, inputs).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), 1.0).item())
+        optimizer.step()
+        optimizer.zero_grad()
+    assert metrics["grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-4), (metrics["grad_norm"], norms)
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
+    for name, weight in trainer.model.state_dict().items():
+        update, their_update = saved[name] - initial[name], weight - initial[name]
+        difference = ((update - their_update).norm() / their_update.norm()).item()
+        assert difference < 1e-3, f"{name}: the updates differ by {difference:.2e} of TRL's"
