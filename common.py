@@ -850,6 +850,17 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     over 16k packed tokens would be 256M booleans, and the math kernel's attention weights 9 heads x 4 bytes x that
     per layer). (Reset position_ids alone would NOT keep documents apart in SDPA.)"""
     cu_seqlens, max_seqlen = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    # What this kernel does not compute is refused, not silently replaced by plain causal attention: the model would
+    # train on other attention than it runs with (Gemma 2's soft-capping, gpt-oss's sinks, a Mistral / Phi-3 / Gemma
+    # sliding window that a document outgrows: HF's window keeps a query's last `sliding_window` keys, itself included)
+    window = kwargs.get("sliding_window")
+    unsupported = [what for what, asked in [
+        (f"attention logit soft-capping ({kwargs.get('softcap')})", kwargs.get("softcap") is not None),
+        ("attention sinks", kwargs.get("s_aux") is not None), (f"attention dropout {dropout}", dropout),
+        (f"a sliding window of {window} tokens, which a {max_seqlen}-token document here outgrows", window and max_seqlen > window)] if asked]
+    if unsupported:
+        raise NotImplementedError(f"packed attention is plain causal attention within each document; this model asks for "
+                                  f"{' and '.join(unsupported)}. sft.py --no_padding_free uses transformers' own attention")
     if query.is_cuda:
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D), (T, H_kv, D)
         return varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, scaling)[None], None  # (1, T, H, D)

@@ -334,3 +334,39 @@ def test_the_saved_model_keeps_the_source_generation_config(script, tiny_model_d
                "--output_dir", tmp_path / "out")
     saved = GenerationConfig.from_pretrained(tmp_path / "out")
     assert (saved.eos_token_id, saved.do_sample, saved.temperature, saved.top_p) == ([source.eos_token_id, 7], True, 0.6, 0.9)
+
+
+def test_packed_attention_refuses_what_it_does_not_compute(tokenizer, sft_data, tmp_path):
+    """The packed kernel is plain causal attention within each document. A Mistral sliding window that a document
+    outgrows (and Gemma 2's soft-capping, gpt-oss's sinks, attention dropout) was silently computed as that: the model
+    trained on other attention than it runs with. Refused at the first forward; transformers' own attention
+    (--no_padding_free) computes it, and a window that no document outgrows changes nothing."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    args = ["--dataset_mixer_list", sft_data, "8", "--max_steps", 1, "--per_device_train_batch_size", 2,
+            "--gradient_accumulation_steps", 1, "--dataset_local_cache_dir", tmp_path / "cache", *FAST]
+    for window in (16, 4096):  # the conversations are 30 to 80 tokens long
+        torch.manual_seed(0)
+        config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id)
+        path = tmp_path / f"mistral_{window}"
+        AutoModelForCausalLM.from_config(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        packed = run_script("sft.py", "--model_name_or_path", path, *args, "--output_dir", tmp_path / f"packed_{window}",
+                            check=False)
+        if window == 16:
+            assert packed.returncode != 0 and "a sliding window of 16 tokens, which a" in packed.stderr, packed.stderr[-2000:]
+            run_script("sft.py", "--model_name_or_path", path, *args, "--no_padding_free", "--output_dir", tmp_path / "padded")
+        else:
+            assert packed.returncode == 0, packed.stderr[-2000:]
+    # the kernel itself, on what a model passes it
+    query, key_value = torch.randn(1, 4, 10, 8), torch.randn(1, 2, 10, 8)
+    documents = dict(cu_seq_lens_q=torch.tensor([0, 4, 10]), max_length_q=6)
+    for asked, message in [(dict(softcap=50.0), "soft-capping"), (dict(s_aux=torch.zeros(4)), "attention sinks"),
+                           (dict(dropout=0.1), "attention dropout 0.1"), (dict(sliding_window=5), "a sliding window of 5")]:
+        with pytest.raises(NotImplementedError, match=message):
+            common.packed_attention(None, query, key_value, key_value, None, **asked, **documents)
+    allowed = common.packed_attention(None, query, key_value, key_value, None, sliding_window=6, softcap=None, **documents)[0]
+    assert torch.equal(allowed, common.packed_attention(None, query, key_value, key_value, None, **documents)[0])
