@@ -860,7 +860,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         (f"a sliding window of {window} tokens, which a {max_seqlen}-token document here outgrows", window and max_seqlen > window)] if asked]
     if unsupported:
         raise NotImplementedError(f"packed attention is plain causal attention within each document; this model asks for "
-                                  f"{' and '.join(unsupported)}. sft.py --no_padding_free uses transformers' own attention")
+                                  f"{' and '.join(unsupported)}. sft.py --no_padding_free uses transformers' SDPA attention, "
+                                  f"which computes a sliding window and dropout (and refuses soft-capping and sinks too)")
     if query.is_cuda:
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D), (T, H_kv, D)
         return varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, scaling)[None], None  # (1, T, H, D)
@@ -872,8 +873,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def materialize(model, device):
-    """A model built on the meta device (and sharded) gets real, uninitialized storage on `device`; the rotary
-    embeddings' non-persistent buffers, which no checkpoint stores, are rebuilt, since loading weights never fills them.
+    """A model built on the meta device (and sharded) gets real, uninitialized storage on `device`; its non-persistent
+    buffers, which no checkpoint stores, are computed, since loading weights never fills them.
     A config that ties the LM head to the input embeddings must have built one matrix: transformers 5.0.0 built two on
     the meta device, so the head trained apart and was lost when the saved model was reloaded tied."""
     head = model.get_output_embeddings()
@@ -883,12 +884,20 @@ def materialize(model, device):
         raise SystemExit(f"error: the config ties the LM head to the input embeddings, but transformers "
                          f"{transformers.__version__} built them apart; use transformers >= 5.1")
     model.to_empty(device=device)
-    for module in model.modules():
-        if hasattr(module, "inv_freq"):
-            with torch.device(device):
-                rebuilt = type(module)(module.config)
-            for name, buffer in rebuilt.named_buffers():
-                setattr(module, name, buffer)
+    # Non-persistent buffers are in no checkpoint, and to_empty left them uninitialized: rotary frequencies (Gemma 3's
+    # one per layer type), Gemma's embedding scale (trained with whatever the memory held, before). transformers' own
+    # _init_weights computes them, as from_pretrained does after loading on the meta device; the module's parameters
+    # are hidden from it meanwhile (meta stand-ins: they are this rank's shards, and the checkpoint fills them next).
+    with torch.no_grad():
+        for module in model.modules():
+            if module._non_persistent_buffers_set:
+                parameters = module._parameters
+                module._parameters = {name: None if p is None else torch.nn.Parameter(torch.empty(p.shape, device="meta"))
+                                      for name, p in parameters.items()}
+                try:
+                    model._init_weights(module)
+                finally:
+                    module._parameters = parameters
 
 
 def register_packed_attention():
@@ -907,13 +916,13 @@ def token_logps(model, inputs, targets, temperature=1.0, chunk_elements=2 ** 26)
     flat_targets = targets.flatten()  # (N,)
     keep = (flat_targets != -100).nonzero()[:, 0]  # (K,) positions that predict a token
     if any(getattr(model.config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
-        hidden, weight = model(**inputs).logits.flatten(0, 1)[keep], None  # a head that rescales logits: plain path
-    else:
-        hidden, weight = model.model(**inputs).last_hidden_state.flatten(0, 1)[keep], model.lm_head.weight  # (K, H)
+        hidden, weight, bias = model(**inputs).logits.flatten(0, 1)[keep], None, None  # a head that rescales logits: plain path
+    else:  # (K, H), the head's (V, H) and, where it has one (Phi-2), its bias
+        hidden, weight, bias = model.model(**inputs).last_hidden_state.flatten(0, 1)[keep], model.lm_head.weight, model.lm_head.bias
     chunk = max(1, chunk_elements // model.config.vocab_size)  # positions per chunk: ~256 MB of fp32 logits
 
     def chunk_logps(h, t):  # (n, H), (n,) -> (n,), (n,)
-        logits = (h if weight is None else F.linear(h, weight)).float() / temperature
+        logits = (h if weight is None else F.linear(h, weight, bias)).float() / temperature
         log_norm = logits.logsumexp(-1)
         with torch.no_grad():
             entropy = log_norm - (logits.softmax(-1) * logits).sum(-1)  # H = log Z - E[logit]
@@ -929,7 +938,7 @@ def token_logps(model, inputs, targets, temperature=1.0, chunk_elements=2 ** 26)
         (keep,), torch.cat(parts) if parts else torch.zeros(0, device=flat_targets.device))  # (N,), 0 at -100
     logps = full([logps for logps, _ in pieces])
     if not pieces:  # nothing to score (a no-op micro-batch): still a graph through every weight, for FSDP's backward
-        logps = logps + 0 * (hidden.sum() + (0 if weight is None else weight.sum()))
+        logps = logps + 0 * (hidden.sum() + (0 if weight is None else weight.sum()) + (0 if bias is None else bias.sum()))
     return logps, full([entropy for _, entropy in pieces])
 
 

@@ -370,3 +370,39 @@ def test_packed_attention_refuses_what_it_does_not_compute(tokenizer, sft_data, 
             common.packed_attention(None, query, key_value, key_value, None, **asked, **documents)
     allowed = common.packed_attention(None, query, key_value, key_value, None, sliding_window=6, softcap=None, **documents)[0]
     assert torch.equal(allowed, common.packed_attention(None, query, key_value, key_value, None, **documents)[0])
+
+
+@pytest.mark.parametrize("architecture", ["gemma", "gemma3_text", "phi"])
+def test_first_loss_equals_an_unpacked_hf_forward_beyond_llama(architecture, tokenizer, tmp_path):
+    """What a Llama does not have, the stages did not compute: Gemma's embedding scale and Gemma 3's per-layer-type
+    rotary frequencies (non-persistent buffers, in no checkpoint, left as to_empty's uninitialized memory) and Phi-2's
+    LM-head bias (left out of the chunked head). Each trained silently with other numbers than the model's: the first
+    loss was 10.803 for Gemma's 10.812. Now sft.py's first loss is the model's own, from an unpacked HF forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(architecture, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    if architecture == "phi":
+        torch.nn.init.normal_(model.lm_head.bias)  # initialized to 0, where a trained head's is not
+    path = tmp_path / architecture
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    conversations = [[m for m in conversation(i) if m] for i in range(8)]
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for messages in conversations:
+            ids, labels = common.tokenize_conversation(tokenizer, messages)
+            targets = torch.tensor(labels[1:])
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]  # position t predicts token t + 1
+            loss_sum += F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+            tokens += int((targets != -100).sum())
+    data = write_jsonl(tmp_path / "eight.jsonl", [{"messages": messages} for messages in conversations])
+    run_script("sft.py", "--model_name_or_path", path, "--dataset_mixer_list", data, "1.0", "--max_steps", 1,
+               "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1, "--reduce_loss", "mean",
+               "--output_dir", tmp_path / "out", *FAST)
+    assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(loss_sum / tokens, rel=1e-6)
