@@ -321,6 +321,10 @@ def generate(model_path):
         # the KV cache's keyword: `cache` in newer transformers (5.24 warns at `past_key_values`), `past_key_values` before
         cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        # A sliding window (Mistral, Gemma 2/3, Phi-3) counts cache slots, padding included: padding mid-row (below) left
+        # a question fewer real tokens in its window than it has alone, once the row outgrew the window
+        layer_types = getattr(model.config, "layer_types", None) or []
+        window = getattr(model.config, "sliding_window", None) if not layer_types or "sliding_attention" in layer_types else None
         # Batches of one task each, longest prompts first: a batch shares one few-shot prefix and little padding (a
         # batch that mixed IFEval's tail with GSM8K's head had no common prefix: its IFEval rows were padded to
         # GSM8K's ~1,000 tokens and GSM8K's exemplars prefilled row by row), and OOM shows up at once.
@@ -331,11 +335,11 @@ def generate(model_path):
             # prefix once, copy its KV cache to every row, and feed only the rest: [prefix | padding | question].
             # The padding sits mid-row, masked out; positions come from the mask, so the questions continue at the
             # prefix's end. Same greedy tokens as without the cache (tested), a fraction of the prefill compute.
-            shared = 0
-            while not args.no_prefix_cache and all(len(prompt_ids[i]) > shared + 1 and
-                                                   prompt_ids[i][shared] == prompt_ids[batch[0]][shared] for i in batch):
+            width, shared = max(len(prompt_ids[i]) for i in batch), 0
+            prefix_cache = not args.no_prefix_cache and not (window and width + max_new[batch[0]] > window)
+            while prefix_cache and all(len(prompt_ids[i]) > shared + 1 and
+                                       prompt_ids[i][shared] == prompt_ids[batch[0]][shared] for i in batch):
                 shared += 1
-            width = max(len(prompt_ids[i]) for i in batch)
             # the rest of each prompt, left-padded, so that every prompt ends where generation starts
             rests = [(prompt_ids[i][shared:], width - len(prompt_ids[i])) for i in batch]
             step_ids = torch.tensor([[pad_id] * pad + rest for rest, pad in rests], device=device)  # (B, width - shared)

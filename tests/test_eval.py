@@ -327,6 +327,37 @@ def test_shared_prefix_cache_changes_no_token(tiny_model, tmp_path):
         assert responses[0] == responses[1] and any(responses[0])
 
 
+def test_shared_prefix_cache_is_left_out_where_a_sliding_window_would_see_the_padding(tmp_path):
+    """A sliding window counts cache slots, padding included. The shared-prefix batch puts its padding mid-row, so
+    once a row outgrew the window a question saw fewer real tokens than alone: a Mistral with a 64-token window
+    answered GSM8K (~900-token prompts) otherwise batched than one prompt at a time. Such batches now go without the
+    prefix cache (left padding only, which a window does not see)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import TOKENIZER_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    config = AutoConfig.for_model("mistral", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # sharper than its random init: greedy tokens that depend on what the window holds
+        for parameter in model.parameters():
+            parameter.mul_(3)
+    model.save_pretrained(tmp_path / "mistral")
+    tokenizer.save_pretrained(tmp_path / "mistral")
+    responses = {}
+    for name, flags in [("batched", ["--batch_size", 6]), ("alone", ["--batch_size", 1, "--no_prefix_cache"])]:
+        result = run_eval("--model_name_or_path", tmp_path / "mistral", "--task", "gsm8k", "--limit", 6,
+                          "--max_new_tokens", 12, *flags, "--output_dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr[-2000:]
+        responses[name] = [r["response"] for r in read_jsonl(tmp_path / name / "gsm8k_records.jsonl")]
+    assert responses["batched"] == responses["alone"] and len(set(responses["alone"])) > 1
+
+
 def test_finished_rows_leave_the_batch_without_changing_a_token(tiny_model, tmp_path):
     """eval.py drops a row from the batch (cache, mask, positions) once it emits an eos. A second eos id, a token the
     random model emits now and then, makes rows stop at different steps; a batch of 8 must give every row the tokens a
