@@ -900,6 +900,17 @@ def materialize(model, device):
                     module._parameters = parameters
 
 
+def decoder_layers(model):
+    """The decoder blocks that FSDP shards one by one, where transformers keeps them for Llama and the architectures
+    written on its pattern (Qwen, Mistral, Gemma, OLMo, Phi, ...): model.model.layers. An older layout (GPT-2's
+    transformer.h, GPT-NeoX's gpt_neox.layers) is refused by name, not with an AttributeError."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise SystemExit(f"error: {type(model).__name__} keeps no decoder blocks at .model.layers, where the stages find "
+                         f"them to shard (as in Llama, Qwen, Mistral, Gemma, OLMo and Phi models)")
+    return layers
+
+
 def register_packed_attention():
     from transformers import AttentionInterface
 

@@ -258,7 +258,7 @@ def sharded_model(gradient_checkpointing):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="packed")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for block in model.model.layers:
+    for block in common.decoder_layers(model):
         fully_shard(block, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
     common.materialize(model, device)  # real storage for this rank's shards; rotary buffers rebuilt

@@ -193,7 +193,7 @@ def build_fsdp_model(auto_class, config, zero_head=False):
         model = auto_class.from_config(config, dtype=torch.float32, attn_implementation="packed")
     if args.gradient_checkpointing:  # (the reference runs without grad: nothing to recompute there)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    for block in model.model.layers:
+    for block in common.decoder_layers(model):
         fully_shard(block, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
     common.materialize(model, device)  # real storage for this rank's shards; rotary buffers rebuilt

@@ -182,7 +182,7 @@ if args.gradient_checkpointing:
 # bf16: compute in bf16, keep fp32 master weights and reduce gradients in fp32 (a CPU with AVX512-BF16 or AMX runs
 # bf16 matmuls ~3-5x faster than fp32). Otherwise everything fp32, the reference the CPU tests compare against.
 mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-for block in model.model.layers:
+for block in common.decoder_layers(model):
     fully_shard(block, mp_policy=mp_policy)
 fully_shard(model, mp_policy=mp_policy)
 common.materialize(model, device)  # real storage for this rank's shards; rotary buffers rebuilt

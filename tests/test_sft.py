@@ -406,3 +406,20 @@ def test_first_loss_equals_an_unpacked_hf_forward_beyond_llama(architecture, tok
                "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1, "--reduce_loss", "mean",
                "--output_dir", tmp_path / "out", *FAST)
     assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(loss_sum / tokens, rel=1e-6)
+
+
+def test_an_architecture_without_model_layers_is_refused_by_name(tokenizer, sft_data, tmp_path):
+    """GPT-NeoX (Pythia) keeps its blocks at gpt_neox.layers: the stages, which shard model.model.layers, stopped with
+    "AttributeError: 'GPTNeoXForCausalLM' object has no attribute 'model'"."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt_neox", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "neox")
+    tokenizer.save_pretrained(tmp_path / "neox")
+    result = run_script("sft.py", "--model_name_or_path", tmp_path / "neox", "--dataset_mixer_list", sft_data, "8",
+                        "--max_steps", 1, "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1,
+                        "--output_dir", tmp_path / "out", *FAST, check=False)
+    assert result.returncode != 0 and "error: GPTNeoXForCausalLM keeps no decoder blocks at .model.layers" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
