@@ -860,8 +860,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         (f"a sliding window of {window} tokens, which a {max_seqlen}-token document here outgrows", window and max_seqlen > window)] if asked]
     if unsupported:
         raise NotImplementedError(f"packed attention is plain causal attention within each document; this model asks for "
-                                  f"{' and '.join(unsupported)}. sft.py --no_padding_free uses transformers' SDPA attention, "
-                                  f"which computes a sliding window and dropout (and refuses soft-capping and sinks too)")
+                                  f"{' and '.join(unsupported)}. sft.py --no_padding_free pads instead, with transformers' SDPA "
+                                  f"attention (which computes a sliding window and dropout, and refuses soft-capping and sinks)")
     if query.is_cuda:
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, H, D), (T, H_kv, D)
         return varlen_causal_attention(q, k, v, cu_seqlens, max_seqlen, scaling)[None], None  # (1, T, H, D)
@@ -886,18 +886,28 @@ def materialize(model, device):
     model.to_empty(device=device)
     # Non-persistent buffers are in no checkpoint, and to_empty left them uninitialized: rotary frequencies (Gemma 3's
     # one per layer type), Gemma's embedding scale (trained with whatever the memory held, before). transformers' own
-    # _init_weights computes them, as from_pretrained does after loading on the meta device; the module's parameters
-    # are hidden from it meanwhile (meta stand-ins: they are this rank's shards, and the checkpoint fills them next).
+    # _init_weights computes them, as from_pretrained does after loading on the meta device: called on every module
+    # (a parent may fill its children's, as Falcon-H1's model does), with every parameter hidden meanwhile behind a
+    # meta stand-in (they are this rank's shards, and the checkpoint fills them next).
+    untouched = {(module, name): (buffer, buffer._version) for module in model.modules()
+                 for name, buffer in module._buffers.items() if name in module._non_persistent_buffers_set}
+    parameters = {module: module._parameters for module in model.modules()}
     with torch.no_grad():
-        for module in model.modules():
-            if module._non_persistent_buffers_set:
-                parameters = module._parameters
+        try:
+            for module in parameters:
                 module._parameters = {name: None if p is None else torch.nn.Parameter(torch.empty(p.shape, device="meta"))
-                                      for name, p in parameters.items()}
-                try:
-                    model._init_weights(module)
-                finally:
-                    module._parameters = parameters
+                                      for name, p in module._parameters.items()}
+            for module in parameters:
+                model._init_weights(module)
+        finally:
+            for module, own in parameters.items():
+                module._parameters = own
+    # one that _init_weights did not write (the same tensor, its version counter unchanged) would hold garbage
+    missed = [name for (module, name), (buffer, version) in untouched.items()
+              if module._buffers[name] is buffer and buffer._version == version]
+    if missed:
+        raise SystemExit(f"error: {type(model).__name__}: transformers' _init_weights computes no value for the "
+                         f"non-persistent buffer(s) {', '.join(sorted(set(missed)))}, which no checkpoint holds")
 
 
 def decoder_layers(model):
@@ -909,6 +919,30 @@ def decoder_layers(model):
         raise SystemExit(f"error: {type(model).__name__} keeps no decoder blocks at .model.layers, where the stages find "
                          f"them to shard (as in Llama, Qwen, Mistral, Gemma, OLMo and Phi models)")
     return layers
+
+
+def packing_problem(model, longest):
+    """What a packed row would get wrong for this model with documents of up to `longest` tokens, or None: layers that
+    are not attention (linear attention, Mamba: a state or a sequence convolution runs on across a row's documents),
+    or a sliding window that a document outgrows (the packed kernel is full causal attention; HF's window keeps a
+    query's last `sliding_window` keys, itself included). eval.py's shared-prefix cache, whose padding sits mid-row,
+    goes wrong in the same cases."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None) or []
+    mixers = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    mixers += sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Conv1d)})
+    if mixers:
+        return f"layers that are not attention ({', '.join(mixers)}), which would run on across a row's documents"
+    window = getattr(config, "sliding_window", None) if not layer_types or "sliding_attention" in layer_types else None
+    if window and longest > window:
+        return f"a sliding window of {window} tokens, which a {longest}-token document outgrows"
+
+
+def refuse_packing(model, longest, remedy):
+    """Stop before training (not at the first long document, hours in) where packing_problem finds one."""
+    problem = packing_problem(model, longest)
+    if problem:
+        raise SystemExit(f"error: {type(model).__name__}: the packed attention cannot compute {problem}; {remedy}")
 
 
 def register_packed_attention():
@@ -926,7 +960,8 @@ def token_logps(model, inputs, targets, temperature=1.0, chunk_elements=2 ** 26)
     vocabulary, 8 GB for Llama 3's 128k). Call it as model.token_logps (see wrap_token_logps) under FSDP."""
     flat_targets = targets.flatten()  # (N,)
     keep = (flat_targets != -100).nonzero()[:, 0]  # (K,) positions that predict a token
-    if any(getattr(model.config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+    if any(getattr(model.config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                                                       "lm_head_multiplier")):
         hidden, weight, bias = model(**inputs).logits.flatten(0, 1)[keep], None, None  # a head that rescales logits: plain path
     else:  # (K, H), the head's (V, H) and, where it has one (Phi-2), its bias
         hidden, weight, bias = model.model(**inputs).last_hidden_state.flatten(0, 1)[keep], model.lm_head.weight, model.lm_head.bias

@@ -258,10 +258,11 @@ def sharded_model(gradient_checkpointing):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="packed")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    common.refuse_packing(model, min(int(max(lengths)), args.max_seq_length), "dpo.py packs: a shorter --max_seq_length?")
     for block in common.decoder_layers(model):
         fully_shard(block, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
-    common.materialize(model, device)  # real storage for this rank's shards; rotary buffers rebuilt
+    common.materialize(model, device)  # real storage for this rank's shards; non-persistent buffers computed
     full_state_dict = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).state_dict() if rank == 0 else {}
     set_model_state_dict(model, full_state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model

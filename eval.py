@@ -321,10 +321,6 @@ def generate(model_path):
         # the KV cache's keyword: `cache` in newer transformers (5.24 warns at `past_key_values`), `past_key_values` before
         cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-        # A sliding window (Mistral, Gemma 2/3, Phi-3) counts cache slots, padding included: padding mid-row (below) left
-        # a question fewer real tokens in its window than it has alone, once the row outgrew the window
-        layer_types = getattr(model.config, "layer_types", None) or []
-        window = getattr(model.config, "sliding_window", None) if not layer_types or "sliding_attention" in layer_types else None
         # Batches of one task each, longest prompts first: a batch shares one few-shot prefix and little padding (a
         # batch that mixed IFEval's tail with GSM8K's head had no common prefix: its IFEval rows were padded to
         # GSM8K's ~1,000 tokens and GSM8K's exemplars prefilled row by row), and OOM shows up at once.
@@ -336,7 +332,9 @@ def generate(model_path):
             # The padding sits mid-row, masked out; positions come from the mask, so the questions continue at the
             # prefix's end. Same greedy tokens as without the cache (tested), a fraction of the prefill compute.
             width, shared = max(len(prompt_ids[i]) for i in batch), 0
-            prefix_cache = not args.no_prefix_cache and not (window and width + max_new[batch[0]] > window)
+            # Not where padding mid-row (below) would change an answer: a sliding window counts its slots (a question
+            # would see fewer real tokens than alone), and a Mamba / linear-attention layer runs its state through it
+            prefix_cache = not args.no_prefix_cache and not common.packing_problem(model, width + max_new[batch[0]])
             while prefix_cache and all(len(prompt_ids[i]) > shared + 1 and
                                        prompt_ids[i][shared] == prompt_ids[batch[0]][shared] for i in batch):
                 shared += 1

@@ -193,10 +193,11 @@ def build_fsdp_model(auto_class, config, zero_head=False):
         model = auto_class.from_config(config, dtype=torch.float32, attn_implementation="packed")
     if args.gradient_checkpointing:  # (the reference runs without grad: nothing to recompute there)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    common.refuse_packing(model, args.max_prompt_length + args.response_length, "rlvr.py packs: shorter prompts or responses?")
     for block in common.decoder_layers(model):
         fully_shard(block, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
-    common.materialize(model, device)  # real storage for this rank's shards; rotary buffers rebuilt
+    common.materialize(model, device)  # real storage for this rank's shards; non-persistent buffers computed
     state = {}
     if rank == 0:
         state = auto_class.from_pretrained(args.model_name_or_path, config=config, dtype=torch.float32).state_dict()

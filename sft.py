@@ -182,10 +182,12 @@ if args.gradient_checkpointing:
 # bf16: compute in bf16, keep fp32 master weights and reduce gradients in fp32 (a CPU with AVX512-BF16 or AMX runs
 # bf16 matmuls ~3-5x faster than fp32). Otherwise everything fp32, the reference the CPU tests compare against.
 mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+if not args.no_padding_free:  # (refused now, not at the first document that outgrows a window, hours in)
+    common.refuse_packing(model, int(max(lengths)), "sft.py --no_padding_free pads instead")
 for block in common.decoder_layers(model):
     fully_shard(block, mp_policy=mp_policy)
 fully_shard(model, mp_policy=mp_policy)
-common.materialize(model, device)  # real storage for this rank's shards; rotary buffers rebuilt
+common.materialize(model, device)  # real storage for this rank's shards; non-persistent buffers computed
 full_state_dict = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).state_dict() if rank == 0 else {}
 set_model_state_dict(model, full_state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 del full_state_dict

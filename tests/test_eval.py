@@ -327,19 +327,22 @@ def test_shared_prefix_cache_changes_no_token(tiny_model, tmp_path):
         assert responses[0] == responses[1] and any(responses[0])
 
 
-def test_shared_prefix_cache_is_left_out_where_a_sliding_window_would_see_the_padding(tmp_path):
+@pytest.mark.parametrize("architecture", ["mistral", "qwen3_5_text"])
+def test_shared_prefix_cache_is_left_out_where_padding_mid_row_would_change_an_answer(tmp_path, architecture):
     """A sliding window counts cache slots, padding included. The shared-prefix batch puts its padding mid-row, so
     once a row outgrew the window a question saw fewer real tokens than alone: a Mistral with a 64-token window
-    answered GSM8K (~900-token prompts) otherwise batched than one prompt at a time. Such batches now go without the
-    prefix cache (left padding only, which a window does not see)."""
+    answered GSM8K (~900-token prompts) otherwise batched than one prompt at a time. A linear-attention layer (Qwen 3.5)
+    runs its state through the padding, and its cache cannot be copied to every row: the batch stopped with an
+    AttributeError. Such batches now go without the prefix cache (left padding only, which neither sees)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from conftest import TOKENIZER_DIR
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    config = AutoConfig.for_model("mistral", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
+    hybrid = {"layer_types": ["linear_attention", "full_attention"]} if architecture == "qwen3_5_text" else {}
+    config = AutoConfig.for_model(architecture, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=64, **hybrid,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -347,11 +350,11 @@ def test_shared_prefix_cache_is_left_out_where_a_sliding_window_would_see_the_pa
     with torch.no_grad():  # sharper than its random init: greedy tokens that depend on what the window holds
         for parameter in model.parameters():
             parameter.mul_(3)
-    model.save_pretrained(tmp_path / "mistral")
-    tokenizer.save_pretrained(tmp_path / "mistral")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
     responses = {}
     for name, flags in [("batched", ["--batch_size", 6]), ("alone", ["--batch_size", 1, "--no_prefix_cache"])]:
-        result = run_eval("--model_name_or_path", tmp_path / "mistral", "--task", "gsm8k", "--limit", 6,
+        result = run_eval("--model_name_or_path", tmp_path / "model", "--task", "gsm8k", "--limit", 6,
                           "--max_new_tokens", 12, *flags, "--output_dir", tmp_path / name)
         assert result.returncode == 0, result.stderr[-2000:]
         responses[name] = [r["response"] for r in read_jsonl(tmp_path / name / "gsm8k_records.jsonl")]

@@ -423,3 +423,42 @@ def test_an_architecture_without_model_layers_is_refused_by_name(tokenizer, sft_
                         "--output_dir", tmp_path / "out", *FAST, check=False)
     assert result.returncode != 0 and "error: GPTNeoXForCausalLM keeps no decoder blocks at .model.layers" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_materialize_computes_every_non_persistent_buffer_or_refuses(tiny_model_dir):
+    """materialize asks transformers' _init_weights for every module's non-persistent buffers (a parent may fill its
+    children's: Falcon-H1's model sets each Mamba mixer's mup_vector). One that nothing writes would keep to_empty's
+    uninitialized memory: refused by name (the same tensor, its version counter unchanged)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    common.materialize(model, "cpu")
+    expected = AutoModelForCausalLM.from_config(config).model.rotary_emb.inv_freq
+    assert torch.equal(model.model.rotary_emb.inv_freq, expected)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    model.model.layers[1].mlp.register_buffer("unknown_scale", torch.empty(3), persistent=False)
+    with pytest.raises(SystemExit, match="non-persistent buffer.s. unknown_scale, which no checkpoint holds"):
+        common.materialize(model, "cpu")
+
+
+def test_a_model_with_layers_that_are_not_attention_is_not_packed(tokenizer, sft_data, tmp_path):
+    """Linear attention (Qwen 3.5) and Mamba layers run a state and a convolution along the row: packed, a document
+    continued the one before it. Refused before training; --no_padding_free trains it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen3_5_text", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  layer_types=["linear_attention", "full_attention"], bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "hybrid")
+    tokenizer.save_pretrained(tmp_path / "hybrid")
+    args = ["--model_name_or_path", tmp_path / "hybrid", "--dataset_mixer_list", sft_data, "8", "--max_steps", 1,
+            "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1, *FAST]
+    packed = run_script("sft.py", *args, "--output_dir", tmp_path / "packed", check=False)
+    assert packed.returncode != 0 and "layers that are not attention (linear_attention, Conv1d)" in packed.stderr, packed.stderr[-2000:]
+    assert "Traceback" not in packed.stderr
+    run_script("sft.py", *args, "--no_padding_free", "--output_dir", tmp_path / "padded")
