@@ -712,14 +712,27 @@ def stop_token_ids(tokenizer, model_name_or_path):
     <|endoftext|>): refused, saying what to do. -> sorted ids."""
     model_eos = generation_config(model_name_or_path).eos_token_id
     ids = sorted({tokenizer.eos_token_id, *(model_eos if isinstance(model_eos, list) else [model_eos])} - {None})
-    probe = render(tokenizer, [{"role": "user", "content": "\ue000"}, {"role": "assistant", "content": "\ue001"}])
-    turn_end = tokenizer(probe[probe.index("\ue001") + 1 :].lstrip(), add_special_tokens=False).input_ids[:1]
+    turn_end = turn_end_ids(tokenizer)
     if turn_end and turn_end[0] not in ids:
         raise ValueError(f"the chat template ends an assistant turn with {tokenizer.decode(turn_end)!r}, which is not "
                          f"among the model's stop tokens {tokenizer.convert_ids_to_tokens(ids)}: a model would never "
                          f"stop there; pass --chat_template tulu (its turns end with the eos), or add id {turn_end[0]} "
                          f"to eos_token_id in {model_name_or_path}/generation_config.json")
     return ids
+
+
+def turn_end_ids(tokenizer):
+    """[id] of the token the chat template puts right after an assistant turn's content, whitespace aside (ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>, Tulu's eos), or [] where nothing follows it."""
+    probe = render(tokenizer, [{"role": "user", "content": "\ue000"}, {"role": "assistant", "content": "\ue001"}])
+    return tokenizer(probe[probe.index("\ue001") + 1 :].lstrip(), add_special_tokens=False).input_ids[:1]
+
+
+@functools.lru_cache(maxsize=16)
+def turn_end_texts(tokenizer, chat_template):
+    """What ends an assistant turn, to look for in order: the template's end-of-turn token (Gemma's <end_of_turn> is
+    not its eos <eos>), then the eos. Per tokenizer and template, computed once (not once per conversation)."""
+    return [end for end in (tokenizer.decode(turn_end_ids(tokenizer)), tokenizer.eos_token) if end]
 
 
 def tokenizer_fingerprint(tokenizer):
@@ -730,7 +743,7 @@ def tokenizer_fingerprint(tokenizer):
     return key.hexdigest()
 
 
-TOKENIZED_FORMAT = 4  # bump when what is stored can change (tokenize_conversation, a make_example, reading), so old files are not reused
+TOKENIZED_FORMAT = 5  # bump when what is stored can change (tokenize_conversation, a make_example, reading), so old files are not reused
 
 
 def render(tokenizer, messages, add_generation_prompt=False):
@@ -747,12 +760,14 @@ def special_token_text(tokenizer):
 
 def tokenize_conversation(tokenizer, messages):
     """Token ids and labels of one conversation: labels are the ids on every assistant turn's content and its
-    end-of-turn (eos) token, -100 everywhere else (system and user turns, role headers, newlines after eos).
+    end-of-turn token (the eos, or the template's own, as Gemma's), -100 everywhere else (system and user turns, role
+    headers, newlines after the end of a turn).
 
     Assistant spans are found by rendering prefixes: the text a model sees before turn i (messages[:i] plus the
     generation prompt) and after it (messages[:i+1]). That works for any template that renders a conversation as the
     concatenation of its turns, and we check that it does rather than assume it."""
     text = render(tokenizer, messages)
+    turn_ends = turn_end_texts(tokenizer, tokenizer.chat_template)
     spans = []  # character spans [start, end) of trained text
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -768,9 +783,9 @@ def tokenize_conversation(tokenizer, messages):
         through = render(tokenizer, messages[: i + 1])
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError("the chat template does not render a conversation as a concatenation of its turns")
-        # Train up to and including the end-of-turn token, not what the template puts after it (ChatML's "\n").
-        eos_at = through.rfind(tokenizer.eos_token, len(before))
-        end = eos_at + len(tokenizer.eos_token) if eos_at >= 0 else len(through)
+        # Train up to and including the end-of-turn token, not what the template puts after it (ChatML's "\n"; with
+        # Gemma's template, whose turns end with <end_of_turn>, not the eos, the "\n" after it was trained too)
+        end = next((at + len(end) for end in turn_ends if (at := through.rfind(end, len(before))) >= 0), len(through))
         spans.append((len(before), end))
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]

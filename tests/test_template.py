@@ -131,3 +131,16 @@ def test_a_template_whose_turns_end_where_the_model_never_stops_is_refused(token
     # no generation_config.json: config.json's eos ids (the stop ids were the tokenizer's eos alone)
     (model / "generation_config.json").unlink()
     assert common.stop_token_ids(base, str(model)) == sorted([base.eos_token_id, tokenizer.eos_token_id])
+
+
+def test_a_turn_ends_at_the_templates_own_end_of_turn_token(tokenizer):
+    """Gemma's template ends a turn with <end_of_turn>, not with its eos <eos>: looking for the eos found none, and
+    the "\\n" the template puts after <end_of_turn> was trained too. A Gemma-like template on this tokenizer (turns end
+    with <|endoftext|>; the eos is <|im_end|>): each turn trains its content and <|endoftext|>, not the "\\n"."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|endoftext|>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert tokenizer.eos_token == "<|im_end|>"
+    input_ids, labels = common.tokenize_conversation(tokenizer, MESSAGES)
+    assert trained_text(tokenizer, input_ids, labels) == ["3 + 6 = 9. Indeed. Indeed. Indeed.<|endoftext|>",
+                                                          "Doubled, it is 18.<|endoftext|>"]
