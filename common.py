@@ -936,6 +936,18 @@ def decoder_layers(model):
     return layers
 
 
+def disable_dropout(model):
+    """No dropout anywhere: nn.Dropout modules, and the rate an attention module passes to its kernel. DPO's and RLVR's
+    log-prob ratios compare forwards that must agree (TRL's DPO and GRPO turn dropout off too): a config with dropout
+    (Phi-2's resid_pdrop) made dpo.py's first loss other than ln 2 at policy == reference. -> the model."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def packing_problem(model, longest):
     """What a packed row would get wrong for this model with documents of up to `longest` tokens, or None: layers that
     are not attention (linear attention, Mamba: a state or a sequence convolution runs on across a row's documents),

@@ -265,7 +265,7 @@ def sharded_model(gradient_checkpointing):
     common.materialize(model, device)  # real storage for this rank's shards; non-persistent buffers computed
     full_state_dict = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).state_dict() if rank == 0 else {}
     set_model_state_dict(model, full_state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    return model
+    return common.disable_dropout(model)  # (the policy's log-probs are compared with the reference's)
 
 
 model = sharded_model(args.gradient_checkpointing)

@@ -206,10 +206,10 @@ def build_fsdp_model(auto_class, config, zero_head=False):
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     if auto_class is AutoModelForCausalLM:
         common.wrap_token_logps(model)  # model.token_logps: log-probs and entropies without the full (T, V) logits
-    # eval mode: no dropout (e.g. in the value head), which would make the first ratio (and values) differ from 1. HF
-    # recomputes a block only in train mode: the blocks alone go back to it (packed attention takes no dropout).
+    # no dropout (in the blocks, the value head), which would make the first ratio differ from 1; HF recomputes a block
+    # only in train mode: the blocks alone go back to it, with their dropout off
     model.eval().model.layers.train(args.gradient_checkpointing)
-    return model
+    return common.disable_dropout(model)
 
 
 config = AutoConfig.from_pretrained(args.model_name_or_path)

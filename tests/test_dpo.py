@@ -300,3 +300,22 @@ def test_reference_weights_rewritten_with_their_size_and_mtime_miss_the_cache(ti
     shutil.copy2(tmp_path / "other" / weights, model / weights)  # cp -p into the model directory
     second = run_script("dpo.py", *args, "--output_dir", tmp_path / "two").stdout
     assert "reference log-probs: computed for 4 pairs" in second and "cache hit" not in second
+
+
+def test_dropout_is_off_so_the_first_loss_is_ln_2(tokenizer, pairs_data, tmp_path):
+    """A config with dropout (Phi-2: resid_pdrop, embd_pdrop; attention dropout) trained with it on: the policy's
+    log-probs were noisy against the reference's, so at policy == reference the first loss was not ln 2, and the
+    attention's rate was refused by the packed kernel. Off everywhere, as TRL's DPO does."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("phi", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, resid_pdrop=0.5, embd_pdrop=0.5,
+                                  attention_dropout=0.3, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "phi")
+    tokenizer.save_pretrained(tmp_path / "phi")
+    run_script("dpo.py", "--model_name_or_path", tmp_path / "phi", "--dataset_mixer_list", pairs_data, "1.0",
+               "--max_seq_length", 256, "--overlong", "drop", "--max_steps", 1, "--per_device_train_batch_size", 2,
+               "--gradient_accumulation_steps", 4, "--ref_cache_dir", tmp_path / "cache", "--output_dir", tmp_path / "out", *FAST)
+    assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
