@@ -785,7 +785,7 @@ def tokenize_conversation(tokenizer, messages):
             raise ValueError("the chat template does not render a conversation as a concatenation of its turns")
         # Train up to and including the end-of-turn token, not what the template puts after it (ChatML's "\n"; with
         # Gemma's template, whose turns end with <end_of_turn>, not the eos, the "\n" after it was trained too)
-        end = next((at + len(end) for end in turn_ends if (at := through.rfind(end, len(before))) >= 0), len(through))
+        end = next((at + len(marker) for marker in turn_ends if (at := through.rfind(marker, len(before))) >= 0), len(through))
         spans.append((len(before), end))
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids, offsets = encoding["input_ids"], encoding["offset_mapping"]

@@ -43,8 +43,6 @@ def trl_config(config_class, output_dir, **extra):
 
 def assert_same_training(ours_dir, trainer, initial_dir):
     """Per-step loss and pre-clip gradient norm of metrics.jsonl vs TRL's log; the saved weights vs TRL's model."""
-    from transformers import AutoModelForCausalLM
-
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     ours = read_metrics(ours_dir)
     assert len(logs) == len(ours) == STEPS
@@ -52,14 +50,21 @@ def assert_same_training(ours_dir, trainer, initial_dir):
         for key in ("loss", "grad_norm"):
             assert mine[key] == pytest.approx(theirs[key], rel=1e-4), (step, key, mine[key], theirs[key])
     assert max(m["grad_norm"] for m in ours) > 1.0  # the clip acted on a step both took, so it is compared too
+    assert_same_updates(ours_dir, trainer.model, initial_dir)
+
+
+def assert_same_updates(ours_dir, their_model, initial_dir, trained=True):
+    """Every tensor's update (saved in ours_dir, minus the initial weights) within 1e-3 of TRL's model's, as a whole
+    per tensor: Adam's g / (sqrt(v) + eps) turns rounding-level differences of a gradient element near 0 into a
+    visible one of that element's step (1 of 8192 weights differed by 2% of lr). trained: each moved ~lr a step."""
+    from transformers import AutoModelForCausalLM
+
     saved = AutoModelForCausalLM.from_pretrained(ours_dir, dtype=torch.float32).state_dict()
     initial = AutoModelForCausalLM.from_pretrained(initial_dir, dtype=torch.float32).state_dict()
-    trained = trainer.model.state_dict()
-    for name, weight in trained.items():
-        # the updates, as a whole per tensor: Adam's g / (sqrt(v) + eps) turns rounding-level differences of a gradient
-        # element near 0 into a visible one of that element's step (1 of 8192 weights differed by 2% of lr)
+    for name, weight in their_model.state_dict().items():
         update, their_update = saved[name] - initial[name], weight - initial[name]
-        assert their_update.norm() > 0.5 * LR * update.numel() ** 0.5, name  # they trained (~lr a weight a step)
+        if trained:
+            assert their_update.norm() > 0.5 * LR * update.numel() ** 0.5, name
         difference = ((update - their_update).norm() / their_update.norm()).item()
         assert difference < 1e-3, f"{name}: the updates differ by {difference:.2e} of TRL's"
 
@@ -184,9 +189,4 @@ def test_grpo_updates_match_trl_grpo_loss(tiny_model_dir, tokenizer, tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     assert metrics["grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-4), (metrics["grad_norm"], norms)
-    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
-    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
-    for name, weight in trainer.model.state_dict().items():
-        update, their_update = saved[name] - initial[name], weight - initial[name]
-        difference = ((update - their_update).norm() / their_update.norm()).item()
-        assert difference < 1e-3, f"{name}: the updates differ by {difference:.2e} of TRL's"
+    assert_same_updates(out, trainer.model, tiny_model_dir, trained=False)
