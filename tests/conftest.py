@@ -96,15 +96,17 @@ FAKE_VLLM = os.path.join(ROOT, "tests", "fake_vllm")
 VLLM_ENV = dict(SCRIPT_ENV, PYTHONPATH=os.pathsep.join([FAKE_VLLM] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
 
 
-# One-process runs fork from tests/prefork.py, which has imported torch and transformers once (~3 s a run less; read
-# its docstring); PREFORK=0 starts each as a fresh `python script.py`. Linux only (it forks, and counts its threads).
+# Script runs fork from tests/prefork.py, which has imported torch and transformers once (~3 s a one-process run less,
+# ~7 s a two-rank one; read its docstring); PREFORK=0 starts each as a fresh `python script.py` or torchrun. Linux only
+# (it forks, and counts its threads).
 PREFORK = os.environ.get("PREFORK", "1") != "0" and sys.platform == "linux"
-prefork = None  # the forking process, started at the first one-process run
+prefork = None  # the forking process, started at the first run
 
 
-def run_forked(command, env, timeout=None):
+def run_forked(command, env, timeout=None, nproc=1):
     """`subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)`, with
-    command = [python, script, *args], run by a child of tests/prefork.py."""
+    command = [python, script, *args], run by children of tests/prefork.py: one, or nproc ranks with the environment
+    torchrun --standalone gives its workers (returning the first failed rank's status, where torchrun exits 1)."""
     global prefork
     if prefork is None:
         prefork = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "prefork.py")], stdin=subprocess.PIPE,
@@ -115,23 +117,24 @@ def run_forked(command, env, timeout=None):
     path = [os.path.dirname(command[1])] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in inherited]
     with tempfile.TemporaryDirectory() as tmp:
         out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
-        prefork.stdin.write(json.dumps(dict(argv=command[1:], cwd=ROOT, env=env, stdout=out, stderr=err, path=path))
-                           + "\n")
+        prefork.stdin.write(json.dumps(dict(argv=command[1:], cwd=ROOT, env=env, stdout=out, stderr=err, path=path,
+                                            nproc=nproc)) + "\n")
         prefork.stdin.flush()
-        pid = reply()
+        pids = reply()
         status = reply(timeout)
         if status is None:  # still running after `timeout` seconds
-            os.kill(pid, signal.SIGKILL)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
             reply()  # its status, -9
             with open(out, "rb") as stdout, open(err, "rb") as stderr:  # bytes, as subprocess.run gives them here
                 raise subprocess.TimeoutExpired(command, timeout, stdout.read(), stderr.read())
         with open(out) as stdout, open(err) as stderr:
-            return subprocess.CompletedProcess(command, status, stdout.read(), stderr.read())
+            return subprocess.CompletedProcess(command, status[0], stdout.read(), stderr.read())
 
 
 def reply(timeout=None):
-    """prefork.py's next line as an int, or None after `timeout` seconds. Read a byte at a time from the pipe itself, so
-    that no line waits in a buffer that select() cannot see."""
+    """prefork.py's next line as a list of ints, or None after `timeout` seconds. Read a byte at a time from the pipe
+    itself, so that no line waits in a buffer that select() cannot see."""
     line = b""
     while not line.endswith(b"\n"):
         if not select.select([prefork.stdout], [], [], timeout)[0]:
@@ -140,24 +143,27 @@ def reply(timeout=None):
         if not byte:
             raise RuntimeError(f"tests/prefork.py exited ({prefork.wait()}); PREFORK=0 runs the suite without it")
         line += byte
-    return int(line)
+    return [int(word) for word in line.split()]
 
 
 def run_script(script, *args, nproc=1, check=True, env=None, timeout=None):
     """Run a stage script as a user would: `python script.py` for one process, torchrun for more (one node; the
-    several-node launch is spelled out in test_sft.py's test_two_nodes_match_one_process)."""
+    several-node launch is spelled out in test_sft.py's test_two_nodes_match_one_process), or as tests/prefork.py
+    stands in for them."""
     env = env or SCRIPT_ENV
-    if nproc == 1:
-        command = [sys.executable, os.path.join(ROOT, script)]
+    command = [sys.executable, os.path.join(ROOT, script), *map(str, args)]
+    # forked only in the environment prefork.py started with (tests/fake_vllm on the path aside: a path, not an import;
+    # a sitecustomize.py there would have to run at the interpreter's start)
+    added = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if PREFORK and {**env, "PYTHONPATH": ""} == {**SCRIPT_ENV, "PYTHONPATH": ""} and \
+            not any(os.path.exists(os.path.join(p, "sitecustomize.py")) for p in added):
+        result = run_forked(command, env, timeout, nproc)
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-                   os.path.join(ROOT, script)]
-    # forked only in the environment prefork.py started with (tests/fake_vllm on the path aside: a path, not an import)
-    forked = PREFORK and nproc == 1 and {**env, "PYTHONPATH": ""} == {**SCRIPT_ENV, "PYTHONPATH": ""}
-    command += [str(a) for a in args]
-    result = (run_forked(command, env, timeout) if forked else
-              subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout))
-    if nproc > 1 and result.returncode != 0 and "saved the model to" in result.stdout and aborted_at_exit(result.stderr):
+        if nproc > 1:
+            command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone"]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    saved = "saved the model to" in result.stdout
+    if nproc > 1 and result.returncode != 0 and saved and aborted_at_exit(result.stderr, result.returncode):
         print(f"{script}: a rank aborted at exit after the run had saved its model; its outputs are checked as they are:\n"
               f"{readable(result.stderr)[-3000:]}")
         result.returncode = 0
@@ -166,14 +172,15 @@ def run_script(script, *args, nproc=1, check=True, env=None, timeout=None):
     return result
 
 
-def aborted_at_exit(launcher_output):
+def aborted_at_exit(launcher_output, returncode=None):
     """Did a torchrun rank abort (SIGABRT) at interpreter exit? That is after the final barrier, so after every output
     was written: the sharded model keeps the gloo process group, and its threads, alive past destroy_process_group
     (README, FSDP2; DTensor's caches hold its device mesh), and they race interpreter teardown (pytorch/pytorch#179291).
     Rare, but twice in a row in one CI run (2026-12-06) and once here (a rerun then found the first run's reference
     cache, and a test of that cache failed): a rerun is no remedy, it meets the first run's side effects. The run's
     outputs are what a test checks; the exit status is reported instead of failing it."""
-    return "exitcode  : -6" in launcher_output and "terminate called without an active exception" in launcher_output
+    aborted = "exitcode  : -6" in launcher_output or returncode == -6  # torchrun's report; or a forked rank's status
+    return aborted and "terminate called without an active exception" in launcher_output
 
 
 def readable(stderr):

@@ -1,8 +1,9 @@
-"""tests/prefork.py (one-process script runs forked from a process that has imported torch) against `python script.py`;
+"""tests/prefork.py (script runs forked from a process that has imported torch) against `python script.py` and torchrun;
 conftest.run_script's allowance for gloo's abort at exit."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,3 +75,44 @@ def test_an_abort_at_exit_counts_only_after_the_model_was_saved(tmp_path):
     assert result.returncode == 0 and "saved the model to somewhere" in result.stdout
     with pytest.raises(AssertionError, match="failed"):
         run_script(script, "before", nproc=2)
+
+
+RANKS = """import os, sys, time
+import torch, torch.distributed as dist
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+if sys.argv[1] == "fail":  # rank 1 fails while rank 0 works on (no collective would notice): torchrun stops rank 0
+    time.sleep(300) if rank == 0 else sys.exit("error: rank 1 failed")
+total = torch.tensor([rank + 1.0])
+dist.all_reduce(total)
+# what torchrun sets, but the port and the run's id (its own each run) and two files and signals for its agent only
+agent_only = ["MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_SIGNALS_TO_HANDLE"]
+added = sorted((k, v) for k, v in os.environ.items() if k not in os.environ["BASE_KEYS"].split(",") + agent_only)
+os.write(1, f"{rank} {total.item()} {added}\\n".encode())  # one write: the ranks' lines do not interleave
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not PREFORK, reason="prefork is Linux-only, or PREFORK=0")
+def test_forked_ranks_are_a_torchrun_run(tmp_path):
+    """Two ranks forked from tests/prefork.py against `torchrun --standalone --nproc_per_node 2`: the same environment
+    (every variable torchrun sets for its workers but its agent's own), the same rendezvous and collective; a failed
+    rank fails the run, with its message in stderr, and gets the other stopped."""
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS)
+    env = dict(SCRIPT_ENV, BASE_KEYS=",".join(SCRIPT_ENV) + ",BASE_KEYS")
+    for case in ("ok", "fail"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, case]
+        torchrun = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+        start = time.time()
+        forked = run_forked([sys.executable, str(script), case], env, timeout=120, nproc=2)
+        if case == "ok":
+            assert torchrun.returncode == forked.returncode == 0, (torchrun.stderr, forked.stderr)
+            assert sorted(forked.stdout.splitlines()) == sorted(torchrun.stdout.splitlines())
+            assert [line[:6] for line in sorted(forked.stdout.splitlines())] == ["0 3.0 ", "1 3.0 "]
+            assert "('RANK', '1')" in forked.stdout and "('LOCAL_WORLD_SIZE', '2')" in forked.stdout
+        else:
+            assert torchrun.returncode != 0 and forked.returncode == 1, forked.stderr
+            assert "error: rank 1 failed" in torchrun.stderr and "error: rank 1 failed" in forked.stderr
+            assert time.time() - start < 20  # rank 0 was stopped at once, not left to finish its 300 s
+    assert run_forked([sys.executable, str(script), "ok"], env, nproc=2).returncode == 0  # the next run goes on
