@@ -36,12 +36,14 @@ from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 # ----------------------------------------------------------------------------- What every stage does alike
 
 
-def require_model_directory(path, tokenizer_path=None):
+def require_model_directory(path, tokenizer_path=None, value_model=False):
     """Before data/prepare_model.py has run, the embedded model's directory is missing and transformers would take the
     path for a hub id ("Repo id must be in the form ..."). A path that looks local (absolute, ./ or ~/, more than one
     "/", under an existing directory, or the embedded model's) and does not exist gets told what to run instead. A
     local tokenizer directory (the model's unless `tokenizer_path`) with no tokenizer file is named too: transformers
-    said "Couldn't instantiate the backend tokenizer ... install sentencepiece", naming neither."""
+    said "Couldn't instantiate the backend tokenizer ... install sentencepiece", naming neither. `value_model` (PPO's:
+    the model with a per-token head): a model type transformers has no token-classification model for (Gemma 3) is
+    refused here, where it stopped the run with transformers' ValueError after the policy had loaded."""
     embedded = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "SmolLM2-135M-Instruct")
     if not os.path.exists(path) and (path.startswith(("/", ".", "~")) or path.count("/") > 1 or
                                      os.path.isdir(path.split("/")[0]) or os.path.abspath(path) == embedded):
@@ -53,6 +55,14 @@ def require_model_directory(path, tokenizer_path=None):
                                                  for name in tokenizer_files):
         sys.exit(f"error: {tokenizer_path} has no tokenizer (none of {', '.join(tokenizer_files)}); "
                  "save the tokenizer there or pass --tokenizer_name")
+    if value_model:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
+
+        model_type = AutoConfig.from_pretrained(path).model_type
+        if model_type not in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES:
+            sys.exit(f"error: --algo ppo: transformers has no token-classification model for {model_type} ({path}), "
+                     "which PPO's value model is built as; --algo grpo has no value model")
 
 
 _RANGES = {"at_least_one": (">= 1", lambda v: v >= 1), "at_least_zero": (">= 0", lambda v: v >= 0),

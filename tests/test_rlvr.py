@@ -188,6 +188,24 @@ def test_ppo_gae_matches_a_hand_computation(tiny_model_dir, rlvr_data, tmp_path,
     assert metrics[0]["kl"] == 0 and metrics[1]["kl"] > 0
 
 
+def test_ppo_on_a_model_type_without_a_value_model_is_refused_before_loading(tokenizer, rlvr_data, tmp_path):
+    """PPO builds its value model as AutoModelForTokenClassification, which transformers lacks for some model types
+    (Gemma 3's text model): the run stopped with transformers' ValueError after the policy had loaded. Now the
+    command is refused first, naming the type and what runs (GRPO: no value model); a Llama's PPO is not."""
+    from transformers import AutoConfig
+
+    for model_type, refused in (("gemma3_text", True), ("llama", False)):
+        path = tmp_path / model_type  # a config and a tokenizer only: a refusal must come before any weights are read
+        AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, head_dim=16,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        result = run_script("rlvr.py", "--model_name_or_path", path, "--dataset_mixer_list", rlvr_data, "1.0",
+                            "--algo", "ppo", "--output_dir", tmp_path / f"out_{model_type}", *FAST, check=False)
+        message = f"error: --algo ppo: transformers has no token-classification model for gemma3_text ({path})"
+        assert result.returncode != 0 and (message in result.stderr) == refused, result.stderr[-2000:]
+    assert "no file named model.safetensors" in result.stderr  # the Llama went on, to the weights that are not there
+
+
 def test_self_check_fires_when_the_generator_is_stale(tiny_model_dir, rlvr_data, tmp_path):
     result = run_script("rlvr.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", rlvr_data, "1.0",
                         "--eval_every", 0, "--max_steps", 2, "--debug_skip_weight_sync", "--output_dir", tmp_path, *FAST,
