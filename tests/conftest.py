@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random-init Llama with the real SmolLM2 tokenizer, and a helper to run the stage scripts."""
 import atexit
+import contextlib
 import json
 import os
 import select
@@ -124,7 +125,8 @@ def run_forked(command, env, timeout=None, nproc=1):
         status = reply(timeout)
         if status is None:  # still running after `timeout` seconds
             for pid in pids:
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # a rank that had exited: prefork reaped it
+                    (os.killpg if nproc > 1 else os.kill)(pid, signal.SIGKILL)  # a rank with its own workers
             reply()  # its status, -9
             with open(out, "rb") as stdout, open(err, "rb") as stderr:  # bytes, as subprocess.run gives them here
                 raise subprocess.TimeoutExpired(command, timeout, stdout.read(), stderr.read())

@@ -15,19 +15,23 @@ A run of N > 1 ranks stands in for `torchrun --standalone --nproc_per_node N scr
 run: ~9.5 s there, ~2.5 s here): N children, each with the environment torchrun's agent gives its workers
 (torch/distributed/elastic/agent/server/local_elastic_agent.py), meeting at a TCPStore that a forked process serves as
 the agent serves its own, writing to one stdout and one stderr; a failed rank gets the others stopped, as torchrun
-stops them. tests/test_prefork.py compares both with the real ones. tests/conftest.py's run_script uses it for runs in
-the suite's own environment; PREFORK=0 starts every script as a fresh process (or torchrun) instead.
+stops them. What a fork copies, torchrun's workers draw each for itself: numpy's global random state, Python's string
+hash seed (`hash()`, set order); the stage scripts use neither. tests/test_prefork.py compares both with the real
+ones. tests/conftest.py's run_script uses it for runs in the suite's own environment; PREFORK=0 starts every script as
+a fresh process (or torchrun) instead.
 
 Protocol: one JSON request per line on stdin, {"argv", "cwd", "env", "path", "stdout", "stderr", "nproc"} ("stdout" and
 "stderr": files to write); two lines back on stdout per request: the children's pids when they start (so that a caller
 can kill them), then the exit status, negative for a signal, as subprocess reports it (of N ranks: the first failed
 one's).
 """
+import contextlib
 import gc
 import json
 import os
 import runpy
 import signal
+import socket
 import sys
 import time
 
@@ -58,19 +62,28 @@ os.dup2(null, 0)
 os.dup2(null, 1)
 
 
+MASTER_ADDR = socket.getfqdn()  # torchrun's: its node's address (elastic/rendezvous/api.py, RendezvousStoreInfo)
+
+
 def torchrun_store():
     """A forked process serving the TCPStore that the ranks of one run meet at, as torchrun's agent serves its own
     (TORCHELASTIC_USE_AGENT_STORE=True: every rank is a client, torch/distributed/rendezvous.py); its port, which the
     OS chose, then the process to kill once the ranks are done."""
     read_end, write_end = os.pipe()
+    prefork = os.getpid()
     pid = os.fork()
     if pid == 0:
+        requests.close()  # not the protocol's pipes: conftest must see EOF when this process is gone
+        os.close(replies)
         os.close(read_end)
         import torch.distributed as dist
 
         store = dist.TCPStore("localhost", 0, is_master=True, wait_for_workers=False)
         os.write(write_end, f"{store.port}\n".encode())
-        signal.pause()  # until killed
+        os.close(write_end)
+        while os.getppid() == prefork:  # until killed, or this process is gone (no orphan serving a port forever)
+            time.sleep(1)
+        os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end) as f:
         return int(f.readline()), pid
@@ -85,9 +98,10 @@ def run_ranks(request):
         port, store = torchrun_store()
         rank_envs = [dict(request["env"], RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", ROLE_RANK=str(rank),
                           ROLE_NAME="default", WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_WORLD_SIZE="1",
-                          ROLE_WORLD_SIZE=str(nproc), MASTER_ADDR="localhost", MASTER_PORT=str(port),
+                          ROLE_WORLD_SIZE=str(nproc), MASTER_ADDR=MASTER_ADDR, MASTER_PORT=str(port),
                           TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0", TORCHELASTIC_RUN_ID="prefork",
-                          TORCHELASTIC_USE_AGENT_STORE="True", TORCH_NCCL_ASYNC_ERROR_HANDLING="1")
+                          TORCHELASTIC_USE_AGENT_STORE="True",
+                          TORCH_NCCL_ASYNC_ERROR_HANDLING=request["env"].get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"))
                      for rank in range(nproc)]
     # opened here, so that the ranks share each file and its offset, as torchrun's workers share the launcher's stdout
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -96,6 +110,8 @@ def run_ranks(request):
     for env in rank_envs:
         pid = os.fork()
         if pid == 0:
+            if nproc > 1:  # a group of its own, as torchrun starts each worker (start_new_session): it and the
+                os.setpgid(0, 0)  # processes it starts (tokenizing workers) are stopped together
             requests.close()
             os.close(replies)
             for fd, file in zip((1, 2), outputs):
@@ -107,6 +123,9 @@ def run_ranks(request):
             sys.path[:1] = request["path"]  # what `python script.py` puts first: the script's directory, PYTHONPATH
             runpy.run_path(sys.argv[0], run_name="__main__")
             sys.exit(0)  # an exception or SystemExit from the script leaves through here too: the interpreter's exit
+        if nproc > 1:
+            with contextlib.suppress(ProcessLookupError):  # (also here: no killpg may come before the child's own)
+                os.setpgid(pid, pid)
         pids.append(pid)
     for file in outputs:
         os.close(file)
@@ -117,7 +136,7 @@ def run_ranks(request):
         if pid == 0:  # (polling: the others were told to stop)
             if time.time() > deadline:
                 for other in running:
-                    os.kill(other, signal.SIGKILL)
+                    os.killpg(other, signal.SIGKILL) if nproc > 1 else os.kill(other, signal.SIGKILL)
                 deadline = float("inf")
             time.sleep(0.05)
             continue
@@ -129,7 +148,7 @@ def run_ranks(request):
         if code != 0 and status == 0:
             status, deadline = code, time.time() + 30
             for other in running:
-                os.kill(other, signal.SIGTERM)
+                os.killpg(other, signal.SIGTERM)
     if store:
         os.kill(store, signal.SIGKILL)
         os.waitpid(store, 0)

@@ -68,11 +68,13 @@ if rank == 1:  # what a std::thread torn down at exit prints, then SIGABRT
 
 def test_an_abort_at_exit_counts_only_after_the_model_was_saved(tmp_path):
     """run_script's allowance for gloo's abort at interpreter exit (see conftest): the outputs of a run that saved its
-    model before a rank aborted are returned; an abort with no save is a failure."""
+    model before a rank aborted are returned; an abort with no save is a failure. Forked ranks (the rank's status), and
+    once under real torchrun (its report, "exitcode  : -6"; an environment of its own is never forked)."""
     script = tmp_path / "abort_at_exit.py"
     script.write_text(ABORT_AT_EXIT)
-    result = run_script(script, "after", nproc=2)
-    assert result.returncode == 0 and "saved the model to somewhere" in result.stdout
+    for env in (SCRIPT_ENV, dict(SCRIPT_ENV, LAUNCHER="torchrun")):
+        result = run_script(script, "after", nproc=2, env=env)
+        assert result.returncode == 0 and "saved the model to somewhere" in result.stdout
     with pytest.raises(AssertionError, match="failed"):
         run_script(script, "before", nproc=2)
 
@@ -84,6 +86,10 @@ rank = dist.get_rank()
 if sys.argv[1] == "fail":  # rank 1 fails while rank 0 works on (no collective would notice): torchrun stops rank 0
     time.sleep(300) if rank == 0 else sys.exit("error: rank 1 failed")
 total = torch.tensor([rank + 1.0])
+dist.all_reduce(total)
+dist.destroy_process_group()  # eval.py's vLLM path: the group destroyed, then rebuilt on the launcher's store
+store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), 2, is_master=False)
+dist.init_process_group("gloo", store=dist.PrefixStore("again", store), rank=rank, world_size=2)
 dist.all_reduce(total)
 # what torchrun sets, but the port and the run's id (its own each run) and two files and signals for its agent only
 agent_only = ["MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE", "TORCHELASTIC_SIGNALS_TO_HANDLE"]
@@ -109,7 +115,7 @@ def test_forked_ranks_are_a_torchrun_run(tmp_path):
         if case == "ok":
             assert torchrun.returncode == forked.returncode == 0, (torchrun.stderr, forked.stderr)
             assert sorted(forked.stdout.splitlines()) == sorted(torchrun.stdout.splitlines())
-            assert [line[:6] for line in sorted(forked.stdout.splitlines())] == ["0 3.0 ", "1 3.0 "]
+            assert [line[:6] for line in sorted(forked.stdout.splitlines())] == ["0 6.0 ", "1 6.0 "]
             assert "('RANK', '1')" in forked.stdout and "('LOCAL_WORLD_SIZE', '2')" in forked.stdout
         else:
             assert torchrun.returncode != 0 and forked.returncode == 1, forked.stderr
