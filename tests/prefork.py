@@ -136,7 +136,7 @@ def run_ranks(request):
         if pid == 0:  # (polling: the others were told to stop)
             if time.time() > deadline:
                 for other in running:
-                    os.killpg(other, signal.SIGKILL) if nproc > 1 else os.kill(other, signal.SIGKILL)
+                    os.killpg(other, signal.SIGKILL)  # (only ranks of a run of several have others to stop)
                 deadline = float("inf")
             time.sleep(0.05)
             continue
