@@ -99,6 +99,8 @@ results = {}
 def report(name, value):
     results[name] = value
     print(f"{name}: {value}", flush=True)
+    # written after every row, so a run cut short (.ci/gpu's time limit) still leaves the rows it finished
+    json.dump(results, open(os.path.join(work, "results.json"), "w"), indent=1)
 
 
 # ----------------------------------------------------------------------------- 1. SFT
@@ -192,5 +194,4 @@ if "rlvr" not in args.skip:
         report(f"rlvr.py {generator} generation tokens/s (64 samples x <= 256 tokens)",
                sum(generated) / sum(m["time/generate"] for m in metrics))
 
-json.dump({k: v for k, v in results.items()}, open(os.path.join(work, "results.json"), "w"), indent=1)
 print(json.dumps(results, indent=1, default=str))

@@ -144,10 +144,12 @@ def test_a_tied_lm_head_built_apart_is_refused(tiny_model_dir, sft_data, tmp_pat
     site.mkdir()
     (site / "sitecustomize.py").write_text("import transformers\n"
                                            "transformers.PreTrainedModel.tie_weights = lambda self, *args, **kwargs: None\n")
+    # an environment of its own: a fresh interpreter, which runs sitecustomize (kept ahead of inherited packages)
+    python_path = os.pathsep.join([str(site)] + [p for p in [SCRIPT_ENV.get("PYTHONPATH")] if p])
     result = run_script("sft.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "8",
                         "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--max_steps", 1,
-                        "--output_dir", tmp_path / "out", *FAST, check=False,  # an environment of its own: a fresh
-                        env=dict(SCRIPT_ENV, PYTHONPATH=str(site), UNTIED="1"))  # interpreter, which runs sitecustomize
+                        "--output_dir", tmp_path / "out", *FAST, check=False,
+                        env=dict(SCRIPT_ENV, PYTHONPATH=python_path, UNTIED="1"))
     assert result.returncode != 0 and "built them apart; use transformers >= 5.1" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out" / "model.safetensors").exists()
 

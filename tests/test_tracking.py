@@ -140,7 +140,8 @@ def test_a_missing_package_says_what_to_install(package, tiny_model_dir, tmp_pat
 
     (tmp_path / "shadow").mkdir()
     (tmp_path / "shadow" / f"{package}.py").write_text("raise ImportError('not installed (simulated)')\n")
-    env = {**SCRIPT_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), ROOT])}
+    inherited = [p for p in [SCRIPT_ENV.get("PYTHONPATH")] if p]  # packages may live there (.ci/gpu's /tmp/site)
+    env = {**SCRIPT_ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), ROOT] + inherited)}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "--model_name_or_path", tiny_model_dir,
                            *map(str, stage_args("sft.py", tiny_model_dir, tmp_path)), "--output_dir", str(tmp_path / "out"),
                            "--with_tracking", "--report_to", package], capture_output=True, text=True, env=env, cwd=ROOT)
