@@ -15,7 +15,8 @@ Score responses produced elsewhere, loading no model (one --responses per --task
     python eval.py --task ifeval --responses ifeval_responses.jsonl --output_dir out/eval
 
 Writes <output_dir>/results.json as {task: {metric: value}} and <output_dir>/<task>_records.jsonl; with several
-models, those go to <output_dir>/<model directory name>/ and the table to <output_dir>/table.md.
+models, those go to <output_dir>/<model directory name>/ (numbered, k_<name>, when two names differ at most in case)
+and the table to <output_dir>/table.md.
 The prompts are those of Tulu 3's evaluation (OLMES's gsm8k::tulu, minerva_math::tulu, ifeval::tulu), token for token:
 few-shot exemplars as chat turns (user "Question: ..." / "Problem: ... Solution:", assistant the worked answer), not one
 long user message; with their stop strings and per-task token caps. Each record keeps the whole prompt as "input" and
@@ -454,9 +455,10 @@ def score(pairs, output_dir):
 # One model writes to --output_dir; several write to --output_dir/<name>/ and end with a table comparing them.
 paths = args.model_name_or_path or [None]  # None: the given responses
 bases = [os.path.basename(os.path.normpath(path)) if path else "responses" for path in paths]
-names = [base if bases.count(base) == 1 else f"{k}_{base}" for k, base in enumerate(bases)]
-if len(set(names)) < len(names):  # a model named "1_sft" beside two "sft": it and the second wrote to one directory
-    names = [f"{k}_{base}" for k, base in enumerate(bases)]
+folded = [base.casefold() for base in bases]  # (on macOS and Windows "SFT/" and "sft/" are one directory)
+names = [base if folded.count(base.casefold()) == 1 else f"{k}_{base}" for k, base in enumerate(bases)]
+if len({name.casefold() for name in names}) < len(names):  # a model named "1_sft" beside two "sft": it and the second
+    names = [f"{k}_{base}" for k, base in enumerate(bases)]  # wrote to one directory
 table, per_prompt, table_path = {}, {}, os.path.join(args.output_dir, "table.md")
 if rank == 0 and os.path.exists(table_path):  # an earlier run's, not this one's: it stayed beside this run's results
     os.remove(table_path)  # as if it were

@@ -529,6 +529,12 @@ def test_models_whose_names_collide_each_get_a_directory(tiny_model, tmp_path):
     rows = (tmp_path / "out" / "table.md").read_text().splitlines()[2:5]
     assert [row.split(" | ")[0] for row in rows] == ["| 0_sft", "| 1_sft", "| 2_1_sft"]
     assert all((tmp_path / "out" / name / "gsm8k_records.jsonl").exists() for name in ("0_sft", "1_sft", "2_1_sft"))
+    # names that differ only in case are one directory on macOS and Windows
+    (tmp_path / "y" / "SFT").symlink_to(tiny_model)
+    proc = run_eval("--model_name_or_path", paths[0], tmp_path / "y" / "SFT", "--task", "gsm8k", "--limit", 1,
+                    "--max_new_tokens", 1, "--output_dir", tmp_path / "cased")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "cased")) == ["0_sft", "1_SFT", "table.md"]
     for limits in (["--limit", "gsm8k=1", "gsm8k=3"], ["--limit", "gsm8k=1", "--limit", "gsm8k=3"]):
         proc = run_eval("--task", "gsm8k", "--responses", tmp_path / "r.jsonl", *limits)
         assert proc.returncode != 0 and "--limit gives gsm8k twice" in proc.stderr
