@@ -147,6 +147,60 @@ def prune_checkpoints(output_dir, keep):
         shutil.rmtree(os.path.join(output_dir, name))
 
 
+def _write_synced(path, write):
+    """write(file object) into `path`, then fsync it and its directory: on the disk, not only in the page cache, before
+    anything that says it is complete. A disk that fills up is an error naming the file and its free space (torch.save
+    said only "unexpected pos")."""
+    try:
+        with open(path, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as error:
+        free = shutil.disk_usage(os.path.dirname(path)).free
+        raise OSError(f"could not write {path} ({free / 2**30:.2f} GiB free there): {error}") from error
+    directory = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def finish_checkpoint(path, trainer_state, keep):
+    """After dcp.save has written (and fsync'd) the shards in `path`: every rank adds its trainer_state_rank{r}.pt (the
+    stage's `trainer_state` with this rank's RNG state and the world size), all wait, and rank 0 writes the `done` file
+    that makes the checkpoint complete, then prunes older ones (prune_checkpoints). Each file is fsync'd before `done`
+    is written: after a crash of the machine, `done` on the disk means every file is there too (a node's crash could
+    leave `done` beside an empty trainer state, and the resume failed on it)."""
+    rank = torch.distributed.get_rank()
+    trainer_state = trainer_state | {"cpu_rng": torch.get_rng_state(), "world_size": torch.distributed.get_world_size(),
+                                     "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    _write_synced(os.path.join(path, f"trainer_state_rank{rank}.pt"), lambda f: torch.save(trainer_state, f))
+    torch.distributed.barrier()
+    if rank == 0:
+        _write_synced(os.path.join(path, "done"), lambda f: None)
+        prune_checkpoints(os.path.dirname(path), keep)
+
+
+def load_trainer_state(resume_from):
+    """This rank's trainer state in checkpoint `resume_from` (finish_checkpoint's), its RNG states restored. A rank the
+    saved run did not have (a resume on more ranks) takes rank 0's RNG, seeded alike; a file missing for a rank the run
+    had is an error (a partial copy of the checkpoint), not another rank's RNG without a word."""
+    rank = torch.distributed.get_rank()
+    own = os.path.join(resume_from, f"trainer_state_rank{rank}.pt")
+    first = os.path.join(resume_from, "trainer_state_rank0.pt")
+    if not os.path.exists(own):
+        saved_ranks = torch.load(first, weights_only=False).get("world_size", 1)  # (written before: no world size)
+        if rank < saved_ranks:
+            raise SystemExit(f"--resume: {own} is missing, though {saved_ranks} ranks saved {resume_from}: a partial "
+                             f"copy? Restore it, or resume from another checkpoint")
+    trainer_state = torch.load(own if os.path.exists(own) else first, weights_only=False)
+    torch.set_rng_state(trainer_state["cpu_rng"])
+    if torch.cuda.is_available() and trainer_state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(trainer_state["cuda_rng"])
+    return trainer_state
+
+
 def start_log(path, resume_step=None):
     """Start a stage's .jsonl log (metrics.jsonl, rollouts.jsonl): empty, or when resuming at `resume_step`, its lines up
     to that step, so it reads like one uninterrupted run. A last line cut short (the run was killed writing it) is

@@ -411,12 +411,7 @@ def save_checkpoint(step):
     """Policy (and value model) + optimizer shards via DCP; the step and every rank's RNG state beside them."""
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     dcp.save(training_state(), checkpoint_id=path)
-    torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "run": vars(args), "reference": weights_key},
-               os.path.join(path, f"trainer_state_rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        open(os.path.join(path, "done"), "w").close()
-        common.prune_checkpoints(args.output_dir, args.keep_last_n_checkpoints)
+    common.finish_checkpoint(path, {"step": step, "run": vars(args), "reference": weights_key}, args.keep_last_n_checkpoints)
 
 
 start_step = 0
@@ -426,10 +421,7 @@ if resume_from:
     dcp.load(state, checkpoint_id=resume_from)
     for name, (model, opt) in models.items():
         set_state_dict(model, opt, model_state_dict=state[f"{name}_model"], optim_state_dict=state[f"{name}_optimizer"])
-    own = os.path.join(resume_from, f"trainer_state_rank{rank}.pt")  # (a rank the saved run lacked: rank 0's RNG, seeded alike)
-    trainer_state = torch.load(own if os.path.exists(own) else os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False)
-    start_step = trainer_state["step"]
-    torch.set_rng_state(trainer_state["cpu_rng"])
+    start_step = common.load_trainer_state(resume_from)["step"]  # (and this rank's RNG state restored)
     print0(f"resumed from {resume_from} at step {start_step}")
 # New logs, or on --resume their lines up to the checkpoint's step, so they read like one uninterrupted run.
 for log_path in ([metrics_path] + ([rollouts_path] if args.save_rollouts else [])) if rank == 0 else []:

@@ -227,12 +227,7 @@ def save_checkpoint(step):
     path = os.path.join(args.output_dir, f"checkpoint-{step}")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
-    torch.save({"step": step, "cpu_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state() if use_cuda else None,
-                "run": run_settings}, os.path.join(path, f"trainer_state_rank{rank}.pt"))
-    dist.barrier()
-    if rank == 0:
-        open(os.path.join(path, "done"), "w").close()
-        common.prune_checkpoints(args.output_dir, args.keep_last_n_checkpoints)
+    common.finish_checkpoint(path, {"step": step, "run": run_settings}, args.keep_last_n_checkpoints)
 
 
 start_step = 0
@@ -240,12 +235,7 @@ if resume_from:
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=resume_from)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-    own = os.path.join(resume_from, f"trainer_state_rank{rank}.pt")  # (a rank the saved run lacked: rank 0's RNG, seeded alike)
-    trainer_state = torch.load(own if os.path.exists(own) else os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False)
-    start_step = trainer_state["step"]
-    torch.set_rng_state(trainer_state["cpu_rng"])
-    if use_cuda:
-        torch.cuda.set_rng_state(trainer_state["cuda_rng"])
+    start_step = common.load_trainer_state(resume_from)["step"]  # (and this rank's RNG state restored)
     print0(f"resumed from {resume_from} at step {start_step}")
 if rank == 0:  # a new log, or on --resume the lines up to the checkpoint's step: it reads like one uninterrupted run
     common.start_log(metrics_path, start_step if resume_from else None)

@@ -152,6 +152,46 @@ def test_pruning_keeps_the_newest_complete_checkpoints_and_drops_incomplete_ones
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-10", "checkpoint-2.bak"]
 
 
+def test_a_checkpoint_is_on_the_disk_before_done_and_whole_when_resumed(tmp_path, monkeypatch):
+    """finish_checkpoint: each rank's trainer state fsync'd (file and directory) before `done` is written, and `done`
+    itself; a full disk an error naming the file (torch.save said "unexpected pos") and no `done`. load_trainer_state:
+    the RNG restored; a rank the saved run lacked takes rank 0's, but a file missing for a rank it had is an error."""
+    import torch
+    import torch.distributed as dist
+
+    synced = []  # (path fsync'd, whether `done` existed then)
+    real_fsync = os.fsync
+    monkeypatch.setattr(common.os, "fsync", lambda fd: synced.append(
+        (os.readlink(f"/proc/self/fd/{fd}"), (tmp_path / "checkpoint-3" / "done").exists())) or real_fsync(fd))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        os.makedirs(tmp_path / "checkpoint-3")  # (dcp.save made it, its shards fsync'd: FileSystemWriter's sync_files)
+        torch.manual_seed(7)
+        saved_rng = torch.get_rng_state()
+        common.finish_checkpoint(str(tmp_path / "checkpoint-3"), {"step": 3}, keep=2)
+        state_file, directory, done = (str(tmp_path / "checkpoint-3" / name) for name in ("trainer_state_rank0.pt", "", "done"))
+        assert synced == [(state_file, False), (directory.rstrip("/"), False), (done, True), (directory.rstrip("/"), True)]
+        torch.manual_seed(8)
+        assert common.load_trainer_state(str(tmp_path / "checkpoint-3"))["step"] == 3
+        assert torch.equal(torch.get_rng_state(), saved_rng)
+
+        monkeypatch.setattr(dist, "get_rank", lambda: 1)  # a resume on two ranks of a one-rank run: rank 0's state
+        assert common.load_trainer_state(str(tmp_path / "checkpoint-3"))["step"] == 3
+        state = torch.load(state_file, weights_only=False)
+        torch.save(state | {"world_size": 2}, state_file)  # a two-rank run's checkpoint without its rank 1 file
+        with pytest.raises(SystemExit, match="trainer_state_rank1.pt is missing, though 2 ranks saved"):
+            common.load_trainer_state(str(tmp_path / "checkpoint-3"))
+        monkeypatch.setattr(dist, "get_rank", lambda: 0)
+
+        os.makedirs(tmp_path / "checkpoint-4")
+        os.symlink("/dev/full", tmp_path / "checkpoint-4" / "trainer_state_rank0.pt")  # writes to it: ENOSPC
+        with pytest.raises(OSError, match=r"could not write .*checkpoint-4/trainer_state_rank0.pt \(.* GiB free"):
+            common.finish_checkpoint(str(tmp_path / "checkpoint-4"), {"step": 4}, keep=2)
+        assert not (tmp_path / "checkpoint-4" / "done").exists()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_log_restarts_at_the_checkpoint_and_names_a_bad_line(tmp_path):
     path = str(tmp_path / "metrics.jsonl")
     lines = [f'{{"step": {step}, "loss": 1.5}}\n' for step in range(1, 6)]
