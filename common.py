@@ -1012,6 +1012,15 @@ def disable_dropout(model):
     return model
 
 
+def training_flops(config, n_params, tokens, attended):
+    """FLOPs of a training forward + backward (PaLM's convention, for MFU): 6 per token per non-embedding weight
+    (n_params less the embedding and an untied LM head), plus 12 L H d_head per token per key it attends to, where
+    `attended` is the sum of the documents' squared lengths (a packed document attends within itself)."""
+    n_embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 6 * (n_params - n_embedding) * tokens + 12 * config.num_hidden_layers * config.num_attention_heads * head_dim * attended
+
+
 def packing_problem(model, longest):
     """What a packed row would get wrong for this model with documents of up to `longest` tokens, or None: layers that
     are not attention (linear attention, Mamba: a state or a sequence convolution runs on across a row's documents),

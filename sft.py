@@ -209,10 +209,7 @@ def learning_rate(step):
     return args.learning_rate * decay[args.lr_scheduler_type]
 
 
-# MFU (PaLM convention): 6 N FLOPs per token for the non-embedding weights + 12 L H d_head per token per attended token.
-n_embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
-head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-attention_flops_factor = 12 * config.num_hidden_layers * config.num_attention_heads * head_dim
+# MFU: dense bf16 peak 989 TFLOP/s per H100 / H200 GPU
 peak_flops = 989e12 if use_cuda and any(h in torch.cuda.get_device_name() for h in ("H100", "H200")) else None
 
 # ----------------------------------------------------------------------------- Checkpoints
@@ -292,8 +289,7 @@ for step in progress:
                    tokens=global_tokens, tokens_per_sec=totals[1].item() / elapsed, micro_steps=len(mine),
                    rank_token_imbalance=max(rank_tokens) / (sum(rank_tokens) / world_size))  # 1.0: every rank as busy
     if peak_flops:
-        flops = 6 * (n_params - n_embedding) * totals[1].item() + attention_flops_factor * totals[2].item()
-        metrics["mfu"] = flops / elapsed / (peak_flops * world_size)
+        metrics["mfu"] = common.training_flops(config, n_params, totals[1].item(), totals[2].item()) / elapsed / (peak_flops * world_size)
     if rank == 0:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")

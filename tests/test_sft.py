@@ -191,6 +191,28 @@ def test_sum_loss_gradient_and_clipping_are_tulu_3s_deepspeed_ones(tiny_model_di
     assert first_moment_norm(clipped) == pytest.approx(norm / 2, rel=1e-4)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_training_flops_are_what_torchs_flop_counter_counts(tied):
+    """common.training_flops, MFU's numerator, against torch's FlopCounterMode over one forward + backward of a GQA
+    Llama (eager attention, whose matmuls the counter sees). The counter counts matmuls only, so PaLM's convention
+    differs from it by two known terms: its N includes the norms' weights (elementwise) and leaves out the LM head."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=24, tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    length = 48
+    input_ids = torch.randint(0, config.vocab_size, (1, length))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+    n_params = sum(p.numel() for p in model.parameters())
+    norm_weights = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
+    lm_head = config.vocab_size * config.hidden_size
+    assert common.training_flops(config, n_params, length, length ** 2) == \
+        counter.get_total_flops() + 6 * (norm_weights - lm_head) * length
+
+
 def test_resume_logs_the_same_losses(tiny_model_dir, sft_data, tmp_path):
     args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "1.0", "--num_train_epochs", "2",
             "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2, "--checkpointing_steps", 3, *FAST]
