@@ -1012,6 +1012,17 @@ def disable_dropout(model):
     return model
 
 
+def learning_rate(step, peak, warmup_steps, total_steps, schedule):
+    """The learning rate of optimizer step `step` (from 0): linear warmup to `peak` over warmup_steps, then linear /
+    cosine decay to 0 (or constant) over the remaining steps, as transformers' get_scheduler, except that the first step
+    learns at peak / warmup_steps: HF's (open-instruct's) gives step k of the warmup the rate of k, so step 0 learns
+    at 0 (sft.py and dpo.py also round warmup steps up, where open-instruct rounds them down)."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return peak * {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)), "constant": 1.0}[schedule]
+
+
 def training_flops(config, n_params, tokens, attended):
     """FLOPs of a training forward + backward (PaLM's convention, for MFU): 6 per token per non-embedding weight
     (n_params less the embedding and an untied LM head), plus 12 L H d_head per token per key it attends to, where

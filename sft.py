@@ -196,17 +196,7 @@ n_params = sum(p.numel() for p in model.parameters())
 print0(f"{args.model_name_or_path}: {n_params / 1e6:.1f}M parameters, attention {attn_implementation}, world size {world_size}")
 
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=use_cuda)
-warmup_steps = math.ceil(args.warmup_ratio * total_steps)
-
-
-def learning_rate(step):
-    """Linear warmup to --learning_rate, then linear / cosine decay to 0 (or constant) over the remaining steps. The
-    first step learns at lr / warmup_steps (open-instruct's HF scheduler gives it lr 0 and rounds warmup steps down)."""
-    if step < warmup_steps:
-        return args.learning_rate * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    decay = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)), "constant": 1.0}
-    return args.learning_rate * decay[args.lr_scheduler_type]
+warmup_steps = math.ceil(args.warmup_ratio * total_steps)  # then linear / cosine decay to 0, or constant
 
 
 # MFU: dense bf16 peak 989 TFLOP/s per H100 / H200 GPU
@@ -275,7 +265,7 @@ for step in progress:
     # no-op under DeepSpeed).
     max_norm = args.clip_grad_norm if args.clip_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    lr = learning_rate(step)
+    lr = common.learning_rate(step, args.learning_rate, warmup_steps, total_steps, args.lr_scheduler_type)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()

@@ -192,6 +192,25 @@ def test_a_checkpoint_is_on_the_disk_before_done_and_whole_when_resumed(tmp_path
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_the_learning_rate_is_transformers_schedule_with_the_warmup_a_step_earlier(schedule):
+    """common.learning_rate against transformers' get_scheduler (open-instruct's): the same decay at every step after
+    the warmup; in it, step k learns at HF's rate of step k + 1, so the first step does not learn at 0."""
+    import torch
+    from transformers import get_scheduler
+
+    for total_steps, warmup_steps in [(10, 3), (7, 0), (5, 4), (4, 1)]:  # (a warmup over the whole run: no decay)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-5)
+        # (HF's "constant" has no warmup: its warmup form is constant_with_warmup)
+        hf = get_scheduler("constant_with_warmup" if schedule == "constant" else schedule, optimizer,
+                           num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+        hf_rate = lambda k: 2e-5 * hf.lr_lambdas[0](k)
+        ours = [common.learning_rate(k, 2e-5, warmup_steps, total_steps, schedule) for k in range(total_steps)]
+        expected = [hf_rate(k + 1) if k < warmup_steps else hf_rate(k) for k in range(total_steps)]
+        assert ours == pytest.approx(expected, rel=1e-12, abs=0), (total_steps, warmup_steps)
+        assert ours[0] > 0
+
+
 def test_a_log_restarts_at_the_checkpoint_and_names_a_bad_line(tmp_path):
     path = str(tmp_path / "metrics.jsonl")
     lines = [f'{{"step": {step}, "loss": 1.5}}\n' for step in range(1, 6)]
