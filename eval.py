@@ -30,6 +30,7 @@ import inspect
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -120,11 +121,7 @@ if ddp:
     dist.init_process_group(backend)
 rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
 engines = []  # the vLLM engines started so far (after each, torchrun's group is rebuilt under a prefix of its own)
-
-
-def print0(*a, **k):
-    if rank == 0:
-        print(*a, **k, flush=True)
+print0 = lambda *a, **k: print(*a, **k, flush=True) if rank == 0 else None
 
 
 # ----------------------------------------------------------------------------- data and prompts
@@ -224,14 +221,6 @@ def prompt_text(tokenizer, task, example):
                                                       {"role": "assistant", "content": f"{prefix} {a}".strip()})]
     messages.append({"role": "user", "content": QUESTION_FORMAT[task].format(example[QUESTION_FIELD[task]])})
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
-
-
-def until_stop(task, response):
-    """The response up to the task's first stop string: generation stops there, and a response given with --responses
-    is scored as if it had."""
-    for stop in STOP_STRINGS.get(task, []):
-        response = response.split(stop)[0]
-    return response
 
 
 def read_responses(path, task, examples):
@@ -396,11 +385,7 @@ def generate(model_path):
 def stderr(values):
     """Standard error of the mean of per-item scores: the SAMPLE standard deviation (n - 1 in the denominator, as
     lm-evaluation-harness computes it) / sqrt(n). None below 2 items, where it is undefined."""
-    n = len(values)
-    if n < 2:
-        return None
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
 
 
 def score(pairs, output_dir):
@@ -412,7 +397,8 @@ def score(pairs, output_dir):
     for task in tasks:
         records = []
         for example, response, generated in tqdm(pairs[task], desc=f"score {task}", leave=False):
-            response = until_stop(task, response)
+            for stop in STOP_STRINGS.get(task, []):  # cut at the first stop string, as generation stops there (a
+                response = response.split(stop)[0]   # response given with --responses is scored as if it had)
             record = {"prompt": example[QUESTION_FIELD[task]], "response": response, **generated}
             if task == "gsm8k":
                 record.update(gold=example["answer"].split("####")[-1].strip(), extracted=gsm8k_extract(response),
