@@ -990,14 +990,24 @@ def materialize(model, device):
 
 
 def decoder_layers(model):
-    """The decoder blocks that FSDP shards one by one, where transformers keeps them for Llama and the architectures
-    written on its pattern (Qwen, Mistral, Gemma, OLMo, Phi, ...): model.model.layers. An older layout (GPT-2's
-    transformer.h, GPT-NeoX's gpt_neox.layers) is refused by name, not with an AttributeError."""
+    """The decoder blocks that FSDP shards, each a list for fully_shard: one block, where transformers keeps them for
+    Llama and the architectures written on its pattern (Qwen, Mistral, Gemma, OLMo, Phi, ...): model.model.layers.
+    Blocks that share parameters (Zamba2's one attention block, reused by several layers) form one list, one FSDP
+    group (FSDP refuses a parameter in two groups, at the first forward). An older layout (GPT-2's transformer.h,
+    GPT-NeoX's gpt_neox.layers) is refused by name, not with an AttributeError."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
         raise SystemExit(f"error: {type(model).__name__} keeps no decoder blocks at .model.layers, where the stages find "
                          f"them to shard (as in Llama, Qwen, Mistral, Gemma, OLMo and Phi models)")
-    return layers
+    groups, owner = [], {}  # owner: parameter -> the index of the group that holds it
+    for layer in layers:
+        shared = sorted({owner[p] for p in layer.parameters() if p in owner})
+        group = [m for g in shared for m in groups[g]] + [layer]
+        for g in reversed(shared):
+            groups[g] = []
+        groups.append(group)
+        owner.update({p: len(groups) - 1 for m in group for p in m.parameters()})
+    return [group for group in groups if group]
 
 
 def disable_dropout(model):

@@ -259,8 +259,8 @@ def sharded_model(gradient_checkpointing):
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     common.refuse_packing(model, min(int(max(lengths)), args.max_seq_length), "dpo.py packs: a shorter --max_seq_length?")
-    for block in common.decoder_layers(model):
-        fully_shard(block, mp_policy=mp_policy)
+    for blocks in common.decoder_layers(model):
+        fully_shard(blocks, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
     common.materialize(model, device)  # real storage for this rank's shards; non-persistent buffers computed
     full_state_dict = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).state_dict() if rank == 0 else {}

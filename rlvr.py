@@ -194,8 +194,8 @@ def build_fsdp_model(auto_class, config, zero_head=False):
     if args.gradient_checkpointing:  # (the reference runs without grad: nothing to recompute there)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     common.refuse_packing(model, args.max_prompt_length + args.response_length, "rlvr.py packs: shorter prompts or responses?")
-    for block in common.decoder_layers(model):
-        fully_shard(block, mp_policy=mp_policy)
+    for blocks in common.decoder_layers(model):
+        fully_shard(blocks, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
     common.materialize(model, device)  # real storage for this rank's shards; non-persistent buffers computed
     state = {}

@@ -184,8 +184,8 @@ if args.gradient_checkpointing:
 mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
 if not args.no_padding_free:  # (refused now, not at the first document that outgrows a window, hours in)
     common.refuse_packing(model, int(max(lengths)), "sft.py --no_padding_free pads instead")
-for block in common.decoder_layers(model):
-    fully_shard(block, mp_policy=mp_policy)
+for blocks in common.decoder_layers(model):
+    fully_shard(blocks, mp_policy=mp_policy)
 fully_shard(model, mp_policy=mp_policy)
 common.materialize(model, device)  # real storage for this rank's shards; non-persistent buffers computed
 full_state_dict = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).state_dict() if rank == 0 else {}

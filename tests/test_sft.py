@@ -432,6 +432,48 @@ def test_first_loss_equals_an_unpacked_hf_forward_beyond_llama(architecture, tok
     assert read_metrics(tmp_path / "out")[0]["loss"] == pytest.approx(loss_sum / tokens, rel=1e-6)
 
 
+def test_blocks_that_share_weights_are_sharded_as_one_fsdp_group(tokenizer, tmp_path):
+    """Zamba2 runs one attention block at several depths (model.layers.1 and .3 share its weights).
+    Sharded one block per FSDP group, that block's weights sat in two groups, and FSDP stopped at the first forward
+    ("shared with a parameter already managed by another FSDP group"). Blocks that share weights are one group now:
+    sft.py --no_padding_free (its Mamba layers cannot be packed) on 2 ranks gives every weight, the shared ones
+    included, the gradient of an unpacked, unsharded HF backward (read back from Adam's first moment, (1 - beta1) g)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("zamba2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=4, layer_types=["mamba", "hybrid", "mamba", "hybrid"],
+                                  hybrid_layer_ids=[1, 3], num_mem_blocks=1, num_attention_heads=4, num_key_value_heads=4,
+                                  mamba_d_state=16, mamba_headdim=16, n_mamba_heads=8, use_shared_attention_adapter=False,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    shared = [layer.shared_transformer.self_attn.q_proj.weight for layer in model.model.layers[1::2]]
+    assert shared[0] is shared[1]  # (one Parameter: transformers ties the copies)
+    model.save_pretrained(tmp_path / "zamba2")
+    tokenizer.save_pretrained(tmp_path / "zamba2")
+    conversations = [[m for m in conversation(i) if m] for i in range(8)]
+    data = write_jsonl(tmp_path / "eight.jsonl", [{"messages": messages} for messages in conversations])
+    run_script("sft.py", "--model_name_or_path", tmp_path / "zamba2", "--dataset_mixer_list", data, "1.0",
+               "--no_padding_free", "--max_steps", 2, "--checkpointing_steps", 1, "--reduce_loss", "sum",
+               "--clip_grad_norm", -1, "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 2,
+               "--output_dir", tmp_path / "out", *FAST, nproc=2)
+    dcp_to_torch_save(tmp_path / "out" / "checkpoint-1", tmp_path / "state.pt")
+    moments = {name: entry["exp_avg"] / (1 - 0.9)
+               for name, entry in torch.load(tmp_path / "state.pt", weights_only=False)["optimizer"]["state"].items()}
+    # independent: every token loss of the 8 conversations summed, one at a time, unpacked; / (2 ranks x 2 micro-steps)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "zamba2", dtype=torch.float32)
+    for messages in conversations:
+        input_ids, labels = common.tokenize_conversation(tokenizer, messages)
+        logits = model(input_ids=torch.tensor([input_ids])).logits[0]
+        F.cross_entropy(logits[:-1], torch.tensor(labels[1:]), ignore_index=-100, reduction="sum").backward()
+    expected = {name: p.grad / 4 for name, p in model.named_parameters()}  # (a shared weight: under its first name)
+    assert sorted(moments) == sorted(expected) and any("shared_transformer" in name for name in expected)
+    for name, grad in expected.items():
+        assert torch.allclose(moments[name], grad, rtol=1e-3, atol=1e-7), name
+
+
 def test_an_architecture_without_model_layers_is_refused_by_name(tokenizer, sft_data, tmp_path):
     """GPT-NeoX (Pythia) keeps its blocks at gpt_neox.layers: the stages, which shard model.model.layers, stopped with
     "AttributeError: 'GPTNeoXForCausalLM' object has no attribute 'model'"."""
