@@ -160,8 +160,10 @@ def _write_synced(path, write):
         free = shutil.disk_usage(os.path.dirname(path)).free
         raise OSError(f"could not write {path} ({free / 2**30:.2f} GiB free there): {error}") from error
     directory = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
+    try:  # (best effort: some network and FUSE filesystems refuse to fsync a directory, EINVAL)
         os.fsync(directory)
+    except OSError:
+        pass
     finally:
         os.close(directory)
 
