@@ -209,8 +209,10 @@ def test_training_flops_are_what_torchs_flop_counter_counts(tied):
     n_params = sum(p.numel() for p in model.parameters())
     norm_weights = sum(p.numel() for name, p in model.named_parameters() if "norm" in name)
     lm_head = config.vocab_size * config.hidden_size
+    # (transformers <= 5.17 computes the rotary angles with a small matmul, which the counter counts; newer does not)
+    rotary = sum(counter.get_flop_counts().get("LlamaForCausalLM.model.rotary_emb", {}).values())
     assert common.training_flops(config, n_params, length, length ** 2) == \
-        counter.get_total_flops() + 6 * (norm_weights - lm_head) * length
+        counter.get_total_flops() - rotary + 6 * (norm_weights - lm_head) * length
 
 
 def test_resume_logs_the_same_losses(tiny_model_dir, sft_data, tmp_path):
@@ -442,7 +444,7 @@ def test_blocks_that_share_weights_are_sharded_as_one_fsdp_group(tokenizer, tmp_
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("zamba2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=4, layer_types=["mamba", "hybrid", "mamba", "hybrid"],
+                                  num_hidden_layers=4, layer_types=["linear_attention", "hybrid"] * 2,
                                   hybrid_layer_ids=[1, 3], num_mem_blocks=1, num_attention_heads=4, num_key_value_heads=4,
                                   mamba_d_state=16, mamba_headdim=16, n_mamba_heads=8, use_shared_attention_adapter=False,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
