@@ -179,9 +179,38 @@ def finish_checkpoint(path, trainer_state, keep):
                                      "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     _write_synced(os.path.join(path, f"trainer_state_rank{rank}.pt"), lambda f: torch.save(trainer_state, f))
     torch.distributed.barrier()
+    done = os.path.join(path, "done")
     if rank == 0:
-        _write_synced(os.path.join(path, "done"), lambda f: None)
+        _write_synced(done, lambda f: None)
+    # Every rank must see it: on several nodes, a --output_dir on each node's own disk holds pieces of a checkpoint that
+    # no node can resume from (DCP's .metadata and `done` on node 0, each node its own shards), found only at the resume.
+    # (Waited for: an NFS client may cache the name's absence for up to a minute.)
+    deadline = time.time() + float(os.environ.get("CHECKPOINT_VISIBLE_TIMEOUT", 90))  # (tests: seconds)
+    while not os.path.exists(done) and time.time() < deadline:
+        time.sleep(1)
+    seen = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, (socket.gethostname(), os.path.exists(done)))
+    if not all(visible for _, visible in seen):
+        if rank == 0:
+            os.remove(done)  # (not complete: no resume may start from it)
+        blind = [f"rank {r} ({host})" for r, (host, visible) in enumerate(seen) if not visible]
+        raise SystemExit(f"error: {path} is complete for rank 0 ({seen[0][0]}) but not to be seen by "
+                         f"{', '.join(blind[:4])}{' ...' if len(blind) > 4 else ''}: on several nodes --output_dir must "
+                         "be a filesystem they all share (checkpoints on each node's own disk cannot be resumed from)")
+    if rank == 0:
         prune_checkpoints(os.path.dirname(path), keep)
+
+
+def agree_on_resume(resume_from):
+    """Every rank resumes from the same checkpoint, or none: each found it in --output_dir alone (check_args), and on
+    nodes that do not share that directory, node 0 resumed while the others started afresh, their collectives no
+    longer in step (a hang until the group's timeout, or wrong data where the sizes happened to agree)."""
+    seen = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, (socket.gethostname(), os.path.basename(resume_from or "") or None))
+    if len({checkpoint for _, checkpoint in seen}) > 1:
+        views = [f"rank {r} ({host}): {checkpoint or 'none'}" for r, (host, checkpoint) in enumerate(seen)][:8]
+        raise SystemExit(f"error: --resume: the ranks see different checkpoints in --output_dir ({'; '.join(views)}): on "
+                         "several nodes it must be a filesystem they all share")
 
 
 def load_trainer_state(resume_from):

@@ -130,6 +130,7 @@ if use_cuda:
 bf16 = (args.mixed_precision or ("bf16" if use_cuda else "no")) == "bf16"
 print0 = lambda *a, **k: print(*a, **k) if rank == 0 else None
 torch.manual_seed(args.seed)
+common.agree_on_resume(resume_from)  # one checkpoint on every rank (several nodes: a shared --output_dir)
 
 # ----------------------------------------------------------------------------- Data
 

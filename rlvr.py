@@ -121,6 +121,7 @@ if use_cuda:
 bf16 = (args.mixed_precision or ("bf16" if use_cuda else "no")) == "bf16"
 print0 = lambda *a, **k: print(*a, **k) if rank == 0 else None
 torch.manual_seed(args.seed)
+common.agree_on_resume(resume_from)  # one checkpoint on every rank (several nodes: a shared --output_dir)
 P, G = args.num_unique_prompts_rollout, args.num_samples_per_prompt
 if P % (args.num_mini_batches * world_size):
     raise ValueError(f"--num_unique_prompts_rollout {P} must be divisible by --num_mini_batches x world size")

@@ -78,20 +78,16 @@ def test_two_processes_match_one_and_packing_matches_padding(tiny_model_dir, sft
     assert [m["loss"] for m in read_metrics(tmp_path / "one_sum")] == pytest.approx(packed_losses, rel=1e-4)  # 2 x 4 split
 
 
-def test_two_nodes_match_one_process(tiny_model_dir, sft_data, tmp_path):
-    """Two torchrun "nodes" of one process each, both on this machine and launched the way each node of a cluster
-    launches sft.py, against one plain process with the same global batch of 4: 2 nodes x 1 micro-step of 2 examples
-    vs 1 process x 2 micro-steps of 2."""
-    common_args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "12", "--max_steps", "3",
-                   "--per_device_train_batch_size", "2", *FAST]
-    one = tmp_path / "one"
-    run_script("sft.py", *common_args, "--gradient_accumulation_steps", 2, "--output_dir", one)
+def launch_two_nodes(tmp_path, node_args, env=SCRIPT_ENV):
+    """sft.py on two torchrun "nodes" of one process each, both on this machine, launched the way each node of a cluster
+    launches it (node_args: each node's arguments) -> (exit codes, logs). A rank's abort at exit after the model was
+    saved (seen once in 2026-12-06's runs) counts as success: its outputs are checked as they are.
 
-    # The static rendezvous (--master_addr/--master_port/--node_rank): node 0 hosts the store and holds global rank 0,
-    # always. The README's c10d rendezvous also works on one machine (same numbers), but there both launchers match
-    # 127.0.0.1, so the store goes to whichever binds the port first, and ranks go by the sorted host_pid names of the
-    # launchers, --node_rank ignored: a path no cluster takes. sft.py itself only reads the RANK, WORLD_SIZE and
-    # MASTER_* that torchrun sets, the same for both.
+    The static rendezvous (--master_addr/--master_port/--node_rank): node 0 hosts the store and holds global rank 0,
+    always. The README's c10d rendezvous also works on one machine (same numbers), but there both launchers match
+    127.0.0.1, so the store goes to whichever binds the port first, and ranks go by the sorted host_pid names of the
+    launchers, --node_rank ignored: a path no cluster takes. sft.py itself only reads the RANK, WORLD_SIZE and
+    MASTER_* that torchrun sets, the same for both."""
     with socket.socket() as s:  # a port the OS says is free now; torchrun binds it a moment later
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -99,11 +95,10 @@ def test_two_nodes_match_one_process(tiny_model_dir, sft_data, tmp_path):
     for node_rank in [0, 1]:
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                    "--node_rank", str(node_rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                   os.path.join(ROOT, "sft.py"), *common_args, "--gradient_accumulation_steps", "1",
-                   "--output_dir", str(tmp_path / "two_nodes")]  # one directory, as on a cluster's shared disk
+                   os.path.join(ROOT, "sft.py"), *map(str, node_args[node_rank])]
         log = open(tmp_path / f"node{node_rank}.log", "w")  # a file, not a pipe: a full pipe would stall the node
         # a session of its own, so a hung node's launcher and its worker can be killed together
-        nodes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=SCRIPT_ENV, cwd=ROOT,
+        nodes.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                        start_new_session=True), log))
     deadline = time.time() + 120  # a rendezvous that never completes fails the test instead of hanging it
     try:
@@ -118,12 +113,25 @@ def test_two_nodes_match_one_process(tiny_model_dir, sft_data, tmp_path):
                 node.wait()
             log.close()
     logs = [(tmp_path / f"node{node_rank}.log").read_text() for node_rank in [0, 1]]
-    if "saved the model to" in logs[0] and any(aborted_at_exit(log) for log in logs):  # (seen once in 2026-12-06's runs)
+    if "saved the model to" in logs[0] and any(aborted_at_exit(log) for log in logs):
         print("a rank aborted at exit after the run had saved its model; its outputs are checked as they are")
-    else:
-        for node_rank, (node, _) in enumerate(nodes):
-            how = "killed" if node.returncode == -signal.SIGKILL else f"exit {node.returncode}"
-            assert node.returncode == 0, f"node {node_rank}: {how}\n{logs[node_rank][-6000:]}"
+        return [0, 0], logs
+    return [node.returncode for node, _ in nodes], logs
+
+
+def test_two_nodes_match_one_process(tiny_model_dir, sft_data, tmp_path):
+    """Two torchrun "nodes" of one process each against one plain process with the same global batch of 4: 2 nodes x
+    1 micro-step of 2 examples vs 1 process x 2 micro-steps of 2."""
+    common_args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "12", "--max_steps", "3",
+                   "--per_device_train_batch_size", "2", *FAST]
+    one = tmp_path / "one"
+    run_script("sft.py", *common_args, "--gradient_accumulation_steps", 2, "--output_dir", one)
+    # one directory, as on a cluster's shared disk
+    node_args = [common_args + ["--gradient_accumulation_steps", "1", "--output_dir", tmp_path / "two_nodes"]] * 2
+    codes, logs = launch_two_nodes(tmp_path, node_args)
+    for node_rank, code in enumerate(codes):
+        how = "killed" if code == -signal.SIGKILL else f"exit {code}"
+        assert code == 0, f"node {node_rank}: {how}\n{logs[node_rank][-6000:]}"
     assert "world size 2" in logs[0]  # one job across the two nodes, not two jobs of one
 
     metrics_one, metrics_two = read_metrics(one), read_metrics(tmp_path / "two_nodes")
@@ -134,6 +142,29 @@ def test_two_nodes_match_one_process(tiny_model_dir, sft_data, tmp_path):
     # in another order than one tensor does (measured: up to 4e-5 apart); a node count wrong in the gradient scale or
     # the data split is off by far more.
     assert [m["grad_norm"] for m in metrics_two] == pytest.approx([m["grad_norm"] for m in metrics_one], rel=1e-4)
+
+
+def test_nodes_whose_output_dirs_differ_stop_at_the_first_checkpoint_and_at_a_resume(tiny_model_dir, sft_data, tmp_path):
+    """On two nodes each with --output_dir on its own disk (the same path, two directories), every checkpoint was
+    written in pieces no node could resume from: DCP's .metadata and `done` on node 0, each node its own shards. Found
+    only at the resume, where node 0 resumed and node 1 started afresh, their collectives out of step. Now the first
+    checkpoint stops the run (not complete: no `done` left), and a resume whose ranks see different checkpoints stops."""
+    args = ["--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", sft_data, "12", "--max_steps", "3",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--checkpointing_steps", "1", *FAST]
+    node_args = [args + ["--output_dir", tmp_path / f"disk{node_rank}"] for node_rank in [0, 1]]
+    env = dict(SCRIPT_ENV, CHECKPOINT_VISIBLE_TIMEOUT="2")  # (90 s by default: NFS may show a new name that late)
+    codes, logs = launch_two_nodes(tmp_path, node_args, env)
+    assert codes[0] != 0 and codes[1] != 0, logs
+    for log in logs:
+        assert "but not to be seen by rank 1" in log and "must be a filesystem they all share" in log, log[-3000:]
+    assert not (tmp_path / "disk0" / "checkpoint-1" / "done").exists()
+
+    (tmp_path / "disk0" / "checkpoint-1" / "done").touch()  # complete on node 0 alone (say, copied there)
+    codes, logs = launch_two_nodes(tmp_path, [a + ["--resume", "auto"] for a in node_args], env)
+    assert codes[0] != 0 and codes[1] != 0, logs
+    for log in logs:
+        assert "the ranks see different checkpoints in --output_dir" in log and "checkpoint-1" in log, log[-3000:]
+        assert "resumed from" not in log
 
 
 def test_a_tied_lm_head_built_apart_is_refused(tiny_model_dir, sft_data, tmp_path):
