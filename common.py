@@ -159,13 +159,38 @@ def _write_synced(path, write):
     except (OSError, RuntimeError) as error:
         free = shutil.disk_usage(os.path.dirname(path)).free
         raise OSError(f"could not write {path} ({free / 2**30:.2f} GiB free there): {error}") from error
-    directory = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:  # (best effort: some network and FUSE filesystems refuse to fsync a directory, EINVAL)
+    _fsync_directory(os.path.dirname(path))
+
+
+def _fsync_directory(path):
+    """fsync a directory: the names in it on the disk (best effort: some network and FUSE filesystems refuse, EINVAL)."""
+    directory = os.open(path, os.O_RDONLY)
+    try:
         os.fsync(directory)
     except OSError:
         pass
     finally:
         os.close(directory)
+
+
+def _written(path, write):
+    """_write_synced(path, write) -> None, or the OSError it raised."""
+    try:
+        _write_synced(path, write)
+    except OSError as error:
+        return error
+
+
+def _stop_together(error):
+    """Every rank raises if any rank's `error` is not None (the failing rank its own error), so that no rank waits in
+    a collective for one that stopped."""
+    errors = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, None if error is None else str(error))
+    if error is not None:
+        raise error
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise SystemExit(f"error: rank {failed[0][0]} could not write its part of the checkpoint: {failed[0][1]}")
 
 
 def finish_checkpoint(path, trainer_state, keep):
@@ -177,11 +202,13 @@ def finish_checkpoint(path, trainer_state, keep):
     rank = torch.distributed.get_rank()
     trainer_state = trainer_state | {"cpu_rng": torch.get_rng_state(), "world_size": torch.distributed.get_world_size(),
                                      "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    _write_synced(os.path.join(path, f"trainer_state_rank{rank}.pt"), lambda f: torch.save(trainer_state, f))
-    torch.distributed.barrier()
-    done = os.path.join(path, "done")
-    if rank == 0:
-        _write_synced(done, lambda f: None)
+    # Each write's failure (a full disk, a quota) is gathered, not raised alone: a rank that stopped before a
+    # collective left the others waiting in it (on NCCL across nodes, until the group's timeout).
+    _stop_together(_written(os.path.join(path, f"trainer_state_rank{rank}.pt"), lambda f: torch.save(trainer_state, f)))
+    done = os.path.join(path, "done")  # (the gather above is the barrier: every rank's file is written)
+    _stop_together(_written(done, lambda f: None) if rank == 0 else None)
+    if rank == 0:  # checkpoint-N's own name in --output_dir (dcp.save's mkdir) on the disk too, before older ones are
+        _fsync_directory(os.path.dirname(path))  # pruned: a crash could keep the prune and lose the new checkpoint
     # Every rank must see it: on several nodes, a --output_dir on each node's own disk holds pieces of a checkpoint that
     # no node can resume from (DCP's .metadata and `done` on node 0, each node its own shards), found only at the resume.
     # (Waited for: an NFS client may cache the name's absence for up to a minute.)
@@ -206,11 +233,27 @@ def agree_on_resume(resume_from):
     nodes that do not share that directory, node 0 resumed while the others started afresh, their collectives no
     longer in step (a hang until the group's timeout, or wrong data where the sizes happened to agree)."""
     seen = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(seen, (socket.gethostname(), os.path.basename(resume_from or "") or None))
-    if len({checkpoint for _, checkpoint in seen}) > 1:
-        views = [f"rank {r} ({host}): {checkpoint or 'none'}" for r, (host, checkpoint) in enumerate(seen)][:8]
+    missing = resume_from and _missing_trainer_state(resume_from, torch.distributed.get_rank())
+    torch.distributed.all_gather_object(seen, (socket.gethostname(), os.path.basename(resume_from or "") or None, missing))
+    if len({checkpoint for _, checkpoint, _ in seen}) > 1:
+        views = [f"rank {r} ({host}): {checkpoint or 'none'}" for r, (host, checkpoint, _) in enumerate(seen)][:8]
         raise SystemExit(f"error: --resume: the ranks see different checkpoints in --output_dir ({'; '.join(views)}): on "
                          "several nodes it must be a filesystem they all share")
+    # (checked here, by every rank: load_trainer_state raised on the one rank alone, the others went on into the
+    # training's collectives and waited there until the group's timeout)
+    if any(missing for _, _, missing in seen):
+        raise SystemExit(next(missing for _, _, missing in seen if missing))
+
+
+def _missing_trainer_state(resume_from, rank):
+    """The error of a checkpoint without this rank's trainer state though the saved run had the rank, or None."""
+    if os.path.exists(os.path.join(resume_from, f"trainer_state_rank{rank}.pt")):
+        return None
+    saved_ranks = torch.load(os.path.join(resume_from, "trainer_state_rank0.pt"), weights_only=False).get("world_size", 1)
+    if rank < saved_ranks:  # (a checkpoint written before: no world size, 1)
+        return (f"--resume: {os.path.join(resume_from, f'trainer_state_rank{rank}.pt')} is missing, though {saved_ranks}"
+                f" ranks saved {resume_from}: a partial copy? Restore it, or resume from another checkpoint")
+    return None
 
 
 def load_trainer_state(resume_from):
@@ -220,11 +263,8 @@ def load_trainer_state(resume_from):
     rank = torch.distributed.get_rank()
     own = os.path.join(resume_from, f"trainer_state_rank{rank}.pt")
     first = os.path.join(resume_from, "trainer_state_rank0.pt")
-    if not os.path.exists(own):
-        saved_ranks = torch.load(first, weights_only=False).get("world_size", 1)  # (written before: no world size)
-        if rank < saved_ranks:
-            raise SystemExit(f"--resume: {own} is missing, though {saved_ranks} ranks saved {resume_from}: a partial "
-                             f"copy? Restore it, or resume from another checkpoint")
+    if missing := _missing_trainer_state(resume_from, rank):  # (agree_on_resume stopped every rank on it already)
+        raise SystemExit(missing)
     trainer_state = torch.load(own if os.path.exists(own) else first, weights_only=False)
     torch.set_rng_state(trainer_state["cpu_rng"])
     if torch.cuda.is_available() and trainer_state.get("cuda_rng") is not None:

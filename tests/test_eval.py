@@ -530,8 +530,9 @@ def test_models_whose_names_collide_each_get_a_directory(tiny_model, tmp_path):
     assert [row.split(" | ")[0] for row in rows] == ["| 0_sft", "| 1_sft", "| 2_1_sft"]
     assert all((tmp_path / "out" / name / "gsm8k_records.jsonl").exists() for name in ("0_sft", "1_sft", "2_1_sft"))
     # names that differ only in case are one directory on macOS and Windows
-    (tmp_path / "y" / "SFT").symlink_to(tiny_model)
-    proc = run_eval("--model_name_or_path", paths[0], tmp_path / "y" / "SFT", "--task", "gsm8k", "--limit", 1,
+    (tmp_path / "w").mkdir()  # (not y/SFT: on the case-insensitive disks this is about, that is y/sft, which exists)
+    (tmp_path / "w" / "SFT").symlink_to(tiny_model)
+    proc = run_eval("--model_name_or_path", paths[0], tmp_path / "w" / "SFT", "--task", "gsm8k", "--limit", 1,
                     "--max_new_tokens", 1, "--output_dir", tmp_path / "cased")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "cased")) == ["0_sft", "1_SFT", "table.md"]

@@ -170,7 +170,8 @@ def test_a_checkpoint_is_on_the_disk_before_done_and_whole_when_resumed(tmp_path
         saved_rng = torch.get_rng_state()
         common.finish_checkpoint(str(tmp_path / "checkpoint-3"), {"step": 3}, keep=2)
         state_file, directory, done = (str(tmp_path / "checkpoint-3" / name) for name in ("trainer_state_rank0.pt", "", "done"))
-        assert synced == [(state_file, False), (directory.rstrip("/"), False), (done, True), (directory.rstrip("/"), True)]
+        assert synced == [(state_file, False), (directory.rstrip("/"), False), (done, True), (directory.rstrip("/"), True),
+                          (str(tmp_path), True)]
         torch.manual_seed(8)
         assert common.load_trainer_state(str(tmp_path / "checkpoint-3"))["step"] == 3
         assert torch.equal(torch.get_rng_state(), saved_rng)
@@ -190,6 +191,52 @@ def test_a_checkpoint_is_on_the_disk_before_done_and_whole_when_resumed(tmp_path
         assert not (tmp_path / "checkpoint-4" / "done").exists()
     finally:
         dist.destroy_process_group()
+
+
+TWO_RANKS = """
+import datetime, os, sys, time
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import common
+
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))  # (a rank left waiting: stopped at 20 s)
+rank, path = dist.get_rank(), {path!r}
+if {case!r} == "full disk" and rank == 1:
+    os.symlink("/dev/full", os.path.join(path, "trainer_state_rank1.pt"))
+dist.barrier()
+start = time.time()
+try:
+    if {case!r} == "full disk":
+        common.finish_checkpoint(path, {{"step": 1}}, keep=2)
+    else:
+        common.agree_on_resume(path)  # (as the stages do, before anything loads)
+    line = f"rank {{rank}} went on"
+except BaseException as error:  # (caught: the run exits 0, so the launcher stops no rank that is still waiting)
+    line = f"rank {{rank}} stopped after {{time.time() - start:.0f}} s: {{error}}"
+os.write(1, (line + "\\n").encode())  # one write: the two ranks share stdout, and a line must not be split by the other's
+"""
+
+
+@pytest.mark.parametrize("case", ["full disk", "missing rank file"])
+def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tmp_path):
+    """A rank whose trainer state cannot be written (a full disk, a quota), or whose file a resumed checkpoint lacks,
+    stopped alone; the others waited in the next collective until the group's timeout (on NCCL across nodes, 10
+    minutes), with a message naming nothing. Now every rank stops at once with the failing rank's error."""
+    import torch
+
+    path = tmp_path / "checkpoint-1"
+    path.mkdir()
+    if case == "missing rank file":  # a two-rank run's checkpoint, its rank 1 file lost in a copy
+        torch.save({"step": 1, "world_size": 2}, path / "trainer_state_rank0.pt")
+        (path / "done").touch()
+    (tmp_path / "two_ranks.py").write_text(TWO_RANKS.format(root=common.__file__.rsplit(os.sep, 1)[0], path=str(path),
+                                                            case=case))
+    result = run_script(str(tmp_path / "two_ranks.py"), nproc=2)
+    expected = "could not write" if case == "full disk" else "trainer_state_rank1.pt is missing, though 2 ranks saved"
+    lines = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
+    for rank in (0, 1):
+        line = next((line for line in lines if line.startswith(f"rank {rank} ")), "")
+        assert line.startswith(f"rank {rank} stopped after 0 s") and expected in line, result.stdout[-3000:]
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
