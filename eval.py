@@ -442,7 +442,7 @@ def score(pairs, output_dir):
 paths = args.model_name_or_path or [None]  # None: the given responses
 bases = [os.path.basename(os.path.normpath(path)) if path else "responses" for path in paths]
 folded = [base.casefold() for base in bases]  # (on macOS and Windows "SFT/" and "sft/" are one directory)
-names = [base if folded.count(base.casefold()) == 1 else f"{k}_{base}" for k, base in enumerate(bases)]
+names = [base if folded.count(folded[k]) == 1 else f"{k}_{base}" for k, base in enumerate(bases)]
 if len({name.casefold() for name in names}) < len(names):  # a model named "1_sft" beside two "sft": it and the second
     names = [f"{k}_{base}" for k, base in enumerate(bases)]  # wrote to one directory
 table, per_prompt, table_path = {}, {}, os.path.join(args.output_dir, "table.md")
