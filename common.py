@@ -181,7 +181,7 @@ def _written(path, write):
         return error
 
 
-def _stop_together(error):
+def _stop_together(error, what="its part of the checkpoint"):
     """Every rank raises if any rank's `error` is not None (the failing rank its own error), so that no rank waits in
     a collective for one that stopped."""
     errors = [None] * torch.distributed.get_world_size()
@@ -190,7 +190,7 @@ def _stop_together(error):
         raise error
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if failed:
-        raise SystemExit(f"error: rank {failed[0][0]} could not write its part of the checkpoint: {failed[0][1]}")
+        raise SystemExit(f"error: rank {failed[0][0]} could not write {what}: {failed[0][1]}")
 
 
 def finish_checkpoint(path, trainer_state, keep):
@@ -270,6 +270,28 @@ def load_trainer_state(resume_from):
     if torch.cuda.is_available() and trainer_state.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(trainer_state["cuda_rng"])
     return trainer_state
+
+
+def save_model(model, tokenizer, output_dir, dtype):
+    """The trained model as an ordinary HF directory, weights in `dtype`, with the tokenizer and its chat template: what
+    transformers and vLLM load as any released model. The full weights are gathered to rank 0's CPU and written there.
+    A write that fails (a full disk, at the end of a long run) stops every rank with its error, not rank 0 alone while
+    the others wait at a barrier (on NCCL across nodes, until the group's timeout)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    full_state_dict = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+    error = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            model.save_pretrained(output_dir, state_dict={k: v.to(dtype) for k, v in full_state_dict.items()})
+            tokenizer.save_pretrained(output_dir)
+        except Exception as e:  # (safetensors' own error type, not an OSError, for a full disk)
+            free = shutil.disk_usage(output_dir).free / 2**30
+            error = OSError(f"could not write the model to {output_dir} ({free:.2f} GiB free there): {e}")
+            error.__cause__ = e
+    _stop_together(error, "the model")
+    if torch.distributed.get_rank() == 0:
+        print(f"saved the model to {output_dir}")
 
 
 def start_log(path, resume_step=None):

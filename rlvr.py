@@ -608,14 +608,8 @@ for step in progress:
 
 # ----------------------------------------------------------------------------- Save
 
-# Gather the full policy on rank 0 and write an ordinary HF directory with the tokenizer, as sft.py does.
-full_state_dict = get_state_dict(policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
-if rank == 0:
-    policy.save_pretrained(args.output_dir, state_dict={k: v.to(torch.bfloat16 if bf16 else torch.float32)
-                                                        for k, v in full_state_dict.items()})
-    tokenizer.save_pretrained(args.output_dir)
-    print0(f"saved the model to {args.output_dir}")
-dist.barrier()
+# The policy as an ordinary HF directory with the tokenizer, gathered on rank 0, as sft.py saves.
+common.save_model(policy, tokenizer, args.output_dir, torch.bfloat16 if bf16 else torch.float32)
 if backend == "vllm":  # the engine's shutdown destroys its groups, then torch's default one (vllm/v1/engine/core.py:824-839)
     llm.llm_engine.engine_core.shutdown()
 else:

@@ -292,13 +292,7 @@ for step in progress:
 
 # ----------------------------------------------------------------------------- Save
 
-# Gather the full weights on rank 0 and write an ordinary HF directory (bf16 when trained in bf16) with the tokenizer
-# and its chat template, so transformers and vLLM load it as they would any released model.
-full_state_dict = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
-if rank == 0:
-    save_dtype = torch.bfloat16 if bf16 else torch.float32
-    model.save_pretrained(args.output_dir, state_dict={k: v.to(save_dtype) for k, v in full_state_dict.items()})
-    tokenizer.save_pretrained(args.output_dir)
-    print0(f"saved the model to {args.output_dir}")
-dist.barrier()
+# An ordinary HF directory (bf16 when trained in bf16) with the tokenizer and its chat template, gathered on rank 0:
+# transformers and vLLM load it as they would any released model.
+common.save_model(model, tokenizer, args.output_dir, torch.bfloat16 if bf16 else torch.float32)
 dist.destroy_process_group()

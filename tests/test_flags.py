@@ -203,11 +203,25 @@ dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=20))  # (a ra
 rank, path = dist.get_rank(), {path!r}
 if {case!r} == "full disk" and rank == 1:
     os.symlink("/dev/full", os.path.join(path, "trainer_state_rank1.pt"))
+if {case!r} == "full disk at the final save":
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer = AutoModelForCausalLM.from_pretrained({model!r}), AutoTokenizer.from_pretrained({model!r})
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    if rank == 0:  # files of at most 1 MB, as a quota would cut them (a write past it: EFBIG); the model is ~6 MB
+        import resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
 dist.barrier()
 start = time.time()
 try:
     if {case!r} == "full disk":
         common.finish_checkpoint(path, {{"step": 1}}, keep=2)
+    elif {case!r} == "full disk at the final save":
+        common.save_model(model, tokenizer, path, torch.bfloat16)
     else:
         common.agree_on_resume(path)  # (as the stages do, before anything loads)
     line = f"rank {{rank}} went on"
@@ -217,11 +231,12 @@ os.write(1, (line + "\\n").encode())  # one write: the two ranks share stdout, a
 """
 
 
-@pytest.mark.parametrize("case", ["full disk", "missing rank file"])
-def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tmp_path):
+@pytest.mark.parametrize("case", ["full disk", "missing rank file", "full disk at the final save"])
+def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tiny_model_dir, tmp_path):
     """A rank whose trainer state cannot be written (a full disk, a quota), or whose file a resumed checkpoint lacks,
     stopped alone; the others waited in the next collective until the group's timeout (on NCCL across nodes, 10
-    minutes), with a message naming nothing. Now every rank stops at once with the failing rank's error."""
+    minutes), with a message naming nothing. Now every rank stops at once with the failing rank's error. So does the
+    final model's save, where rank 0 writes alone while the others wait for it."""
     import torch
 
     path = tmp_path / "checkpoint-1"
@@ -230,9 +245,10 @@ def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tmp_
         torch.save({"step": 1, "world_size": 2}, path / "trainer_state_rank0.pt")
         (path / "done").touch()
     (tmp_path / "two_ranks.py").write_text(TWO_RANKS.format(root=common.__file__.rsplit(os.sep, 1)[0], path=str(path),
-                                                            case=case))
+                                                            case=case, model=tiny_model_dir))
     result = run_script(str(tmp_path / "two_ranks.py"), nproc=2)
-    expected = "could not write" if case == "full disk" else "trainer_state_rank1.pt is missing, though 2 ranks saved"
+    expected = {"full disk": "could not write", "missing rank file": "trainer_state_rank1.pt is missing, though 2 ranks "
+                "saved", "full disk at the final save": f"could not write the model to {path} ("}[case]
     lines = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
     for rank in (0, 1):
         line = next((line for line in lines if line.startswith(f"rank {rank} ")), "")

@@ -88,6 +88,15 @@ def launch_two_nodes(tmp_path, node_args, env=SCRIPT_ENV):
     127.0.0.1, so the store goes to whichever binds the port first, and ranks go by the sorted host_pid names of the
     launchers, --node_rank ignored: a path no cluster takes. sft.py itself only reads the RANK, WORLD_SIZE and
     MASTER_* that torchrun sets, the same for both."""
+    for _ in range(3):  # the port is free when chosen, and bound by node 0 a moment later: another process
+        codes, logs = launch_nodes_once(tmp_path, node_args, env)  # may take it in between (then again, on another)
+        if not any("address already in use" in log.lower() for log in logs):
+            break
+    return codes, logs
+
+
+def launch_nodes_once(tmp_path, node_args, env):
+    """One try of launch_two_nodes, on a port chosen now."""
     with socket.socket() as s:  # a port the OS says is free now; torchrun binds it a moment later
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
