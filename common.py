@@ -108,7 +108,19 @@ def check_args(parser, args, run_settings, **ranges):
 
 
 def claim_output_dir(output_dir, model_name_or_path):
-    """Rank 0 takes --output_dir for the run, once every check has passed (a refused run touches nothing):
+    """Rank 0 takes --output_dir for the run (every rank calls this, once every check has passed; a refused run touches
+    nothing, and all its ranks stop: rank 0 refused alone left the others of other nodes waiting in a collective)."""
+    error = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            _claim_output_dir(output_dir, model_name_or_path)
+        except (SystemExit, OSError) as e:
+            error = e
+    _stop_together(error, f"take --output_dir {output_dir}")
+
+
+def _claim_output_dir(output_dir, model_name_or_path):
+    """What rank 0 does to take --output_dir:
     - two runs into one --output_dir (a job launched twice, a requeue while the first still runs) both reported
       success, their metrics interleaved and their checkpoints mixed: the first holds a flock until it exits (the
       kernel releases it however the run ends), and the second is refused;
@@ -181,7 +193,7 @@ def _written(path, write):
         return error
 
 
-def _stop_together(error, what="its part of the checkpoint"):
+def _stop_together(error, what="write its part of the checkpoint"):
     """Every rank raises if any rank's `error` is not None (the failing rank its own error), so that no rank waits in
     a collective for one that stopped."""
     errors = [None] * torch.distributed.get_world_size()
@@ -190,7 +202,7 @@ def _stop_together(error, what="its part of the checkpoint"):
         raise error
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if failed:
-        raise SystemExit(f"error: rank {failed[0][0]} could not write {what}: {failed[0][1]}")
+        raise SystemExit(f"error: rank {failed[0][0]} could not {what}: {failed[0][1].removeprefix('error: ')}")
 
 
 def finish_checkpoint(path, trainer_state, keep):
@@ -289,7 +301,7 @@ def save_model(model, tokenizer, output_dir, dtype):
             free = shutil.disk_usage(output_dir).free / 2**30
             error = OSError(f"could not write the model to {output_dir} ({free:.2f} GiB free there): {e}")
             error.__cause__ = e
-    _stop_together(error, "the model")
+    _stop_together(error, "write the model")
     if torch.distributed.get_rank() == 0:
         print(f"saved the model to {output_dir}")
 

@@ -131,8 +131,7 @@ if P % (args.num_mini_batches * world_size):
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
 common.set_chat_template(tokenizer, args.chat_template)
 eos_ids = common.stop_token_ids(tokenizer, args.model_name_or_path)  # the eos and the model's other stop ids (<|eot_id|>)
-if rank == 0:  # every check passed: the run takes --output_dir (refused if another run writes there now)
-    common.claim_output_dir(args.output_dir, args.model_name_or_path)
+common.claim_output_dir(args.output_dir, args.model_name_or_path)  # checks passed: the run takes it (not while another runs there)
 pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
 

@@ -113,8 +113,7 @@ common.agree_on_resume(resume_from)  # one checkpoint on every rank (several nod
 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
 common.set_chat_template(tokenizer, args.chat_template)
 common.stop_token_ids(tokenizer, args.model_name_or_path)  # refuses a template whose turns end where the model never stops
-if rank == 0:  # every check passed: the run takes --output_dir (refused if another run writes there now)
-    common.claim_output_dir(args.output_dir, args.model_name_or_path)
+common.claim_output_dir(args.output_dir, args.model_name_or_path)  # checks passed: the run takes it (not while another runs there)
 special_text = common.special_token_text(tokenizer)
 
 

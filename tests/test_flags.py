@@ -222,6 +222,8 @@ try:
         common.finish_checkpoint(path, {{"step": 1}}, keep=2)
     elif {case!r} == "full disk at the final save":
         common.save_model(model, tokenizer, path, torch.bfloat16)
+    elif {case!r} == "another run's --output_dir":
+        common.claim_output_dir(path, {model!r})
     else:
         common.agree_on_resume(path)  # (as the stages do, before anything loads)
     line = f"rank {{rank}} went on"
@@ -231,12 +233,15 @@ os.write(1, (line + "\\n").encode())  # one write: the two ranks share stdout, a
 """
 
 
-@pytest.mark.parametrize("case", ["full disk", "missing rank file", "full disk at the final save"])
+@pytest.mark.parametrize("case", ["full disk", "missing rank file", "full disk at the final save",
+                                  "another run's --output_dir"])
 def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tiny_model_dir, tmp_path):
     """A rank whose trainer state cannot be written (a full disk, a quota), or whose file a resumed checkpoint lacks,
     stopped alone; the others waited in the next collective until the group's timeout (on NCCL across nodes, 10
-    minutes), with a message naming nothing. Now every rank stops at once with the failing rank's error. So does the
-    final model's save, where rank 0 writes alone while the others wait for it."""
+    minutes), with a message naming nothing. Now every rank stops at once with the failing rank's error. So do the
+    steps that rank 0 takes alone while the others wait for it: the final model's save, and taking --output_dir (a
+    job launched twice: the second is refused)."""
+    import fcntl
     import torch
 
     path = tmp_path / "checkpoint-1"
@@ -246,9 +251,13 @@ def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tiny
         (path / "done").touch()
     (tmp_path / "two_ranks.py").write_text(TWO_RANKS.format(root=common.__file__.rsplit(os.sep, 1)[0], path=str(path),
                                                             case=case, model=tiny_model_dir))
-    result = run_script(str(tmp_path / "two_ranks.py"), nproc=2)
+    with open(path / ".run.lock", "a") as held:
+        if case == "another run's --output_dir":  # a run writing there now
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = run_script(str(tmp_path / "two_ranks.py"), nproc=2)
     expected = {"full disk": "could not write", "missing rank file": "trainer_state_rank1.pt is missing, though 2 ranks "
-                "saved", "full disk at the final save": f"could not write the model to {path} ("}[case]
+                "saved", "full disk at the final save": f"could not write the model to {path} (",
+                "another run's --output_dir": f"another run is writing to {path} now"}[case]
     lines = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
     for rank in (0, 1):
         line = next((line for line in lines if line.startswith(f"rank {rank} ")), "")
