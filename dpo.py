@@ -346,13 +346,18 @@ if use_reference and not live_reference:
     else:
         start_time = time.time()
         ref_logps = compute_reference_logps()
-        if rank == 0:
-            os.makedirs(args.ref_cache_dir, exist_ok=True)
+        print0(f"reference log-probs: computed for {len(lengths)} pairs in {time.time() - start_time:.1f} s")
+        if rank == 0:  # a cache that cannot be written (a full disk) costs the next run this pass (it stopped this run)
             temp = f"{cache_path}.{os.getpid()}.tmp"  # (its own: another run may be writing the same key)
-            torch.save({"ref_logps": ref_logps.cpu(), "model": args.model_name_or_path}, temp)
-            os.replace(temp, cache_path)  # never a half-written cache, even if killed here
-        print0(f"reference log-probs: computed for {len(lengths)} pairs in {time.time() - start_time:.1f} s, "
-               f"cached in {cache_path}")
+            try:
+                os.makedirs(args.ref_cache_dir, exist_ok=True)
+                torch.save({"ref_logps": ref_logps.cpu(), "model": args.model_name_or_path}, temp)
+                os.replace(temp, cache_path)  # never a half-written cache, even if killed here
+                print(f"reference log-probs: cached in {cache_path}", flush=True)
+            except (OSError, RuntimeError) as e:
+                print(f"warning: reference log-probs not cached in {args.ref_cache_dir} ({type(e).__name__}: {e})", flush=True)
+                if os.path.exists(temp):
+                    os.remove(temp)
 
 # ----------------------------------------------------------------------------- Loss
 

@@ -302,6 +302,18 @@ def test_reference_weights_rewritten_with_their_size_and_mtime_miss_the_cache(ti
     assert "reference log-probs: computed for 4 pairs" in second and "cache hit" not in second
 
 
+def test_a_reference_cache_that_cannot_be_written_is_a_warning(tiny_model_dir, pairs_data, tmp_path):
+    """The cache only saves the next run a pass: one that cannot be written (a full disk, a quota; here a path under a
+    file) stopped the run on rank 0 alone, its other ranks left waiting in the first training collective."""
+    (tmp_path / "file").write_text("")
+    result = run_script("dpo.py", "--model_name_or_path", tiny_model_dir, "--dataset_mixer_list", pairs_data, "4",
+                        "--max_seq_length", 256, "--max_steps", 1, "--ref_cache_dir", tmp_path / "file" / "cache",
+                        "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 1, "--output_dir",
+                        tmp_path / "out", *FAST, nproc=2)
+    assert f"warning: reference log-probs not cached in {tmp_path / 'file' / 'cache'} (NotADirectoryError" in result.stdout
+    assert "saved the model to" in result.stdout and (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_dropout_is_off_so_the_first_loss_is_ln_2(tokenizer, pairs_data, tmp_path):
     """A config with dropout (Phi-2: resid_pdrop, embd_pdrop; attention dropout) trained with it on: the policy's
     log-probs were noisy against the reference's, so at policy == reference the first loss was not ln 2, and the
