@@ -310,7 +310,18 @@ def start_log(path, resume_step=None):
     """Start a stage's .jsonl log (metrics.jsonl, rollouts.jsonl): empty, or when resuming at `resume_step`, its lines up
     to that step, so it reads like one uninterrupted run. A last line cut short (the run was killed writing it) is
     dropped; it used to stop the resume with a JSONDecodeError naming no file, after the model had loaded. A bad line
-    elsewhere is an error naming file and line. Rewritten whole, then renamed: a kill here leaves the old log."""
+    elsewhere is an error naming file and line, which stops every rank (rank 0 alone writes the log: stopped alone, it
+    left the others waiting in the first training collective). Rewritten whole, then renamed: a kill leaves the old log."""
+    error = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            _restart_log(path, resume_step)
+        except (ValueError, OSError) as e:
+            error = e
+    _stop_together(error, f"start {path}")
+
+
+def _restart_log(path, resume_step):
     kept = []
     if resume_step is not None and os.path.exists(path):
         with open(path, "rb") as f:

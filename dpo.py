@@ -409,8 +409,8 @@ if resume_from:
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
     start_step = common.load_trainer_state(resume_from)["step"]  # (and this rank's RNG state restored)
     print0(f"resumed from {resume_from} at step {start_step}")
-if rank == 0:  # a new log, or on --resume the lines up to the checkpoint's step: it reads like one uninterrupted run
-    common.start_log(metrics_path, start_step if resume_from else None)
+# a new log, or on --resume the lines up to the checkpoint's step: it reads like one uninterrupted run (rank 0's)
+common.start_log(metrics_path, start_step if resume_from else None)
 # --with_tracking: the same metrics also to TensorBoard / W&B
 track = (common.start_tracking(args.report_to, args.output_dir, "dpo", vars(args), start_step)
          if args.with_tracking and rank == 0 else None)

@@ -424,7 +424,7 @@ if resume_from:
     start_step = common.load_trainer_state(resume_from)["step"]  # (and this rank's RNG state restored)
     print0(f"resumed from {resume_from} at step {start_step}")
 # New logs, or on --resume their lines up to the checkpoint's step, so they read like one uninterrupted run.
-for log_path in ([metrics_path] + ([rollouts_path] if args.save_rollouts else [])) if rank == 0 else []:
+for log_path in [metrics_path] + ([rollouts_path] if args.save_rollouts else []):  # (rank 0's)
     common.start_log(log_path, start_step if resume_from else None)
 
 

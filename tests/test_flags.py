@@ -224,6 +224,8 @@ try:
         common.save_model(model, tokenizer, path, torch.bfloat16)
     elif {case!r} == "another run's --output_dir":
         common.claim_output_dir(path, {model!r})
+    elif {case!r} == "a bad line in the log at a resume":
+        common.start_log(os.path.join(path, "metrics.jsonl"), 2)
     else:
         common.agree_on_resume(path)  # (as the stages do, before anything loads)
     line = f"rank {{rank}} went on"
@@ -234,13 +236,13 @@ os.write(1, (line + "\\n").encode())  # one write: the two ranks share stdout, a
 
 
 @pytest.mark.parametrize("case", ["full disk", "missing rank file", "full disk at the final save",
-                                  "another run's --output_dir"])
+                                  "another run's --output_dir", "a bad line in the log at a resume"])
 def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tiny_model_dir, tmp_path):
     """A rank whose trainer state cannot be written (a full disk, a quota), or whose file a resumed checkpoint lacks,
     stopped alone; the others waited in the next collective until the group's timeout (on NCCL across nodes, 10
     minutes), with a message naming nothing. Now every rank stops at once with the failing rank's error. So do the
-    steps that rank 0 takes alone while the others wait for it: the final model's save, and taking --output_dir (a
-    job launched twice: the second is refused)."""
+    steps that rank 0 takes alone while the others wait for it: the final model's save, taking --output_dir (a job
+    launched twice: the second is refused), restarting the log at a resume."""
     import fcntl
     import torch
 
@@ -249,6 +251,7 @@ def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tiny
     if case == "missing rank file":  # a two-rank run's checkpoint, its rank 1 file lost in a copy
         torch.save({"step": 1, "world_size": 2}, path / "trainer_state_rank0.pt")
         (path / "done").touch()
+    (path / "metrics.jsonl").write_text('{"step": 1}\noops\n{"step": 2}\n')  # (read in that case alone)
     (tmp_path / "two_ranks.py").write_text(TWO_RANKS.format(root=common.__file__.rsplit(os.sep, 1)[0], path=str(path),
                                                             case=case, model=tiny_model_dir))
     with open(path / ".run.lock", "a") as held:
@@ -257,7 +260,8 @@ def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tiny
         result = run_script(str(tmp_path / "two_ranks.py"), nproc=2)
     expected = {"full disk": "could not write", "missing rank file": "trainer_state_rank1.pt is missing, though 2 ranks "
                 "saved", "full disk at the final save": f"could not write the model to {path} (",
-                "another run's --output_dir": f"another run is writing to {path} now"}[case]
+                "another run's --output_dir": f"another run is writing to {path} now",
+                "a bad line in the log at a resume": "metrics.jsonl:2: not a log line"}[case]
     lines = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
     for rank in (0, 1):
         line = next((line for line in lines if line.startswith(f"rank {rank} ")), "")
@@ -284,19 +288,25 @@ def test_the_learning_rate_is_transformers_schedule_with_the_warmup_a_step_earli
 
 
 def test_a_log_restarts_at_the_checkpoint_and_names_a_bad_line(tmp_path):
+    import torch.distributed as dist
+
     path = str(tmp_path / "metrics.jsonl")
     lines = [f'{{"step": {step}, "loss": 1.5}}\n' for step in range(1, 6)]
     open(path, "w").writelines(lines[:4] + [lines[4][:9]])  # step 5's line cut short: the run was killed writing it
-    common.start_log(path, 3)
-    assert open(path).readlines() == lines[:3]
-    common.start_log(path, None)  # a new run: an empty log
-    assert open(path).read() == ""
-    open(path, "w").writelines(lines[:2] + ["oops\n"] + lines[2:])
-    with pytest.raises(ValueError, match=r"metrics\.jsonl:3: not a log line"):
-        common.start_log(path, 4)
-    os.remove(path)
-    common.start_log(path, 4)  # (no log yet: an empty one)
-    assert open(path).read() == ""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        common.start_log(path, 3)
+        assert open(path).readlines() == lines[:3]
+        common.start_log(path, None)  # a new run: an empty log
+        assert open(path).read() == ""
+        open(path, "w").writelines(lines[:2] + ["oops\n"] + lines[2:])
+        with pytest.raises(ValueError, match=r"metrics\.jsonl:3: not a log line"):
+            common.start_log(path, 4)
+        os.remove(path)
+        common.start_log(path, 4)  # (no log yet: an empty one)
+        assert open(path).read() == ""
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_run_takes_its_output_dir(tiny_model_dir, sft_data, tmp_path):
