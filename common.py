@@ -114,7 +114,7 @@ def claim_output_dir(output_dir, model_name_or_path):
     if torch.distributed.get_rank() == 0:
         try:
             _claim_output_dir(output_dir, model_name_or_path)
-        except (SystemExit, OSError) as e:
+        except (SystemExit, Exception) as e:  # (any: raised on rank 0 alone, it left the others in the gather)
             error = e
     _stop_together(error, f"take --output_dir {output_dir}")
 
@@ -169,9 +169,16 @@ def _write_synced(path, write):
             f.flush()
             os.fsync(f.fileno())
     except (OSError, RuntimeError) as error:
-        free = shutil.disk_usage(os.path.dirname(path)).free
-        raise OSError(f"could not write {path} ({free / 2**30:.2f} GiB free there): {error}") from error
+        raise OSError(f"could not write {path} ({_free_space(os.path.dirname(path))}): {error}") from error
     _fsync_directory(os.path.dirname(path))
+
+
+def _free_space(directory):
+    """"N GiB free there", for an error writing into `directory` (which may be gone: then unknown)."""
+    try:
+        return f"{shutil.disk_usage(directory).free / 2**30:.2f} GiB free there"
+    except OSError:
+        return "free space unknown"
 
 
 def _fsync_directory(path):
@@ -298,8 +305,7 @@ def save_model(model, tokenizer, output_dir, dtype):
             model.save_pretrained(output_dir, state_dict={k: v.to(dtype) for k, v in full_state_dict.items()})
             tokenizer.save_pretrained(output_dir)
         except Exception as e:  # (safetensors' own error type, not an OSError, for a full disk)
-            free = shutil.disk_usage(output_dir).free / 2**30
-            error = OSError(f"could not write the model to {output_dir} ({free:.2f} GiB free there): {e}")
+            error = OSError(f"could not write the model to {output_dir} ({_free_space(output_dir)}): {e}")
             error.__cause__ = e
     _stop_together(error, "write the model")
     if torch.distributed.get_rank() == 0:
@@ -316,7 +322,7 @@ def start_log(path, resume_step=None):
     if torch.distributed.get_rank() == 0:
         try:
             _restart_log(path, resume_step)
-        except (ValueError, OSError) as e:
+        except Exception as e:  # (any: raised on rank 0 alone, it left the others in the gather)
             error = e
     _stop_together(error, f"start {path}")
 
@@ -328,12 +334,12 @@ def _restart_log(path, resume_step):
             lines = f.readlines()
         for number, line in enumerate(lines, 1):
             try:
-                step = json.loads(line)["step"]
+                before = json.loads(line)["step"] <= resume_step  # (a step of null or "3": TypeError, a bad line too)
             except (ValueError, KeyError, TypeError):
                 if number == len(lines):
                     break
                 raise ValueError(f"{path}:{number}: not a log line (a JSON object with a step)") from None
-            if step <= resume_step:
+            if before:
                 kept.append(line.rstrip(b"\n") + b"\n")
     with open(path + ".tmp", "wb") as f:
         f.writelines(kept)

@@ -222,10 +222,12 @@ try:
         common.finish_checkpoint(path, {{"step": 1}}, keep=2)
     elif {case!r} == "full disk at the final save":
         common.save_model(model, tokenizer, path, torch.bfloat16)
+    # (rank 1 is given a directory, a log of its own that it could take: only rank 0's refusal can stop it; the stages
+    # called these on rank 0 alone)
     elif {case!r} == "another run's --output_dir":
-        common.claim_output_dir(path, {model!r})
+        common.claim_output_dir(path if rank == 0 else path + "_rank1", {model!r})
     elif {case!r} == "a bad line in the log at a resume":
-        common.start_log(os.path.join(path, "metrics.jsonl"), 2)
+        common.start_log(os.path.join(path, "metrics.jsonl" if rank == 0 else "metrics_rank1.jsonl"), 2)
     else:
         common.agree_on_resume(path)  # (as the stages do, before anything loads)
     line = f"rank {{rank}} went on"
@@ -251,7 +253,7 @@ def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tiny
     if case == "missing rank file":  # a two-rank run's checkpoint, its rank 1 file lost in a copy
         torch.save({"step": 1, "world_size": 2}, path / "trainer_state_rank0.pt")
         (path / "done").touch()
-    (path / "metrics.jsonl").write_text('{"step": 1}\noops\n{"step": 2}\n')  # (read in that case alone)
+    (path / "metrics.jsonl").write_text('{"step": 1}\n{"step": null}\n{"step": 2}\n')  # (read in that case alone)
     (tmp_path / "two_ranks.py").write_text(TWO_RANKS.format(root=common.__file__.rsplit(os.sep, 1)[0], path=str(path),
                                                             case=case, model=tiny_model_dir))
     with open(path / ".run.lock", "a") as held:
