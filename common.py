@@ -55,6 +55,8 @@ def require_model_directory(path, tokenizer_path=None, value_model=False):
                                                  for name in tokenizer_files):
         sys.exit(f"error: {tokenizer_path} has no tokenizer (none of {', '.join(tokenizer_files)}); "
                  "save the tokenizer there or pass --tokenizer_name")
+    if os.path.isdir(path):
+        _require_whole_weights(path)
     if value_model:
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
@@ -63,6 +65,36 @@ def require_model_directory(path, tokenizer_path=None, value_model=False):
         if model_type not in MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES:
             sys.exit(f"error: --algo ppo: transformers has no token-classification model for {model_type} ({path}), "
                      "which PPO's value model is built as; --algo grpo has no value model")
+
+
+def _require_whole_weights(path):
+    """A local model's safetensors files all there and whole, checked by every rank from their headers (8 bytes of
+    length, a JSON table of byte ranges) before anything loads. A partial copy or download failed in rank 0's load
+    alone with safetensors' "incomplete metadata, file not fully covered", naming no file, while the other ranks waited
+    for its weights in a collective (on NCCL across nodes, until the group's timeout)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        names = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
+    for name in names:
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            sys.exit(f"error: {file} is missing ({index} lists it): a partial copy or download? Copy the model again")
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            header = f.read(header_size) if 8 + header_size <= size else b""
+        try:
+            tensors = [t for key, t in json.loads(header).items() if key != "__metadata__"]
+            expected = 8 + header_size + max((t["data_offsets"][1] for t in tensors), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            expected = None
+        if expected != size:
+            sys.exit(f"error: {file} is not a whole safetensors file ({size} bytes; "
+                     f"{f'its header describes {expected}' if expected else 'no readable header'}): a partial copy or "
+                     "download? Copy the model again")
 
 
 _RANGES = {"at_least_one": (">= 1", lambda v: v >= 1), "at_least_zero": (">= 0", lambda v: v >= 0),

@@ -88,3 +88,35 @@ def test_another_revision_of_the_model_is_refused(tmp_path):
     """--model_revision was accepted and ignored: a hub model's main branch was trained whatever revision was asked."""
     proc = run(ROOT, "sft.py", "--model_revision", "v2", "--model_name_or_path", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2 and "--model_revision: invalid choice: 'v2'" in proc.stderr
+
+
+def test_a_model_whose_weights_are_cut_short_is_named_on_every_rank(tiny_model_dir, sft_data, tmp_path):
+    """A partial copy or download of the model: safetensors' "incomplete metadata, file not fully covered" in rank 0's
+    load alone, naming no file, while the other ranks waited for its weights in a collective. Now every rank checks the
+    files' headers first: a file cut short, a shard the index lists but the directory lacks."""
+    import json
+
+    import common
+    from conftest import run_script
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    size = os.path.getsize(weights)
+    os.truncate(weights, size - 100)
+    result = run_script("sft.py", "--model_name_or_path", model, "--dataset_mixer_list", sft_data, "8", "--max_steps", 1,
+                        "--per_device_train_batch_size", 2, "--gradient_accumulation_steps", 1, "--output_dir",
+                        tmp_path / "out", "--preprocessing_num_workers", 1, nproc=2, check=False)
+    assert result.returncode != 0, result.stderr[-2000:]
+    assert f"error: {weights} is not a whole safetensors file ({size - 100} bytes; its header describes {size})" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    os.truncate(weights, 4)  # (not even a header)
+    with pytest.raises(SystemExit, match="4 bytes; no readable header"):
+        common.require_model_directory(str(model))
+    shutil.copy(os.path.join(tiny_model_dir, "model.safetensors"), model / "model-00001-of-00002.safetensors")
+    os.remove(weights)
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(SystemExit, match="model-00002-of-00002.safetensors is missing .*index.json lists it"):
+        common.require_model_directory(str(model))
+    common.require_model_directory(tiny_model_dir)  # (a whole one: fine)
