@@ -8,6 +8,7 @@ import collections
 import datetime
 import functools
 import hashlib
+import importlib
 import inspect
 import itertools
 import json
@@ -120,6 +121,14 @@ def check_args(parser, args, run_settings, **ranges):
         errors.append(f"--checkpointing_steps must be a whole number (0: none) or 'epoch', got {every!r}")
     if errors:
         parser.error("; ".join(errors))
+    # (a tracker's package missing stopped rank 0 alone, after the tokenizing and the model's load, the others left
+    # waiting in the first training collective)
+    for package in {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[args.report_to] \
+            if getattr(args, "with_tracking", False) else []:
+        try:
+            importlib.import_module("torch.utils.tensorboard" if package == "tensorboard" else package)
+        except ImportError:
+            parser.error(f"--report_to {package} needs the {package} package: pip install {package}")
     for flag in ("output_dir", "dataset_local_cache_dir"):  # (it failed after tokenizing and loading: FileExistsError)
         if os.path.isfile(getattr(args, flag, "")):
             parser.error(f"--{flag} {getattr(args, flag)} is a file, not a directory")
@@ -411,10 +420,8 @@ def start_tracking(report_to, output_dir, run_name, config, start_step=0):
     drops those lines (W&B starts a new offline run)."""
     loggers = []
     if report_to in ("tensorboard", "all"):
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-        except ImportError:
-            raise SystemExit("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+        from torch.utils.tensorboard import SummaryWriter  # (check_args found the tensorboard package)
+
         writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
         atexit.register(writer.close)
 
@@ -426,10 +433,8 @@ def start_tracking(report_to, output_dir, run_name, config, start_step=0):
 
         loggers.append(log_tensorboard)
     if report_to in ("wandb", "all"):
-        try:
-            import wandb
-        except ImportError:
-            raise SystemExit("--report_to wandb needs the wandb package: pip install wandb")
+        import wandb  # (check_args found it)
+
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tulu3-minimal"), name=run_name, dir=output_dir,
                          mode="offline", config=config)
         atexit.register(run.finish)

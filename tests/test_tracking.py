@@ -132,7 +132,8 @@ def test_resume_replaces_the_redone_steps_in_tensorboard(tiny_model_dir, tmp_pat
 
 @pytest.mark.parametrize("package", ["tensorboard", "wandb"])
 def test_a_missing_package_says_what_to_install(package, tiny_model_dir, tmp_path):
-    """Runs whether or not the package is installed: a module of that name that fails to import shadows it."""
+    """Runs whether or not the package is installed: a module of that name that fails to import shadows it. Refused
+    before anything loads."""
     import subprocess
     import sys
 
@@ -146,3 +147,6 @@ def test_a_missing_package_says_what_to_install(package, tiny_model_dir, tmp_pat
                            *map(str, stage_args("sft.py", tiny_model_dir, tmp_path)), "--output_dir", str(tmp_path / "out"),
                            "--with_tracking", "--report_to", package], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode != 0 and f"pip install {package}" in proc.stderr, proc.stderr[-2000:]
+    # before anything loads, on every rank (check_args): found after the tokenizing and the model's load, on rank 0
+    # alone, it left the other ranks waiting in the first training collective
+    assert "usage:" in proc.stderr and not (tmp_path / "out").exists()
