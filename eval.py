@@ -446,8 +446,15 @@ names = [base if folded.count(folded[k]) == 1 else f"{k}_{base}" for k, base in 
 if len({name.casefold() for name in names}) < len(names):  # a model named "1_sft" beside two "sft": it and the second
     names = [f"{k}_{base}" for k, base in enumerate(bases)]  # wrote to one directory
 table, per_prompt, table_path = {}, {}, os.path.join(args.output_dir, "table.md")
-if rank == 0 and os.path.exists(table_path):  # an earlier run's, not this one's: it stayed beside this run's results
-    os.remove(table_path)  # as if it were
+# An earlier run's outputs (its table, and results and records here and in its models' directories) stayed beside
+# this run's as if they were this run's: removed, but for a --responses file read from there (score() rewrites it)
+subdirectories = [e.path for e in os.scandir(args.output_dir) if e.is_dir()] if os.path.isdir(args.output_dir) else []
+for directory in [args.output_dir] + subdirectories if rank == 0 else []:
+    records = [f"{task}_records.jsonl" for task in TASKS if os.path.isfile(os.path.join(directory, f"{task}_records.jsonl"))]
+    for name in ["table.md"] * (directory == args.output_dir) + ["results.json"] * bool(records) + records:
+        if os.path.isfile(path := os.path.join(directory, name)) and os.path.realpath(path) not in map(os.path.realpath, args.responses or []):
+            os.remove(path)
+            print(f"removed {path}, an earlier run's")
 for name, model_path in zip(names, paths):
     pairs, elapsed, generated_tokens = (given_pairs, None, None) if model_path is None else generate(model_path)
     if rank != 0:

@@ -510,10 +510,14 @@ def test_several_models_end_with_one_table(tiny_model, tmp_path):
     assert rows[2] == f"| {names[0]} | {first[0]} | {first[1]} |"
     assert rows[3] == f"| other | {second[0]} | {second[1]} |"
     assert rows[-1] == f"Models: {names[0]} = {tiny_model}; other = {other}."  # (a row named 0_sft said not which sft)
-    # a one-model run into that directory: the table, the earlier run's, no longer stands beside its results as if it
-    # were this run's
-    alone = run_eval("--model_name_or_path", other, *task_args, "--output_dir", tmp_path / "both")
+    # a one-model run of one task into that directory: the earlier run's outputs no longer stand beside its results as
+    # if they were this run's (the table; the models' directories; a task it did not run), and other files stay
+    (tmp_path / "both" / "other" / "notes.txt").write_text("mine")
+    alone = run_eval("--model_name_or_path", other, *task_args[2:], "--output_dir", tmp_path / "both")
     assert alone.returncode == 0 and not (tmp_path / "both" / "table.md").exists()
+    assert sorted(p.relative_to(tmp_path / "both").as_posix() for p in (tmp_path / "both").rglob("*") if p.is_file()) == \
+        ["ifeval_records.jsonl", "other/notes.txt", "results.json"]
+    assert f"removed {tmp_path / 'both' / 'other' / 'gsm8k_records.jsonl'}, an earlier run's" in alone.stdout
 
 
 def test_models_whose_names_collide_each_get_a_directory(tiny_model, tmp_path):
