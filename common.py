@@ -522,6 +522,15 @@ def _parse_json(data, where):
         raise ValueError(f"{where}: {e}") from None
 
 
+def _local_directory(source):
+    """"DIR" or "DIR:SPLIT" -> (DIR, SPLIT or ""), or None where DIR is not a local directory (a DIR whose name holds a
+    ':' is itself, not cut at its first ':')."""
+    if os.path.isdir(source):
+        return source, ""
+    directory, _, split = source.rpartition(":")
+    return (directory, split) if directory and os.path.isdir(directory) else None
+
+
 def _dataset_directory_files(source):
     """A local dataset directory, "DIR" or "DIR:SPLIT" (default train): the files of that split as
     datasets.load_dataset finds them (its README's `configs`, else file names such as data/train-00000-of-00004.parquet),
@@ -529,9 +538,9 @@ def _dataset_directory_files(source):
     `rsync -a`, tar) came from datasets' cache with its OLD rows, and a bad row failed as "An error occurred while
     generating the dataset", naming no file or line. -> [path, ...]; None when `source` is not a local directory, or
     holds files of other formats (read by datasets then)."""
-    directory, _, split = source.partition(":")
-    if not os.path.isdir(directory):
+    if not (local := _local_directory(source)):
         return None
+    directory, split = local
     import datasets
 
     split_files = datasets.load_dataset_builder(directory).config.data_files  # resolves names only, reads no row
@@ -683,9 +692,12 @@ def source_fingerprint(dataset_mixer_list):
         raise ValueError(f"--dataset_mixer_list takes SOURCE WEIGHT pairs, got {dataset_mixer_list}")
     parts = []
     for source, weight in zip(dataset_mixer_list[::2], dataset_mixer_list[1::2]):
-        if os.path.isdir(source):
-            files = [os.path.join(root, name) for root, _, names in os.walk(source) for name in names]
-            parts.append([os.path.abspath(source), str(weight)] + sorted([os.path.relpath(f, source), file_digest(f)] for f in files))
+        if local := _local_directory(source):  # every file in it, and the split's as datasets finds them (through a
+            directory, split = local  # symlinked folder, which os.walk does not enter); "DIR:SPLIT" was keyed by its name
+            files = {os.path.join(root, name) for root, _, names in os.walk(directory) for name in names}
+            files |= set(_dataset_directory_files(source) or [])
+            parts.append([os.path.abspath(directory), split, str(weight)] +
+                         sorted([os.path.relpath(f, directory), file_digest(f)] for f in files))
         else:
             parts.append([os.path.abspath(source), str(weight), file_digest(source)] if os.path.isfile(source) else [source, str(weight)])
     return parts
@@ -2765,6 +2777,10 @@ def ground_truth_text(dataset: str, truth) -> str:
     if isinstance(truth, float) and not math.isfinite(truth):  # (JSON's NaN, which Python reads: the MATH gold "nan")
         raise ValueError(f"must be a finite number, got {truth}")
     text = truth if isinstance(truth, str) else str(truth) if isinstance(truth, (int, float)) else json.dumps(truth)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # valid JSON ("\ud83d"), but not text: the tokenized store failed on it, naming nothing
+        raise ValueError(f"is not valid Unicode ({e.reason} at {e.start})") from None
     if name == "gsm8k" and gsm8k_extract(text.split("####")[-1]) is None:
         raise ValueError(f"has no number for the gsm8k verifier: {text[:80]!r}")
     if name == "gsm8k" and len(_NUMBER.findall(_COMMA_NUMBER.sub(lambda m: m[0].replace(",", ""), text.split("####")[-1]))) > 1:

@@ -501,6 +501,20 @@ def test_a_dataset_directory_is_fingerprinted_by_its_files(tmp_path):
     before = common.source_fingerprint([str(tmp_path / "data"), "1.0"])
     (tmp_path / "data" / "train.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
     assert common.source_fingerprint([str(tmp_path / "data"), "1.0"]) != before
+    # "DIR:SPLIT" was known by that name alone (a file rewritten: the old tokenization; relative, another directory's);
+    # a split file under a symlinked folder (os.walk does not enter it, datasets does) was left out; a DIR whose name
+    # holds ':' was cut at it
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "data" / "data").symlink_to(tmp_path / "shards")
+    (tmp_path / "run:2026-12-07T12:00").mkdir()
+    for shards, source in [(tmp_path / "shards", f"{tmp_path / 'data'}:test"),
+                           (tmp_path / "run:2026-12-07T12:00", f"{tmp_path / 'run:2026-12-07T12:00'}:test")]:
+        (shards / "test-00000-of-00001.jsonl").write_text('{"a": 41}\n')
+        before = common.source_fingerprint([source, "1.0"])
+        assert before[0][:2] == [source.rpartition(":")[0], "test"], before
+        (shards / "test-00000-of-00001.jsonl").write_text('{"a": 14}\n')
+        assert common.source_fingerprint([source, "1.0"]) != before, source
+        assert [row for _, row in common.load_rows(source)] == [{"a": 14}]
 
 
 def test_a_dataset_directory_is_read_file_by_file_as_it_is_now(tmp_path):

@@ -233,6 +233,8 @@ BAD_ROWS = [  # (row, the error it must give), all in one file: rlvr.py reports 
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "\\boxed{}", "dataset": "math"}, "field 'ground_truth' is empty once normalized"),
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "Half of 36.\n#### 18", "dataset": "math"}, "field 'ground_truth' holds '####'"),
     ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": float("nan"), "dataset": "math"}, "field 'ground_truth' must be a finite number"),
+    # valid JSON, half of an emoji's surrogate pair: the tokenized store's writer failed on it, naming no row
+    ({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": "\\frac{1}{2} \ud83d", "dataset": "math"}, "field 'ground_truth' is not valid Unicode"),
     # IF constraints whose arguments no response could meet, or any would: a count "3" never equalled 3, a keyword list
     # as one string was checked letter by letter, "English" is no language code, an empty ending ends every text
     *[({"messages": [{"role": "user", "content": "Hi"}], "ground_truth": json.dumps(truth), "dataset": "ifeval"}, f"field 'ground_truth' {message}")
