@@ -98,6 +98,17 @@ def _require_whole_weights(path):
                      "download? Copy the model again")
 
 
+def require_trackers(with_tracking, report_to):
+    """--with_tracking's packages (--report_to tensorboard, wandb or all: both), imported by every rank before anything
+    loads: a missing one stopped rank 0 alone in start_tracking, after the tokenizing and the model's load, the other
+    ranks left waiting in the first training collective."""
+    for package in {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[report_to] if with_tracking else []:
+        try:
+            importlib.import_module("torch.utils.tensorboard" if package == "tensorboard" else package)
+        except ImportError:
+            sys.exit(f"error: --report_to {package} needs the {package} package: pip install {package}")
+
+
 _RANGES = {"at_least_one": (">= 1", lambda v: v >= 1), "at_least_zero": (">= 0", lambda v: v >= 0),
            "above_zero": ("> 0", lambda v: v > 0), "fraction": ("in [0, 1]", lambda v: 0 <= v <= 1),
            "count_or_all": (">= 1, or -1 (all)", lambda v: v >= 1 or v == -1)}
@@ -121,14 +132,6 @@ def check_args(parser, args, run_settings, **ranges):
         errors.append(f"--checkpointing_steps must be a whole number (0: none) or 'epoch', got {every!r}")
     if errors:
         parser.error("; ".join(errors))
-    # (a tracker's package missing stopped rank 0 alone, after the tokenizing and the model's load, the others left
-    # waiting in the first training collective)
-    for package in {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[args.report_to] \
-            if getattr(args, "with_tracking", False) else []:
-        try:
-            importlib.import_module("torch.utils.tensorboard" if package == "tensorboard" else package)
-        except ImportError:
-            parser.error(f"--report_to {package} needs the {package} package: pip install {package}")
     for flag in ("output_dir", "dataset_local_cache_dir"):  # (it failed after tokenizing and loading: FileExistsError)
         if os.path.isfile(getattr(args, flag, "")):
             parser.error(f"--{flag} {getattr(args, flag)} is a file, not a directory")
@@ -420,7 +423,7 @@ def start_tracking(report_to, output_dir, run_name, config, start_step=0):
     drops those lines (W&B starts a new offline run)."""
     loggers = []
     if report_to in ("tensorboard", "all"):
-        from torch.utils.tensorboard import SummaryWriter  # (check_args found the tensorboard package)
+        from torch.utils.tensorboard import SummaryWriter  # (require_trackers found the tensorboard package)
 
         writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1 if start_step else None)
         atexit.register(writer.close)
@@ -433,7 +436,7 @@ def start_tracking(report_to, output_dir, run_name, config, start_step=0):
 
         loggers.append(log_tensorboard)
     if report_to in ("wandb", "all"):
-        import wandb  # (check_args found it)
+        import wandb  # (require_trackers found it)
 
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "tulu3-minimal"), name=run_name, dir=output_dir,
                          mode="offline", config=config)

@@ -115,6 +115,7 @@ resume_from = common.check_args(parser, args, run_settings, count_or_all=["keep_
 if not 0 <= args.label_smoothing < 0.5:  # (0.5 and past it: the loss pushes toward the rejected answers)
     parser.error(f"--label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
 common.require_model_directory(args.model_name_or_path, args.tokenizer_name)
+common.require_trackers(args.with_tracking, args.report_to)
 beta = args.beta if args.beta is not None else {"dpo_norm": 5.0, "dpo": 0.1, "simpo": 2.0}[args.loss_type]
 
 # ----------------------------------------------------------------------------- Distributed setup

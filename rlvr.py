@@ -107,6 +107,7 @@ if args.algo == "grpo" and (args.num_samples_per_prompt < 2 or ppo_only):  # (PP
 if args.generator == "vllm" and not importlib.util.find_spec("vllm"):
     parser.error("--generator vllm: vllm does not import here (on a GPU: pip install vllm==0.32.0; or --generator hf)")
 common.require_model_directory(args.model_name_or_path, args.tokenizer_name, value_model=args.algo == "ppo")
+common.require_trackers(args.with_tracking, args.report_to)
 
 # ----------------------------------------------------------------------------- Distributed setup
 

@@ -92,6 +92,7 @@ resume_from = common.check_args(parser, args, run_settings, count_or_all=["keep_
                                               "num_train_epochs"],
                                 at_least_zero=["learning_rate", "weight_decay", "max_tokens_per_micro_batch"], fraction=["warmup_ratio"])
 common.require_model_directory(args.model_name_or_path, args.tokenizer_name)
+common.require_trackers(args.with_tracking, args.report_to)
 
 # ----------------------------------------------------------------------------- Distributed setup
 
