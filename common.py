@@ -1010,13 +1010,15 @@ def tokenize_conversation(tokenizer, messages):
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        if i:
+        if i and messages[i - 1]["role"] != "assistant":
             before = render(tokenizer, messages[:i], add_generation_prompt=True)
         else:  # the conversation opens with this turn: what the template puts before its content (a default system
-            # prompt, the role header) is not the model's to learn, yet "" trained it; a stand-in content finds its end
-            opening = render(tokenizer, [dict(message, content="\ue000")])
+            # prompt, the role header) is not the model's to learn, yet "" trained it; or it follows another assistant
+            # turn, which the generation prompt would follow as the last turn (Tulu's: no "\n" after its eos, and the
+            # row was refused). A stand-in content finds where this turn's content starts.
+            opening = render(tokenizer, messages[:i] + [dict(message, content="\ue000")])
             if "\ue000" not in opening:
-                raise ValueError("the chat template changed an opening assistant turn's content: cannot mask what precedes it")
+                raise ValueError("the chat template changed an assistant turn's content: cannot mask what precedes it")
             before = opening[: opening.index("\ue000")]
         through = render(tokenizer, messages[: i + 1])
         if not (through.startswith(before) and text.startswith(through)):

@@ -266,6 +266,9 @@ if backend == "vllm":
     generator = llm.llm_engine.model_executor.driver_worker.worker.model_runner.get_model()
 else:
     generator = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=gen_dtype).to(device).eval().requires_grad_(False)
+    # not the model's own generation_config.json, whose fields generate() fills in (a repetition_penalty: Qwen2.5's 1.05):
+    # samples from softmax(logits / T) alone, the distribution the policy's log-probs are taken under
+    generator.generation_config = GenerationConfig()
 
 
 def generate(prompts_token_ids, samples_per_prompt=1, seeds=None):
@@ -451,9 +454,11 @@ for step in progress:
     # --- rollout: generate, then score with the verifiers -------------------------------------------------------------
     batch = rollout_prompts(step)  # P global prompt indices; prompt j of the batch belongs to rank j % world_size
     positions = group_share(range(P))
-    seeds = [(args.seed * 1_000_003 + step) * 1_000_003 + batch[j] for j in positions]  # per prompt, not per rank
+    # a seed per prompt, not per rank; G apart: vLLM seeds sample k of a request with seed + k (vllm/v1/engine/
+    # parallel_sampling.py:81), so consecutive seeds gave two prompts' samples the same noise
+    seeds = [((args.seed * 1_000_003 + step) * 1_000_003 + batch[j]) % (2**31 // G) * G for j in positions]
     prompts = dict(zip(positions, read_train_prompts([batch[j] for j in positions])))  # from the memory-mapped file
-    generated = generate([prompts[j]["prompt_ids"] for j in positions], G, [s % 2**31 for s in seeds])
+    generated = generate([prompts[j]["prompt_ids"] for j in positions], G, seeds)
     if backend == "vllm":
         llm.sleep(level=1)  # free the KV cache and move weights to the CPU: the GPU now belongs to training
     metrics["time/generate"] = time.time() - step_start

@@ -355,3 +355,26 @@ def test_max_grad_norm_zero_turns_clipping_off(tiny_model_dir, rlvr_data, tmp_pa
     assert any(not torch.equal(weights["0"][k], initial[k]) for k in initial)  # it trained
     for k in initial:
         assert torch.equal(weights["0"][k], weights["1e9"][k]) and torch.equal(weights["-1"][k], weights["1e9"][k]), k
+
+
+def test_the_hf_generator_samples_from_the_policy_alone_not_its_generation_config(tiny_model_dir, tokenizer, tmp_path):
+    """generate() fills in what its config leaves unset from the model's generation_config.json: a repetition_penalty
+    there (Qwen2.5-Instruct ships 1.05) bent every rollout away from softmax(logits / T), the distribution the policy's
+    log-probs (the ratio, the KL) are taken under. With 50 on the cycle model, whose responses repeat their tokens,
+    the samples differed from the plain copy's; now they are the same."""
+    plain = tmp_path / "plain"
+    cycle_model(tiny_model_dir, plain)
+    penalized = tmp_path / "penalized"
+    shutil.copytree(plain, penalized)
+    config = json.loads((penalized / "generation_config.json").read_text())
+    (penalized / "generation_config.json").write_text(json.dumps(config | {"repetition_penalty": 50.0, "no_repeat_ngram_size": 2}))
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"messages": [{"role": "user", "content": "Count."}], "ground_truth": "7",
+                                                  "dataset": "gsm8k"}] * 4)
+    responses = {}
+    for model in (plain, penalized):
+        run_script("rlvr.py", "--model_name_or_path", model, "--dataset_mixer_list", data, "1.0", "--eval_every", 0,
+                   "--max_steps", 1, "--save_rollouts", "--output_dir", tmp_path / f"out_{model.name}", *FAST,
+                   "--response_length", 24)
+        responses[model.name] = [s["response"] for s in read_rollouts(tmp_path / f"out_{model.name}")]
+    assert any(len(r) > len(set(r)) for r in responses["plain"])  # (a token repeated: the penalty had work to do)
+    assert responses["penalized"] == responses["plain"]

@@ -103,6 +103,11 @@ def test_an_opening_assistant_turn_is_trained_without_what_the_template_puts_bef
     input_ids, labels = common.tokenize_conversation(tokenizer, messages)
     eos = tokenizer.eos_token
     assert trained_text(tokenizer, input_ids, labels) == [m["content"] + eos for m in messages if m["role"] == "assistant"]
+    # and two assistant turns in a row: each trained, not what lies between them (with Tulu's template the row was
+    # refused as "not a concatenation of its turns": the generation prompt after the first renders it as the last turn)
+    messages = MESSAGES[:3] + [{"role": "assistant", "content": "Anything else?"}] + MESSAGES[3:]
+    input_ids, labels = common.tokenize_conversation(tokenizer, messages)
+    assert trained_text(tokenizer, input_ids, labels) == [m["content"] + eos for m in messages if m["role"] == "assistant"]
 
 
 def test_a_template_whose_turns_end_where_the_model_never_stops_is_refused(tokenizer, tiny_model_dir, tmp_path):

@@ -124,6 +124,23 @@ def test_rlvr_vllm_ppo_two_processes_match_one(tiny_model_dir, rlvr_data, tmp_pa
         assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-4, abs=1e-6), key
 
 
+def test_rlvr_vllm_gives_every_prompt_samples_of_its_own(tiny_model_dir, tmp_path):
+    """vLLM seeds sample k of a request with seed + k (vllm/v1/engine/parallel_sampling.py:76-81, as the stand-in does):
+    prompts seeded with consecutive numbers (their dataset indices) shared samples, k + 1 of the one the k of the next.
+    One prompt, 8 times in the data: no two of a step's 4 prompts may hold the same response."""
+    data = write_jsonl(tmp_path / "rows.jsonl", [{"messages": [{"role": "user", "content": "Say anything."}],
+                                                  "ground_truth": "7", "dataset": "gsm8k"}] * 8)
+    run_script("rlvr.py", *rlvr_args(tiny_model_dir, data, tmp_path, "--eval_every", 0, "--save_rollouts"), env=VLLM_ENV)
+    with open(tmp_path / "rollouts.jsonl") as f:
+        samples = [json.loads(line) for line in f]
+    for step in (1, 2):
+        responses = {}
+        for s in samples:
+            if s["step"] == step:
+                responses.setdefault(tuple(s["response"]), set()).add(s["prompt_index"])
+        assert len(responses) == 16 and all(len(indices) == 1 for indices in responses.values()), step
+
+
 @pytest.mark.parametrize("generator", ["vllm", "hf"])
 def test_checksum_catches_a_sync_skipped_after_one_step_at_lr_5e7_in_bf16_vllm_and_hf(tiny_model_dir, rlvr_data, tmp_path, generator):
     """One optimizer step at Tulu's 5e-7 moves the fp32 master weights by ~5e-7, far below a bf16 ulp for most of them:

@@ -309,8 +309,10 @@ class LLM:
             if len(ids) >= self.max_model_len:  # vllm/v1/engine/input_processor.py:587-605: room for one token
                 raise ValueError(f"The decoder prompt (length {len(ids)}) is longer than the maximum model length of {self.max_model_len}.")
             max_tokens = min(p.max_tokens or self.max_model_len, self.max_model_len - len(ids))
-            generator = torch.Generator().manual_seed(p.seed) if p.seed is not None else self.generator
-            outputs.append(RequestOutput(str(k), None, ids, None, [self._complete(ids, p, max_tokens, generator, i) for i in range(p.n)], True))
+            # with a seed, sample i of the n has its own, seed + i (vllm/v1/engine/parallel_sampling.py:76-81: each child
+            # request a clone of the parameters with that seed); without one, all draw from the engine's
+            generators = [torch.Generator().manual_seed(p.seed + i) if p.seed is not None else self.generator for i in range(p.n)]
+            outputs.append(RequestOutput(str(k), None, ids, None, [self._complete(ids, p, max_tokens, g, i) for i, g in enumerate(generators)], True))
         return outputs
 
     @torch.no_grad()
