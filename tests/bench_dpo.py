@@ -81,7 +81,8 @@ config = trl.DPOConfig(output_dir=os.path.join(work, "trl"), loss_type=["sigmoid
                        per_device_train_batch_size=args.per_device_train_batch_size,
                        gradient_accumulation_steps=args.gradient_accumulation_steps, precompute_ref_log_probs=True,
                        save_strategy="no", report_to="none", logging_steps=1, bf16=torch.cuda.is_available(), seed=123,
-                       use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+                       use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+                       gradient_checkpointing=False)  # (TRL 1.16's default is True: recomputation dpo.py does not do)
 tokenizer = AutoTokenizer.from_pretrained(args.model)
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
 trainer = trl.DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)

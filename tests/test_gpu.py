@@ -90,8 +90,11 @@ def test_sft_on_one_gpu_trains_and_saves_what_it_trained(tiny_model_dir, sft_dat
     torchrun("sft.py", *args, "--max_steps", 3, "--output_dir", tmp_path / "three")
     losses = [m["loss"] for m in read_metrics(tmp_path / "three")]
     assert all(math.isfinite(loss) for loss in losses) and losses[2] < losses[0]
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "two" / "model.safetensors", framework="pt") as saved:  # the file's dtype, not a load's
+        assert {saved.get_slice(k).get_dtype() for k in saved.keys()} == {"BF16"}  # saved in the dtype it was computed in
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "two", dtype=torch.bfloat16).to(CUDA)
-    assert next(model.parameters()).dtype == torch.bfloat16  # saved in the dtype it was computed in
     examples = [common.tokenize_conversation(tokenizer, json.loads(line)["messages"]) for line in open(sft_data).readlines()[:8]]
     total, count = 0.0, 0
     with torch.no_grad():
