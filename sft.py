@@ -83,9 +83,11 @@ for flag in ["--exp_name", "--dataset_mix_dir", "--logging_steps"]:
 # Tulu 3's commands pass main; another revision of a hub model was accepted and silently not loaded
 parser.add_argument("--model_revision", default="main", choices=["main"], help="the hub model's main branch only")
 args = parser.parse_args()
-# stored in each checkpoint: a resume continues the same run (its flags, and the global batch in examples)
-run_settings = vars(args) | {"global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps
-                                             * int(os.environ.get("WORLD_SIZE", 1))}
+# stored in each checkpoint: a resume continues the same run (its flags, and the global batch in examples); under sum,
+# also what the summed loss is divided by (accumulation x ranks, below): a resume from 2 x 2 to 1 x 4 halved the gradient
+world = int(os.environ.get("WORLD_SIZE", 1))
+run_settings = vars(args) | {"global_batch": args.per_device_train_batch_size * args.gradient_accumulation_steps * world}
+run_settings |= {"sum_loss_divisor": args.gradient_accumulation_steps * world} if args.reduce_loss == "sum" else {}
 # every flag in its range, --output_dir free of another run's checkpoints; with --resume, the checkpoint to continue
 resume_from = common.check_args(parser, args, run_settings, count_or_all=["keep_last_n_checkpoints"],
                                 at_least_one=["max_seq_length", "per_device_train_batch_size", "gradient_accumulation_steps",

@@ -79,9 +79,13 @@ def test_resume_refuses_a_changed_run_and_accepts_a_longer_one(tiny_model_dir, s
     smaller = run_script("sft.py", *args[:-6], "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 2,
                          "--output_dir", out, "--learning_rate", 1e-3, "--max_steps", 2, "--resume", check=False)
     assert smaller.returncode != 0 and "global_batch: 4 -> 2" in smaller.stderr
-    # the same global batch split otherwise, and a longer run: resumed
-    longer = run_script("sft.py", *args[:-6], "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 4,
-                        "--output_dir", out, "--learning_rate", 1e-3, "--max_steps", 3, "--resume")
+    # the same global batch split otherwise under --reduce_loss sum: the gradient is the summed loss / (accumulation x
+    # ranks), so 2 x 2 -> 1 x 4 halved it (logged grad_norm halved, Adam and the clip at another scale): refused
+    split = run_script("sft.py", *args[:-6], "--per_device_train_batch_size", 1, "--gradient_accumulation_steps", 4,
+                       "--output_dir", out, "--learning_rate", 1e-3, "--max_steps", 3, "--resume", check=False)
+    assert split.returncode != 0 and "sum_loss_divisor: 2 -> 4" in split.stderr
+    # a longer run: resumed
+    longer = run_script("sft.py", *args, "--learning_rate", 1e-3, "--max_steps", 3, "--resume")
     assert "resumed from" in longer.stdout and [m["step"] for m in read_metrics(out)] == [1, 2, 3]
 
 
