@@ -154,13 +154,7 @@ def check_args(parser, args, run_settings, **ranges):
 def claim_output_dir(output_dir, model_name_or_path):
     """Rank 0 takes --output_dir for the run (every rank calls this, once every check has passed; a refused run touches
     nothing, and all its ranks stop: rank 0 refused alone left the others of other nodes waiting in a collective)."""
-    error = None
-    if torch.distributed.get_rank() == 0:
-        try:
-            _claim_output_dir(output_dir, model_name_or_path)
-        except (SystemExit, Exception) as e:  # (any: raised on rank 0 alone, it left the others in the gather)
-            error = e
-    _stop_together(error, f"take --output_dir {output_dir}")
+    _on_rank_zero(f"take --output_dir {output_dir}", lambda: _claim_output_dir(output_dir, model_name_or_path))
 
 
 def _claim_output_dir(output_dir, model_name_or_path):
@@ -242,6 +236,18 @@ def _written(path, write):
         _write_synced(path, write)
     except OSError as error:
         return error
+
+
+def _on_rank_zero(what, work):
+    """work() on rank 0 alone, while every rank waits for it: its failure (any exception) stops every rank with its
+    error (_stop_together), not rank 0 alone while the others wait in their next collective."""
+    error = None
+    if torch.distributed.get_rank() == 0:
+        try:
+            work()
+        except (SystemExit, Exception) as e:
+            error = e
+    _stop_together(error, what)
 
 
 def _stop_together(error, what="write its part of the checkpoint"):
@@ -343,15 +349,15 @@ def save_model(model, tokenizer, output_dir, dtype):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     full_state_dict = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
-    error = None
-    if torch.distributed.get_rank() == 0:
+
+    def write():
         try:
             model.save_pretrained(output_dir, state_dict={k: v.to(dtype) for k, v in full_state_dict.items()})
             tokenizer.save_pretrained(output_dir)
         except Exception as e:  # (safetensors' own error type, not an OSError, for a full disk)
-            error = OSError(f"could not write the model to {output_dir} ({_free_space(output_dir)}): {e}")
-            error.__cause__ = e
-    _stop_together(error, "write the model")
+            raise OSError(f"could not write the model to {output_dir} ({_free_space(output_dir)}): {e}") from e
+
+    _on_rank_zero("write the model", write)
     if torch.distributed.get_rank() == 0:
         print(f"saved the model to {output_dir}")
 
@@ -362,13 +368,7 @@ def start_log(path, resume_step=None):
     dropped; it used to stop the resume with a JSONDecodeError naming no file, after the model had loaded. A bad line
     elsewhere is an error naming file and line, which stops every rank (rank 0 alone writes the log: stopped alone, it
     left the others waiting in the first training collective). Rewritten whole, then renamed: a kill leaves the old log."""
-    error = None
-    if torch.distributed.get_rank() == 0:
-        try:
-            _restart_log(path, resume_step)
-        except Exception as e:  # (any: raised on rank 0 alone, it left the others in the gather)
-            error = e
-    _stop_together(error, f"start {path}")
+    _on_rank_zero(f"start {path}", lambda: _restart_log(path, resume_step))
 
 
 def _restart_log(path, resume_step):
