@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import unicodedata
+import zlib
 from fractions import Fraction
 
 import langdetect
@@ -240,14 +241,16 @@ def _written(path, write):
 
 def _on_rank_zero(what, work):
     """work() on rank 0 alone, while every rank waits for it: its failure (any exception) stops every rank with its
-    error (_stop_together), not rank 0 alone while the others wait in their next collective."""
-    error = None
+    error (_stop_together), not rank 0 alone while the others wait in their next collective. -> what work() returned
+    on rank 0, None on the others."""
+    error = result = None
     if torch.distributed.get_rank() == 0:
         try:
-            work()
+            result = work()
         except (SystemExit, Exception) as e:
             error = e
     _stop_together(error, what)
+    return result
 
 
 def _stop_together(error, what="write its part of the checkpoint"):
@@ -371,6 +374,23 @@ def start_log(path, resume_step=None):
     _on_rank_zero(f"start {path}", lambda: _restart_log(path, resume_step))
 
 
+def append_log(path, rows, track=None):
+    """Every rank calls it after a step: rank 0 appends `rows` (dicts) to the stage's .jsonl log `path` and sends them
+    to its tracker (`track`, start_tracking's). A write that fails (a full disk, a quota) or a tracker that does stops
+    every rank with its error: rank 0 stopped alone, and the others waited in the next step's first collective (on
+    NCCL across nodes, until the group's timeout)."""
+    def write():
+        try:
+            with open(path, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        except OSError as e:
+            raise OSError(f"could not append to {path} ({_free_space(os.path.dirname(path))}): {e}") from e
+        for row in rows if track else []:
+            track(row)
+
+    _on_rank_zero("write the step's log", write)
+
+
 def _restart_log(path, resume_step):
     kept = []
     if resume_step is not None and os.path.exists(path):
@@ -420,7 +440,18 @@ def start_tracking(report_to, output_dir, run_name, config, start_step=0):
     run (<output_dir>/wandb/; `wandb sync` uploads it later). Both packages are optional, imported only when asked for.
     -> log(metrics): sends one metrics.jsonl line (a dict with "step") to every tracker report_to names. start_step:
     where a --resume run continues; TensorBoard then hides what the interrupted run logged after it, as metrics.jsonl
-    drops those lines (W&B starts a new offline run)."""
+    drops those lines (W&B starts a new offline run). Every rank calls it, rank 0 starts the trackers: one that
+    cannot start stops every rank (log is None on the other ranks)."""
+    def start():
+        try:
+            return _start_trackers(report_to, output_dir, run_name, config, start_step)
+        except Exception as e:
+            raise RuntimeError(f"--with_tracking --report_to {report_to}: could not start in {output_dir}: {e}") from e
+
+    return _on_rank_zero("start its tracker", start)
+
+
+def _start_trackers(report_to, output_dir, run_name, config, start_step):
     loggers = []
     if report_to in ("tensorboard", "all"):
         from torch.utils.tensorboard import SummaryWriter  # (require_trackers found the tensorboard package)
@@ -483,10 +514,19 @@ def iter_rows(source):
             yield f"{source}[{i}]", row
         return
     if source.endswith(".parquet"):
-        batches = _parquet_file(source).iter_batches(batch_size=1000)  # streamed, a batch of rows at a time
-        for i, row in enumerate(row for batch in batches for row in batch.to_pylist()):
-            yield f"{source}[row {i}]", row
-        return
+        import pyarrow
+
+        batches, i = _parquet_file(source).iter_batches(batch_size=1000), 0  # streamed, a batch of rows at a time
+        while True:
+            try:  # (a row group damaged past the footer failed as a bare OSError that named no file)
+                batch = next(batches, None)
+            except (OSError, pyarrow.ArrowException) as e:
+                raise ValueError(f"{source}: not a readable parquet file, a row group is damaged ({e})") from None
+            if batch is None:
+                return
+            for row in batch.to_pylist():
+                yield f"{source}[row {i}]", row
+                i += 1
     files = _dataset_directory_files(source)
     if files is not None:  # a local dataset directory: its files, each read as above
         for path in files:
@@ -560,8 +600,17 @@ def _arrow_table(source):
 
     if os.path.isfile(source):  # not a hub name: "Couldn't find any data file" would not say what is wrong
         raise ValueError(f"{source}: a local file must end in .jsonl, .json or .parquet (lower case)")
-    name, _, split = source.partition(":")
-    return datasets.load_dataset(name, split=split or "train")
+    if not (local := _local_directory(source)):
+        name, _, split = source.partition(":")
+        return datasets.load_dataset(name, split=split or "train")
+    # A local directory of files iter_rows does not read itself (.jsonl.gz, .csv, .arrow): converted again at every
+    # read, as datasets' cache knows a local file by its mtime alone (one rewritten with its mtime kept by `cp -p`,
+    # `rsync -a` or tar gave its old rows, tokenized under the new content's key)
+    directory, split = local
+    try:
+        return datasets.load_dataset(directory, split=split or "train", download_mode="force_redownload")
+    except Exception as e:  # ("An error occurred while generating the dataset": its cause names what)
+        raise ValueError(f"{source}: datasets could not read it: {e}" + (f" ({e.__cause__})" if e.__cause__ else "")) from e
 
 
 def _parquet_file(source):
@@ -574,9 +623,13 @@ def _parquet_file(source):
     if not os.path.isfile(source):
         raise FileNotFoundError(f"{source}: no such file")
     try:
-        return pyarrow.parquet.ParquetFile(source)
+        parquet = pyarrow.parquet.ParquetFile(source)
     except pyarrow.ArrowException as e:
         raise ValueError(f"{source}: not a readable parquet file ({e})") from None
+    names = parquet.schema_arrow.names  # a column twice: its rows kept the last one's value (as a JSON key twice)
+    if twice := next((name for i, name in enumerate(names) if name in names[:i]), None):
+        raise ValueError(f"{source}: column {twice!r} appears twice")
+    return parquet
 
 
 def _json_lines(source):
@@ -1015,11 +1068,12 @@ def tokenize_conversation(tokenizer, messages):
         else:  # the conversation opens with this turn: what the template puts before its content (a default system
             # prompt, the role header) is not the model's to learn, yet "" trained it; or it follows another assistant
             # turn, which the generation prompt would follow as the last turn (Tulu's: no "\n" after its eos, and the
-            # row was refused). A stand-in content finds where this turn's content starts.
+            # row was refused). A stand-in content finds where this turn's content starts: its last occurrence, as
+            # an earlier turn may hold the same character (the first trained the header between the two turns).
             opening = render(tokenizer, messages[:i] + [dict(message, content="\ue000")])
             if "\ue000" not in opening:
                 raise ValueError("the chat template changed an assistant turn's content: cannot mask what precedes it")
-            before = opening[: opening.index("\ue000")]
+            before = opening[: opening.rindex("\ue000")]
         through = render(tokenizer, messages[: i + 1])
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError("the chat template does not render a conversation as a concatenation of its turns")
@@ -1431,7 +1485,15 @@ def _last_boxed(response: str) -> str | None:
 
 
 # What may stand between two boxes that state one list of solutions: commas, "and" / "or", '$', a name and '='
-_BOX_GAP = re.compile(r"(?:\s|\$|,|;|\\q?quad|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b|[A-Za-z](?:_\{?\w{1,3}\}?)?\s*=)*")
+# (and what hedges: "or maybe", "/", "(or ...)")
+_BOX_GAP = re.compile(r"(?:\s|\$|,|;|/|\(|\)|\\q?quad|\\text\{\s*(?:and|or)\s*\}|\b(?:and|or|maybe|perhaps|possibly|else)\b|"
+                      r"[A-Za-z](?:_\{?\w{1,3}\}?)?\s*=)*")
+
+
+# Between math spans, only a disjunction joins them into a menu ("$4$ or $5$", "$4$, / $5$"): "and", ";" or "x =" join
+# the steps of a solution ("we get $x = 3$ and $y = 5$")
+_SPAN_GAP = re.compile(r"(?:\s|,|/|\(|\)|\\text\{\s*or\s*\}|\b(?:or|maybe|perhaps|possibly|else)\b)*")
+_DISJUNCTION = re.compile(r"\bor\b|/|\bmaybe\b|\bperhaps\b|\bpossibly\b|\belse\b")
 
 
 def _listed_boxes(text: str) -> list[str] | None:
@@ -1487,21 +1549,38 @@ def math_extract(response: str, listed: bool = False) -> list[str]:
         answers.append(boxed or "")  # an empty or unclosed last box is a committed non-answer
     if start >= 0:
         answers.append(minerva)
-    if not answers:
-        # str.rfind, not a regex: linear even on a 1 MB response full of '$'.
-        last = text.rfind("$")
-        before = text.rfind("$", 0, last) if last > 0 else -1
-        if before >= 0 and before == last - 1:  # display math "$$x$$": step over the closing "$$"
-            last, before = before, text.rfind("$", 0, before)
-        spans = [(last, text[before + 1:last])] if before >= 0 else []  # (end, content) of the last span of each kind
-        for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
-            end = text.rfind(closer)
-            begin = text.rfind(opener, 0, end) if end > 0 else -1
-            if begin >= 0:
-                spans.append((end, text[begin + 2:end]))
+    if not answers:  # the last span of each kind: the one that ends last, with the menu it ends
+        spans = [found for kind in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")) if (found := _trailing_spans(text, *kind))]
         if spans:
-            answers.append(max(spans)[1])  # the one that ends last
+            contents = max(spans)[1]
+            answers += [", ".join(contents)] if listed and len(contents) > 1 else contents
     return answers
+
+
+def _trailing_spans(text, opener, closer):
+    """The last math span of one kind ($...$ or $$...$$, \\(...\\), \\[...\\]) -> (where it ends, [its content]), or
+    with the spans before it on its line joined by a disjunction (_SPAN_GAP, ten at most), all their contents:
+    "The answer is $4$ or $5$" is a menu, paid only if each is right (the last alone was paid, where the same with
+    boxes was not); None when there is none. str.rfind, not a regex: linear even on a 1 MB response full of '$'."""
+    dollar = opener == "$"
+    end = text.rfind(closer)
+    begin = text.rfind(opener, 0, end) if end > 0 else -1
+    if dollar and begin >= 0 and begin == end - 1:  # display math "$$x$$": step over the closing "$$"
+        end, begin = begin, text.rfind("$", 0, begin)
+    if begin < 0:
+        return None
+    last_end, contents, line_start = end, [text[begin + len(opener):end]], text.rfind("\n", 0, begin) + 1
+    while len(contents) < 10:
+        start = begin - 1 if dollar and begin > line_start and text[begin - 1] == "$" else begin  # (its "$$")
+        close = text.rfind(closer, max(line_start, start - 40 - len(closer)), start)  # the previous span's end
+        gap = text[close + len(closer):start]
+        if dollar and close > line_start and text[close - 1] == "$":
+            close -= 1
+        begin = text.rfind(opener, line_start, close) if close >= 0 else -1
+        if begin < 0 or not (_SPAN_GAP.fullmatch(gap) and _DISJUNCTION.search(gap)):
+            break
+        contents.insert(0, text[begin + len(opener):close])
+    return last_end, contents
 
 
 # --- MATH: normalization (Minerva's normalize_final_answer, plus a few fixes) -----
@@ -1526,7 +1605,8 @@ _UNIT_WORDS = re.compile(r"\\[A-Za-z]+|" + "|".join(re.escape(junk) for junk in 
 _MINERVA_DELETE_SYMBOLS = [junk for junk in _MINERVA_DELETE if not junk.isalpha()]  # the rest, deleted anywhere
 # A unit: a \text{} (\mbox{}, \mathrm{}, \textrm{}) of one to three words with its power ("6 \text{ cm}^2", "\mathrm{cm^2}",
 # "\text{ sq. in}"), deleted whole, never its word alone (Minerva's word rules turned "6\,\mathrm{inches}^3" into 6^3 = 216)
-_UNIT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm)\{\s*([A-Za-z]+\.?(?:\s+[A-Za-z]+\.?){0,2})\s*(?:\^\{?[23]\}?\s*)?\}"
+# a rate's words joined by "/" too ("12 \text{ km/h}" was 12/h)
+_UNIT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm)\{\s*([A-Za-z]+\.?(?:(?:\s+|/)[A-Za-z]+\.?){0,2})\s*(?:\^\{?[23]\}?\s*)?\}"
                          r"(?:\^\{?[23]\}?)?")
 _UNIT_NAMES = re.compile(r"(?:square|sq|cubic|per|(?:second|minute|hour|day|week|month|year|mile|yard|meter|centimeter|"
                          r"kilometer|millimeter|gram|kilogram|pound|ounce|liter|gallon|cup|person|student|side|unit|dollar|"
@@ -1555,7 +1635,8 @@ def _drop_unit(match) -> str:
     # \frac16" 1 1/6); a matrix's row break does not
     if following and (following[0].isalnum() or following[0] in "({^_" or (following[0] == "\\" and following != "\\\\")):
         return match[0]
-    others = [word for word in words if not _UNIT_NAMES.fullmatch(word)]
+    # (h, hr, min, sec: units only as a rate's denominator, "km/h"; alone, "\\text{H}" may be a letter answer)
+    others = [word for word in words if not (_UNIT_NAMES.fullmatch(word) or (word in ("h", "hr", "min", "sec") and f"/{word}" in match[1]))]
     if not others:
         return ""
     before = match.start()
@@ -1924,7 +2005,7 @@ def _exact_value(node, values) -> Fraction | None:
                 return None
             value = a ** b.numerator
         # nor a product of 48 factorials: no answer is that long
-        if value is not None and max(value.numerator.bit_length(), value.denominator.bit_length()) > _MAX_EXACT_BITS:
+        if value is not None and _bits(value) > _MAX_EXACT_BITS:
             return None
         return value
     return None
@@ -2206,17 +2287,23 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     gold_form = _form(gold_tree) if gold_tree is not None else None
     spans, span_forms, equations = _problem_expressions(problem[:MAX_RESPONSE_CHARS])
     copied = spans - {gold_text}
-    copied_forms = {form for form, _, _ in span_forms} - {gold_form}
-    copied_numbers = {form for form, _, written in span_forms if written} - {gold_form}  # 2\frac12 is not "\frac12 + 2"
+    # An answer that folds to a form of the problem restates it, unless the answer is settled where the problem was not:
+    # then it did that arithmetic ("5x + 2y" for "Simplify $(2+3)x + (1+1)y$"), as "5.0x + 2y" or "(4+1)x + 2y" did not
+    copied_forms = {True: {form for form, _, _, _ in span_forms} - {gold_form},
+                    False: {form for form, _, _, settled in span_forms if settled} - {gold_form}}
+    copied_numbers = {True: {form for form, _, written, _ in span_forms if written} - {gold_form},  # 2\frac12 is not
+                      False: {form for form, _, written, settled in span_forms if written and settled} - {gold_form}}  # "\frac12 + 2"
     # The problem's expressions with an operator (not a number as written; none the gold holds itself): an answer holding
     # one as a part restates it. Where one, or a number written otherwise (\frac{3}{20} for the gold 0.15), has the
     # gold's value, the problem asks for that number: an answer must be a number as written (26000, 2.6 \times 10^4),
     # not another computation of it ("(513 - 487)(513 + 487)", "\frac{3}{20} + 0").
-    parts = [(form, value) for form, value, written in span_forms
+    parts = [(form, value, settled) for form, value, written, settled in span_forms
              if not written and form[0] not in _ATOMS and not (gold_form and _holds(gold_form, form))]
+    # (a part that folds to one number, "2 \\cdot 3", is no part to hold: every product with a factor 6 held it)
+    holdable = [(form, settled) for form, _, settled in parts if not (len(form) == 2 and len(form[1]) == 1 and form[1][0][0] == "num")]
     gold_value = _rational_value(gold_tree) if gold_tree is not None and _number_as_written(gold_tree, gold_text) else None
-    numbers = [value for form, value, written in span_forms if written and form != gold_form]
-    asks_for_number = gold_value is not None and gold_value in [value for _, value in parts] + numbers
+    numbers = [value for form, value, written, _ in span_forms if written and form != gold_form]
+    asks_for_number = gold_value is not None and gold_value in [value for _, value, _ in parts] + numbers
     # A problem that writes a factorial or a binomial asks for its value: an answer still holding one did not compute
     # it ("Compute $\dbinom{31}{28}$." answered \binom{31}{3} or \frac{31!}{3!\,28!}).
     unevaluated = lambda text: "!" in text or "\\binom" in text
@@ -2231,8 +2318,10 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
         tree = _parse_latex(text)
         form = _form(tree) if tree is not None else None
         written = tree is not None and _number_as_written(tree, text)  # (a mixed number holds the sum 2 + \frac12)
-        return text != gold_text and (text in copied or form in (copied_numbers if written else copied_forms)
-                                      or (not written and form and any(_holds(form, part) for part, _ in parts))
+        folded = form is not None and _form(tree, fold=False) != form  # (else settled: only settled spans are copies)
+        return text != gold_text and (text in copied or form in (copied_numbers if written else copied_forms)[folded]
+                                      or (not written and form and any(_holds(form, part) for part, settled in holdable
+                                                                       if folded or settled))
                                       or (counting and unevaluated(text)) or (asks_for_number and not written))
 
     # one MATH_SYMBOLIC_TIMEOUT_S for the whole response, however many answers and '=' chains it states (six values
@@ -2248,34 +2337,66 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
 @functools.lru_cache(maxsize=1024)  # RLVR scores every sample of a prompt against the same problem
 def _problem_expressions(problem: str):
     """The problem's math spans (normalized), the forms of those in the grammar (form, exact value or None, whether it
-    is a number as written), and its equations as written (normalized, both sides)."""
+    is a number as written, whether it is settled: folding changes nothing in it), and its equations as written
+    (normalized, both sides)."""
     raw = ["".join(span) for span in _MATH_SPANS.findall(problem)]
     spans = frozenset(map(math_normalize, raw))
     forms = []
     for span, tree in ((span, _parse_latex(span)) for span in spans):
         if tree is not None:
-            forms.append((_form(tree), _rational_value(tree), _number_as_written(tree, span)))
+            form = _form(tree)
+            forms.append((form, _rational_value(tree), _number_as_written(tree, span), _form(tree, fold=False) == form))
     return spans, tuple(forms), frozenset(math_normalize(span, keep_equation=True) for span in raw if "=" in span)
 
 
 _ATOMS = ("num", "sym", "pi", "inf")  # a problem's "$x$" or "$\pi$": every answer may hold one
 
 
-def _form(tree) -> tuple:
+_FOLD_BITS = 14_000  # a folded value is written out in a form: str() refuses ints of over 4,300 digits (~14,284 bits)
+
+
+def _form(tree, values=None, fold=True) -> tuple:
     """A parsed tree as a hashable form in which the order of a sum's terms and of a product's factors, and their
-    brackets, do not count: a + (c - b), c + a - b and -b + a + c are one form ("add", (a, c, ("neg", b))), sorted."""
+    brackets, do not count: a + (c - b), c + a - b and -b + a + c are one form ("add", (a, c, ("neg", b))), sorted.
+    Any part below the top that has an exact value is that value ("num", "3/20"): 5.0, 05, 242 + 0, 242 \\cdot 1 and
+    \\frac{484}{2} inside an expression are 242, a sum's exact terms are one (a product's factors likewise), and a
+    factor 1 or a term 0 goes (1x^2 is x^2): written so, a copy of the problem's expression passed for another one, and
+    was paid. The top keeps its operation and its spelling: 513^2 - 487^2 is the sum ("add", (("num", "26000"),)),
+    not the number 26000, and 0.50 stays 0.50. fold=False: the order alone (what an expression is as written: "settled"
+    when folding changes nothing in it)."""
+    top, values = values is None, {} if values is None else values
+    if fold and not top and (value := _rational_value(tree, values)) is not None and _bits(value) <= _FOLD_BITS:
+        return "num", str(value)
     if tree[0] in ("add", "sub", "mul"):
         kind = "mul" if tree[0] == "mul" else "add"
-        operands, stack = [], [tree]
+        operands, stack = [], [(tree, False)]  # (node, negated: the right side of a "sub")
         while stack:  # a loop, not recursion: a sum of 500 terms is a tree 500 deep
-            node = stack.pop()
-            if node[0] == kind or (kind == "add" and node[0] == "sub"):
-                stack += [node[1], ["neg", node[2]] if node[0] == "sub" else node[2]]
+            node, negated = stack.pop()
+            if not negated and (node[0] == kind or (kind == "add" and node[0] == "sub")):
+                stack += [(node[1], False), (node[2], node[0] == "sub")]
+            elif not negated:
+                operands.append(_form(node, values, fold))
+            elif fold and (value := _rational_value(node, values)) is not None and _bits(value) <= _FOLD_BITS:
+                operands.append(("num", str(-value)))
             else:
-                operands.append(_form(node))
+                operands.append(("neg", _form(node, values, fold)))
+        # its exact terms as one (factors likewise), 0 and 1 dropped: ((1 + 0) + 2i) and (1 + 2i) are one form
+        exact = [Fraction(operand[1]) for operand in operands if operand[0] == "num"] if fold else []
+        if fold and sum(map(_bits, exact)) <= _FOLD_BITS:
+            operands = [operand for operand in operands if operand[0] != "num"]
+            combined = sum(exact) if kind == "add" else math.prod(exact)
+            if exact and (combined != (0 if kind == "add" else 1) or not operands):
+                operands.append(("num", str(combined)))
+        if fold and len(operands) == 1 and operands[0][0] != "num":  # (1 \\cdot x^2: x^2; an exact one keeps its operation)
+            return operands[0]
         return kind, tuple(sorted(operands, key=repr))
-    return tuple(child if isinstance(child, str) else _form(child) if child and isinstance(child[0], str)
-                 else tuple(map(_form, child)) for child in tree)  # (a "seq" holds a list of items)
+    form = tuple(child if isinstance(child, str) else _form(child, values, fold) if child and isinstance(child[0], str)
+                 else tuple(_form(item, values, fold) for item in child) for child in tree)  # (a "seq": a list of items)
+    return form[1] if fold and form[0] in ("pow", "div") and form[2] == ("num", "1") else form  # (x^1, x/1: x)
+
+
+def _bits(value: Fraction) -> int:
+    return max(value.numerator.bit_length(), value.denominator.bit_length())
 
 
 def _holds(form: tuple, part: tuple) -> bool:
@@ -2519,7 +2640,7 @@ def _loose_variants(response):
     # Google's loose scoring forgives a chatty first/last line (e.g. "Sure, here it is:") and markdown asterisks
     lines = response.split("\n")
     cut = [response] + ["\n".join(ls).strip() for ls in (lines[1:], lines[:-1], lines[1:-1])]
-    return cut + [r.replace("*", "") for r in cut]
+    return list(dict.fromkeys(cut + [r.replace("*", "") for r in cut]))  # (each once: a one-line response is one)
 
 
 _COUNT_KWARGS = {"N", "i", "frequency", "let_frequency", "capital_frequency", "num_sentences", "num_paragraphs",
@@ -2603,11 +2724,13 @@ def _tulu_letter_count(text, letter, n):
 
 def _tulu_paragraph_count(text, n):
     paragraphs = "\n".join(line.strip() for line in text.splitlines()).strip().split("* * *")
-    return all(p.strip() for p in paragraphs) and len(paragraphs) == n
+    return all(map(_has_alnum, paragraphs)) and len(paragraphs) == n  # (release: p.strip(), so "* * *" between two)
 
 
 def _tulu_nth_paragraph(text, n, first_word, i):
-    paragraphs = re.split(r"\n[ \t]*\n", text)  # (a blank line holding spaces is blank)
+    # (a blank line holding spaces is blank; an empty piece between blank lines is no paragraph, as Google's: "The\n\n\n
+    # \n\nend" was 3)
+    paragraphs = [p for p in re.split(r"\n[ \t]*\n", text) if _has_alnum(p)]
     # release: an i past the last paragraph raised IndexError, "Therefore" passed for the first word "The", and the
     # word's case and markup counted ("However" or "**However**" failed "however", as Google's lowercase words are)
     if not 1 <= i <= n:  # (as Google's instruction refuses it) no response could follow
@@ -2629,15 +2752,36 @@ def _tulu_word_count(text):
 
 def _looping(text):
     """A response that mostly repeats itself ("a a a ...", one sentence until the length cap) is a loop, not an
-    answer: half or more of its word trigrams are repeats (natural text repeats few)."""
+    answer: half or more of its word trigrams are repeats (natural text repeats few), counted with each number as 0
+    ("1. ha 2. ha 3. ha"); or three words or more, all one ("A A A" for capitals only); or a long text that zlib
+    packs to a tenth ("haha..." or "好好..." with no space; prose packs to about a third)."""
     words = text.split()
-    trigrams = list(zip(words, words[1:], words[2:]))
-    return len(trigrams) >= 10 and len(set(trigrams)) <= len(trigrams) / 2
+    if len(words) >= 3 and len(set(words)) == 1:
+        return True
+    for folded in (False, True):  # (numbers as 0: only the trigrams holding a letter, so "1 2 3", a table of figures
+        # or a JSON list of primes is no loop)
+        tokens = re.sub(r"\d+", "0", text).split() if folded else words
+        trigrams = [t for t in zip(tokens, tokens[1:], tokens[2:]) if not folded or re.search("[^\\W\\d_]", "".join(t))]
+        if len(trigrams) >= 10 and len(set(trigrams)) <= len(trigrams) / 2:
+            return True
+    data = text.encode()
+    return len(data) >= 1000 and len(zlib.compress(data)) < len(data) / 10
+
+
+def _restates(text, prompt):
+    """Does `text` hold most (80%) of the prompt's words (casefolded) and fewer than 3 of its own? The prompt copied
+    back, lower-cased or without its commas, followed every instruction of the training rows (its "such as <<poem of
+    joy>>" is a title, its few words a word limit): it is no answer. An answer that restates the question ("The name
+    of the actor who played Gandalf ... is Ian McKellen.") is one: none of Google's 540 GPT-4 responses is refused.
+    (validate_choice's "My answer is yes." is the prompt's words: that check stands alone. A prompt asking for its own
+    text back, lower-cased, would be refused too: the RLVR IF rows ask for an answer under a constraint.)"""
+    own, words = set(re.findall(r"\w+", prompt.casefold())), set(re.findall(r"\w+", text.casefold()))
+    return len(words - own) < 3 and len(words & own) >= 0.8 * len(own)
 
 
 def _tulu_postscript(text, marker):
-    at = text.find(marker)
-    return at >= 0 and _has_alnum(text[at + len(marker):])  # the marker, then something after it
+    at = text.find(marker)  # a letter or digit before the marker, and after it besides markers ("P.S. P.S.")
+    return at >= 0 and _has_alnum(text[:at]) and _has_alnum(text[at + len(marker):].replace(marker, ""))
 
 
 def _tulu_choice(text, options):
@@ -2661,7 +2805,13 @@ def _tulu_json(text):
         value = json.loads(fenced[1] if fenced else text, parse_constant=lambda name: json.loads("x"))
     except (ValueError, RecursionError):
         return False
-    return isinstance(value, (dict, list)) and bool(value)  # release: "0" or "[]" was a response in JSON format
+    # release: "0" or "[]" was a response in JSON format; here a value holds a letter or a digit ([null], {"a": {}} do not)
+    stack, content = [value], False
+    while stack and not content:
+        item = stack.pop()
+        stack += item.values() if isinstance(item, dict) else item if isinstance(item, list) else []
+        content = (isinstance(item, str) and _has_alnum(item)) or (type(item) in (int, float, bool))
+    return isinstance(value, (dict, list)) and content
 
 
 def _tulu_two_responses(text):
@@ -2697,7 +2847,8 @@ _TULU_CHECKS = {
     # bullet: "* " or "- ", then a letter or digit
     "verify_bullet_points": lambda t, kw: sum(line.strip()[:1] in ("*", "-") and line.strip()[1:2].isspace()
                                               and _has_alnum(line.strip()[2:]) for line in t.split("\n")) == kw["N"],
-    "validate_title": lambda t, kw: _has_title(t, _has_alnum),  # release: an empty "<<>>" was a title
+    # release: an empty "<<>>" was a title; and the title alone was an answer
+    "validate_title": lambda t, kw: _has_title(t, _has_alnum) and _has_alnum(re.sub(r"<<[^\n]*?>>", "", t)),
     "validate_choice": lambda t, kw: _tulu_choice(t, kw["options"]),
     # release: "**" (an empty highlight) counted. Google's count, which skips blank highlights but counts a **bold**
     # span (the release counted it too, as two empty "**" matches); *single* asterisks alone would pay 0 for "**One**
@@ -2705,14 +2856,15 @@ _TULU_CHECKS = {
     "validate_highlighted_sections": lambda t, kw: _count_highlights(t, _has_alnum) >= kw["N"],
     "validate_sections": lambda t, kw: _tulu_sections(t, kw["N"], kw["section_splitter"]),
     "validate_json_format": lambda t, kw: _tulu_json(t),
-    "validate_repeat_prompt": lambda t, kw: t.startswith(kw["original_prompt"]),
+    "validate_repeat_prompt": lambda t, kw: t.startswith(kw["original_prompt"]) and _has_alnum(t[len(kw["original_prompt"]):]),
     "validate_two_responses": lambda t, kw: _tulu_two_responses(t),
     # release: t == t.upper(), so "123" passed "capital letters only"; here a letter is needed. No language check:
     # Google's english_capital asks langdetect too, which calls 11% of all-caps English sentences non-English
     "validate_uppercase": lambda t, kw: t.isupper(),
     "validate_lowercase": lambda t, kw: t.islower(),
     "validate_frequency_capital_words": lambda t, kw: _tulu_capital_words(t, kw["N"], kw["quantifier"]),
-    "validate_end": lambda t, kw: t.endswith(kw["end_phrase"]),
+    # (the phrase stripped, as the response is: "That is all. " could never end one; and not the phrase alone)
+    "validate_end": lambda t, kw: t.endswith(p := kw["end_phrase"].strip()) and _has_alnum(t[:len(t) - len(p)]),
     "validate_quotation": lambda t, kw: len(t) > 2 and t[0] == t[-1] == '"' and _has_alnum(t[1:-1]),  # release: '"'
     "validate_no_commas": lambda t, kw: not _COMMAS.search(t),  # release: "," only, so "\uff0c" passed
 }
@@ -2728,10 +2880,11 @@ def _visible(text):
                    if ch in "\t\n\r" or unicodedata.category(ch)[0] != "C")
 
 
-def ifeval_rlvr_score(response, ground_truth):
+def ifeval_rlvr_score(response, ground_truth, prompt=""):
     """Reward in [0, 1] for a Tulu RLVR IF ground truth: a {"func_name": ..., **kwargs} dict or its JSON, or a
     list (or JSON list) of them, scored as the fraction of constraints followed, each with the meaning it had in the
-    Tulu 3 release (release: a list always scored 0). A blank response follows nothing, not even "no commas"."""
+    Tulu 3 release (release: a list always scored 0). A blank response follows nothing, not even "no commas"; nor
+    does one that only restates `prompt` (_restates: the release paid it, on every one of our training rows)."""
     constraints = json.loads(ground_truth) if isinstance(ground_truth, str) else ground_truth
     constraints = constraints if isinstance(constraints, list) else [constraints]
     if not constraints:
@@ -2739,6 +2892,7 @@ def ifeval_rlvr_score(response, ground_truth):
     text = _visible(response).replace("\r\n", "\n").strip()  # the release strips the response before every check
     # a response follows nothing when it is blank, holds no letter or digit (".", "P.P.S."), or loops
     usable = len(text) <= MAX_RESPONSE_CHARS and _has_alnum(text) and not _looping(text)
+    echo = usable and bool(prompt) and _restates(text, prompt)
     followed = []
     for c in constraints:
         c = json.loads(c) if isinstance(c, str) else c
@@ -2747,7 +2901,8 @@ def ifeval_rlvr_score(response, ground_truth):
         kwargs = {k: v for k, v in c.items() if v is not None and k != "func_name"}
         _check_kwargs(kwargs)
         try:  # run on "" when unusable, so a malformed ground truth fails even on a blank response
-            followed.append(bool(_TULU_CHECKS[c["func_name"]](text if usable else "", kwargs)) and usable)
+            followed.append(bool(_TULU_CHECKS[c["func_name"]](text if usable else "", kwargs)) and usable
+                            and not (echo and c["func_name"] != "validate_choice"))
         except KeyError as e:
             raise ValueError(f"{c['func_name']} needs kwarg {e}") from None
     return sum(followed) / len(followed)
@@ -2757,15 +2912,15 @@ def ifeval_rlvr_score(response, ground_truth):
 
 
 def verify(dataset: str, response: str, ground_truth, prompt: str = "") -> float:
-    """Route an RLVR row to its verifier by the row's `dataset` field (gsm8k, MATH, ifeval); MATH reads the prompt too
-    (an answer that only writes again an expression of it is not paid: math_score)."""
+    """Route an RLVR row to its verifier by the row's `dataset` field (gsm8k, MATH, ifeval); MATH and ifeval read the
+    prompt too (an answer that only writes it, or an expression of it, again is not paid: math_score, _restates)."""
     name = str(dataset).lower()
     if name == "gsm8k":
         return gsm8k_score(response, ground_truth)
     if name == "math":
         return math_score(response, ground_truth, prompt)
     if name == "ifeval":
-        return ifeval_rlvr_score(response, ground_truth)  # noqa: F821  (IFEval section of this file)
+        return ifeval_rlvr_score(response, ground_truth, prompt)  # noqa: F821  (IFEval section of this file)
     raise ValueError(f"verify: unknown dataset {dataset!r} (expected gsm8k, math or ifeval)")
 
 
@@ -2796,6 +2951,6 @@ def ground_truth_text(dataset: str, truth) -> str:
         raise ValueError(f"is empty once normalized for the math verifier: {text[:80]!r}")
     try:
         verify(name, "", text)  # a malformed IFEval constraint fails here, before the run, not in the middle of it
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ValueError(f"is not valid for dataset {dataset!r}: {e}") from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as e:  # (JSON nested 5000 deep: RecursionError)
+        raise ValueError(f"is not valid for dataset {dataset!r}: {e or type(e).__name__}") from None
     return text

@@ -198,6 +198,8 @@ def load_task(task):
                 raise ValueError(f"{where}: field '{field}' must be a {kind.__name__}, got {type(row.get(field)).__name__}")
         if task in IFEVAL_FORMAT and len(row["kwargs"]) != len(row["instruction_id_list"]):
             raise ValueError(f"{where}: fields 'kwargs' and 'instruction_id_list' must be lists of the same length")
+        if task in IFEVAL_FORMAT and not row["instruction_id_list"]:  # (all([]): a free point for any response)
+            raise ValueError(f"{where}: field 'instruction_id_list' is empty")
         try:  # a gold or a constraint no response can meet, checked now, not after generation (or never: it scored 0)
             if task in IFEVAL_FORMAT:
                 common.ifeval_follow("x", row["instruction_id_list"], row["kwargs"], row[QUESTION_FIELD[task]])
@@ -230,8 +232,8 @@ def read_responses(path, task, examples):
     for where, row in common.load_rows(path):  # errors name file and line
         # our own <task>_records.jsonl call the question "prompt": accept it so they can be re-scored
         question = row.get(QUESTION_FIELD[task], row.get("prompt"))
-        if not isinstance(row.get("response"), str):
-            raise ValueError(f"{where}: expected an object with '{QUESTION_FIELD[task]}' and a string 'response'")
+        if not isinstance(row.get("response"), str) or not isinstance(question, str):
+            raise ValueError(f"{where}: expected an object with a string '{QUESTION_FIELD[task]}' and a string 'response'")
         if question not in by_question:
             raise ValueError(f"{where}: {QUESTION_FIELD[task]} not found in the {task} data: {str(question)[:80]!r}")
         # (a question may be answered several times: several samples of one prompt are each scored)
@@ -446,15 +448,30 @@ names = [base if folded.count(folded[k]) == 1 else f"{k}_{base}" for k, base in 
 if len({name.casefold() for name in names}) < len(names):  # a model named "1_sft" beside two "sft": it and the second
     names = [f"{k}_{base}" for k, base in enumerate(bases)]  # wrote to one directory
 table, per_prompt, table_path = {}, {}, os.path.join(args.output_dir, "table.md")
-# An earlier run's outputs (its table, and results and records here and in its models' directories) stayed beside
-# this run's as if they were this run's: removed, but for a --responses file read from there (score() rewrites it)
-subdirectories = [e.path for e in os.scandir(args.output_dir) if e.is_dir()] if os.path.isdir(args.output_dir) else []
-for directory in [args.output_dir] + subdirectories if rank == 0 else []:
-    records = [f"{task}_records.jsonl" for task in TASKS if os.path.isfile(os.path.join(directory, f"{task}_records.jsonl"))]
-    for name in ["table.md"] * (directory == args.output_dir) + ["results.json"] * bool(records) + records:
-        if os.path.isfile(path := os.path.join(directory, name)) and os.path.realpath(path) not in map(os.path.realpath, args.responses or []):
-            os.remove(path)
-            print(f"removed {path}, an earlier run's")
+# What this run writes. An earlier run's outputs that it would not rewrite (a task or a model it does not run: results
+# and records here and in its models' directories, the table) would stand beside its own as if they were this run's,
+# and deleting them lost generations (re-scoring one task in place deleted another's records): refused, as is writing
+# over the --responses file it scores. Nothing is deleted. (Rank 0's view, which writes them, stops every rank.)
+run_dirs = [args.output_dir] if len(paths) == 1 else [os.path.join(args.output_dir, name) for name in names]
+writes = {os.path.realpath(os.path.join(d, f)) for d in run_dirs for f in ["results.json"] + [f"{t}_records.jsonl" for t in tasks]}
+writes |= {os.path.realpath(table_path)} if len(paths) > 1 else set()
+earlier = [table_path] if os.path.isfile(table_path) else []
+for directory in [args.output_dir] + ([e.path for e in os.scandir(args.output_dir) if e.is_dir()] if os.path.isdir(args.output_dir) else []):
+    records = [path for task in TASKS if os.path.isfile(path := os.path.join(directory, f"{task}_records.jsonl"))]
+    earlier += records + [path for path in [os.path.join(directory, "results.json")] * bool(records) if os.path.isfile(path)]
+stale = [path for path in earlier if os.path.realpath(path) not in writes]
+overwritten = [path for path in args.responses or [] if os.path.realpath(path) in writes]
+refusal = [None]
+if rank == 0 and stale:
+    refusal = [f"--output_dir {args.output_dir} holds an earlier run's outputs that this run would not rewrite "
+               f"({', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}), which would stand beside its own: choose "
+               "another --output_dir, or move them"]
+elif rank == 0 and overwritten:
+    refusal = [f"--responses {overwritten[0]} is where this run writes its records: choose another --output_dir"]
+if ddp:
+    dist.broadcast_object_list(refusal, 0)
+if refusal[0]:
+    raise SystemExit(f"error: {refusal[0]}")
 for name, model_path in zip(names, paths):
     pairs, elapsed, generated_tokens = (given_pairs, None, None) if model_path is None else generate(model_path)
     if rank != 0:

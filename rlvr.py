@@ -19,7 +19,6 @@ Tulu 3's 8B PPO instead: --algo ppo --num_unique_prompts_rollout 224 --num_sampl
 """
 import argparse
 import importlib.util
-import json
 import math
 import os
 import re
@@ -137,7 +136,8 @@ pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_i
 
 
 def prompt_example(where, row):
-    """A Tulu RLVR row -> (reasons, {prompt_ids, ground_truth, dataset}); a bad row: ValueError naming file:line, field."""
+    """A Tulu RLVR row -> (reasons, {prompt_ids, ground_truth, dataset, question}); a bad row: ValueError naming
+    file:line, field. The question (the last user turn) is what the verifier reads besides the response."""
     common.check_messages(row.get("messages"), where)
     dataset = row.get("dataset")
     if not isinstance(dataset, str) or dataset.lower() not in ("gsm8k", "math", "ifeval"):
@@ -154,13 +154,13 @@ def prompt_example(where, row):
     ids = tokenizer(common.render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False).input_ids
     if len(ids) > args.max_prompt_length:
         return "overlong", None
-    return (), dict(prompt_ids=ids, ground_truth=truth, dataset=dataset.lower())
+    return (), dict(prompt_ids=ids, ground_truth=truth, dataset=dataset.lower(), question=messages[-1]["content"])
 
 
 def load_prompts(sources):
-    """-> read(ids) -> [{prompt_ids, ground_truth, dataset}], and the count: tokenized once into an Arrow file."""
+    """-> read(ids) -> [{prompt_ids, ground_truth, dataset, question}], and the count: tokenized once into an Arrow file."""
     read, lengths, stats = common.tokenize_once(
-        sources, prompt_example, ["prompt_ids", "ground_truth", "dataset"],
+        sources, prompt_example, ["prompt_ids", "ground_truth", "dataset", "question"],
         key=["rlvr", common.tokenizer_fingerprint(tokenizer), tokenizer.chat_template, args.max_prompt_length],
         cache_dir=args.dataset_local_cache_dir, num_workers=args.preprocessing_num_workers)
     print0(f"{sources[0]}...: {len(lengths)} prompts ({stats['counts'].get('overlong', 0)} dropped as too long); {stats['how']} {stats['path']}")
@@ -386,7 +386,7 @@ def evaluate():
     for p, (response, finished, _) in [(eval_prompts[i], out) for i, out in zip(indices, responses) if i % world_size == rank]:
         # the verifier reads the text without its stop token, special or not (as vLLM's text is), and the prompt
         text = tokenizer.decode(response[:-1] if finished else response, skip_special_tokens=True)
-        mine.append((p["dataset"], common.verify(p["dataset"], text, p["ground_truth"], tokenizer.decode(p["prompt_ids"])), len(response)))
+        mine.append((p["dataset"], common.verify(p["dataset"], text, p["ground_truth"], p["question"]), len(response)))
     results = gather(mine)  # (dataset, score, response tokens) of every prompt
     mean = lambda values: sum(values) / len(values)
     metrics = {"eval/reward": args.verification_reward * mean([score for _, score, _ in results]),
@@ -432,21 +432,14 @@ for log_path in [metrics_path] + ([rollouts_path] if args.save_rollouts else [])
     common.start_log(log_path, start_step if resume_from else None)
 
 
-track = common.start_tracking(args.report_to, args.output_dir, "rlvr", vars(args), start_step) if args.with_tracking and rank == 0 else None
-
-
-def log(metrics):
-    if rank == 0:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        track and track(metrics)
+track = common.start_tracking(args.report_to, args.output_dir, "rlvr", vars(args), start_step) if args.with_tracking else None
 
 
 # ----------------------------------------------------------------------------- Training loop
 
 sync_generator()  # the generator starts from the same checkpoint; syncing anyway covers --resume
 if args.eval_every > 0 and start_step == 0:
-    log({"step": 0, **evaluate()})
+    common.append_log(metrics_path, [{"step": 0, **evaluate()}], track)
 progress = tqdm(range(start_step, args.max_steps), initial=start_step, total=args.max_steps, disable=rank != 0, desc=f"rlvr {args.algo}")
 for step in progress:
     metrics, step_start = {"step": step + 1}, time.time()
@@ -466,10 +459,10 @@ for step in progress:
     for k, j in enumerate(positions):
         if j % world_size != rank:
             continue
-        prompt, prompt_text = prompts[j], tokenizer.decode(prompts[j]["prompt_ids"])  # the verifier reads the prompt too
+        prompt = prompts[j]
         for response, finished, generator_logps in generated[k * G : (k + 1) * G]:
             text = tokenizer.decode(response[:-1] if finished else response, skip_special_tokens=True)  # as in evaluate()
-            score = common.verify(prompt["dataset"], text, prompt["ground_truth"], prompt_text)
+            score = common.verify(prompt["dataset"], text, prompt["ground_truth"], prompt["question"])  # (and the question)
             penalized = args.non_stop_penalty and not finished  # Tulu: the penalty replaces the reward
             samples.append(dict(position=j, prompt_index=batch[j], dataset=prompt["dataset"], ground_truth=prompt["ground_truth"],
                                 response=response, finished=finished, generator_logps=generator_logps, score=score,
@@ -601,12 +594,10 @@ for step in progress:
     if args.save_rollouts:
         rows = gather([{"step": step + 1, "rank": rank, **{k: v.tolist() if torch.is_tensor(v) else v for k, v in s.items()
                                                            if k not in ("input_ids", "labels")}} for s in samples])
-        if rank == 0:
-            with open(rollouts_path, "a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+        common.append_log(rollouts_path, rows)
     if args.eval_every > 0 and ((step + 1) % args.eval_every == 0 or step + 1 == args.max_steps):
         metrics |= evaluate()
-    log(metrics)
+    common.append_log(metrics_path, [metrics], track)  # (rank 0's, to its tracker too)
     progress.set_postfix(reward=f"{metrics['reward']:.2f}", kl=f"{metrics['kl']:.4f}")
     if args.checkpointing_steps and (step + 1) % args.checkpointing_steps == 0 and step + 1 < args.max_steps:
         save_checkpoint(step + 1)

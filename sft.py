@@ -17,7 +17,6 @@ Tulu 3's own layout, 8 nodes (64 x 1 x 2 = 128): the same flags with --gradient_
 """
 import argparse
 import collections
-import json
 import math
 import os
 import time
@@ -230,8 +229,7 @@ if resume_from:
 # a new log, or on --resume the lines up to the checkpoint's step: it reads like one uninterrupted run (rank 0's)
 common.start_log(metrics_path, start_step if resume_from else None)
 # --with_tracking: the same metrics also to TensorBoard / W&B
-track = (common.start_tracking(args.report_to, args.output_dir, "sft", vars(args), start_step)
-         if args.with_tracking and rank == 0 else None)
+track = common.start_tracking(args.report_to, args.output_dir, "sft", vars(args), start_step) if args.with_tracking else None
 checkpoint_every = steps_per_epoch if args.checkpointing_steps == "epoch" else int(args.checkpointing_steps or 0)
 
 # ----------------------------------------------------------------------------- Training loop
@@ -283,12 +281,8 @@ for step in progress:
                    rank_token_imbalance=max(rank_tokens) / (sum(rank_tokens) / world_size))  # 1.0: every rank as busy
     if peak_flops:
         metrics["mfu"] = common.training_flops(config, n_params, totals[1].item(), totals[2].item()) / elapsed / (peak_flops * world_size)
-    if rank == 0:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if track:
-            track(metrics)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
+    common.append_log(metrics_path, [metrics], track)  # (rank 0's, to its tracker too)
+    progress.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
     if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total_steps:
         save_checkpoint(step + 1)
 

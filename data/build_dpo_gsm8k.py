@@ -41,6 +41,9 @@ torch.manual_seed(args.seed)
 
 with open(os.path.join(ROOT, "data", "gsm8k_train.jsonl")) as f:
     rows = [json.loads(line) for line in f][args.start : args.start + args.num_prompts]
+for number, row in enumerate(rows, args.start + 1):  # the solution, then "#### N" on its last line, or named here
+    if not re.fullmatch(r".*\n#### -?[\d,]+(?:\.\d+)?\s*", row["answer"], re.DOTALL):
+        raise SystemExit(f"gsm8k_train.jsonl:{number}: field 'answer' does not end in a line '#### N'")
 tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
 tokenizer.padding_side = "left"  # generation continues every row from its last real token
 model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32).eval()
@@ -84,7 +87,7 @@ with open(args.output, "w") as out:
         if correct:
             chosen, counts["chosen_model"] = correct[0], counts["chosen_model"] + 1
         else:  # nothing right: fall back to the reference solution, formatted as in data/build_sft_gsm8k.py
-            reasoning, answer = gold.split("#### ")
+            reasoning, answer = re.fullmatch(r"(.*)\n#### (.*)", gold, re.DOTALL).groups()  # (checked above)
             chosen = f"{re.sub(r'<<[^>]*>>', '', reasoning).strip()}\nThe answer is {answer.strip()}."
             counts["chosen_gold"] += 1
         rejected, done = next(((t, d) for t, d in incorrect if d), incorrect[0])

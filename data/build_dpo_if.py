@@ -11,7 +11,10 @@ the RLVR reward's verifier (common.ifeval_rlvr_score: the fraction of the prompt
 per prompt: chosen = a best-scoring sample, rejected = a worst-scoring one, only when the two scores differ (a
 prompt whose samples all score the same says nothing about the constraints). Among equal scores both sides prefer
 a sample that ended on its own, so that the pair differs in the constraints rather than in being cut off.
-The shipped data/dpo_if.jsonl: 77 pairs from 128 prompts, sampled from README's pipeline SFT model.
+The shipped data/dpo_if.jsonl: 77 pairs from 128 prompts, sampled from README's pipeline SFT model on 2026-12-07, then
+re-judged (--rejudge) when the verifier stopped paying a postscript with nothing before it: 75 pairs.
+
+    python data/build_dpo_if.py --rejudge  # the pairs of --output scored again, no sampling; a pair no longer ordered goes
 """
 import argparse
 import json
@@ -37,7 +40,19 @@ parser.add_argument("--max_new_tokens", type=int, default=96)
 parser.add_argument("--batch_size", type=int, default=16, help="prompts per generate call")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--output", default=os.path.join(ROOT, "data", "dpo_if.jsonl"))
+parser.add_argument("--rejudge", action="store_true", help="score --output's pairs again under the current verifier")
 args = parser.parse_args()
+
+if args.rejudge:  # (the verifier changed: what it now pays decides the pairs, as when they were built)
+    truth = {row["messages"][-1]["content"]: row["ground_truth"] for _, row in common.load_rows(args.prompts)}
+    pairs = []
+    for _, pair in common.load_rows(args.output):
+        scores = [common.ifeval_rlvr_score(pair[side][-1]["content"], truth[pair["prompt"]], pair["prompt"])
+                  for side in ("chosen", "rejected")]
+        pairs += [pair | {"chosen_score": scores[0], "rejected_score": scores[1]}] if scores[0] > scores[1] else []
+    with open(args.output, "w") as out:
+        out.writelines(json.dumps(pair) + "\n" for pair in pairs)
+    sys.exit(print(f"{len(pairs)} pairs -> {args.output}"))
 common.require_model_directory(args.model_name_or_path)
 torch.manual_seed(args.seed)
 
@@ -68,7 +83,8 @@ for b in tqdm(range(0, len(rows), args.batch_size), desc="sampling", unit="batch
 counts = dict(prompts=len(rows), pairs=0, all_equal=0, chosen_follows_all=0)
 with open(args.output, "w") as out:
     for row, row_samples in zip(rows, samples):
-        scored = [(common.ifeval_rlvr_score(text, row["ground_truth"]), done, text) for text, done in row_samples]
+        scored = [(common.ifeval_rlvr_score(text, row["ground_truth"], row["messages"][-1]["content"]), done, text)
+                  for text, done in row_samples]  # (with the prompt, as rlvr.py scores: a copy of it is no answer)
         best, worst = max(s for s, _, _ in scored), min(s for s, _, _ in scored)
         if best == worst:
             counts["all_equal"] += 1

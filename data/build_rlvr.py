@@ -16,6 +16,7 @@ lowercase | no commas) + "at least 25 words", so that an empty or shrinking resp
 import json
 import os
 import random
+import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,9 +78,13 @@ def if_rows(bases, count, rng):
 
 def gsm8k_rows(lines):
     rows = []
-    for line in lines:
+    for number, line in lines:
         example = json.loads(line)
-        gold = example["answer"].split("#### ")[-1].strip().replace(",", "")
+        # the number after "#### " on the last line: anything else is named (split("#### ") took a whole solution
+        # written "####1,007" as its gold)
+        if not (match := re.fullmatch(r".*\n#### (-?[\d,]+(?:\.\d+)?)\s*", example["answer"], re.DOTALL)):
+            raise SystemExit(f"gsm8k_train.jsonl:{number}: field 'answer' does not end in a line '#### N'")
+        gold = match[1].replace(",", "")
         rows.append({"messages": [{"role": "user", "content": example["question"]},
                                   {"role": "assistant", "content": example["answer"]}],
                      "ground_truth": gold, "dataset": "gsm8k"})
@@ -88,7 +93,7 @@ def gsm8k_rows(lines):
 
 rng = random.Random(0)
 with open(os.path.join(HERE, "gsm8k_train.jsonl")) as f:
-    gsm8k = [line for line in f if line.strip()][-1000:]  # the last 1000: SFT/DPO data comes from the start
+    gsm8k = [(n, line) for n, line in enumerate(f, 1) if line.strip()][-1000:]  # the last 1000: SFT/DPO's come from the start
 heldout_bases, train_bases = BASES[:16], BASES[16:]
 train = gsm8k_rows(gsm8k[:-32]) + if_rows(train_bases, 1000, rng)
 heldout = gsm8k_rows(gsm8k[-32:]) + if_rows(heldout_bases, 32, rng)

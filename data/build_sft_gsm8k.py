@@ -15,7 +15,10 @@ here = os.path.dirname(os.path.abspath(__file__))
 with open(os.path.join(here, "gsm8k_train.jsonl")) as f, open(os.path.join(here, "sft_gsm8k.jsonl"), "w") as out:
     for i, line in enumerate(f):
         row = json.loads(line)
-        reasoning, answer = row["answer"].split("#### ")
+        # the solution, then "#### N" on its last line; anything else is named, not a traceback or a wrong gold
+        if not (match := re.fullmatch(r"(.*)\n#### (-?[\d,]+(?:\.\d+)?)\s*", row["answer"], re.DOTALL)):
+            raise SystemExit(f"gsm8k_train.jsonl:{i + 1}: field 'answer' does not end in a line '#### N'")
+        reasoning, answer = match.groups()
         reasoning = re.sub(r"<<[^>]*>>", "", reasoning).strip()
         messages = [{"role": "user", "content": row["question"]},
                     {"role": "assistant", "content": f"{reasoning}\nThe answer is {answer.strip()}."}]

@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,6 +39,9 @@ CONTAMINATED_FRACTION = 0.02  # Tulu 3 calls a training set contaminated when it
 
 
 def words(text):
+    """The text's words, lower-cased, after NFKC (full-width letters are letters) and without format characters (a
+    soft hyphen or zero-width space inside a word split it, and a test prompt so disguised was not found)."""
+    text = "".join(ch for ch in unicodedata.normalize("NFKC", text) if unicodedata.category(ch) != "Cf")
     return re.findall(r"\w+", text.lower())
 
 

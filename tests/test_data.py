@@ -462,6 +462,20 @@ def test_a_parquet_file_rewritten_with_its_old_mtime_gives_its_new_rows(tmp_path
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(ValueError, match="bad.parquet: not a readable parquet file"):
         common.count_rows(str(tmp_path / "bad.parquet"))
+    # a column twice: refused, as a JSON key twice (before: each row kept the last one's value)
+    pyarrow.parquet.write_table(pyarrow.table([["a"], ["b"]], names=["messages", "messages"]), path)
+    with pytest.raises(ValueError, match="rows.parquet: column 'messages' appears twice"):
+        common.count_rows(path)
+    # a row group damaged past an intact footer: named with the file (before: a bare OSError)
+    pyarrow.parquet.write_table(pyarrow.table({"v": [f"row {i} " * 20 for i in range(40)]}), path, row_group_size=10,
+                                compression="none")
+    data = bytearray(open(path, "rb").read())
+    offset = pyarrow.parquet.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
+    data[offset:offset + 200] = b"\xff" * 200
+    open(path, "wb").write(bytes(data))
+    assert common.count_rows(path) == 40
+    with pytest.raises(ValueError, match=r"rows.parquet: not a readable parquet file, a row group is damaged \("):
+        common.load_mixture([path, "1.0"])
 
 
 def test_a_file_rewritten_with_its_old_size_and_mtime_is_tokenized_again(tmp_path):
@@ -551,13 +565,22 @@ def test_a_dataset_directory_is_read_file_by_file_as_it_is_now(tmp_path):
         common.load_rows(str(data))
     (data / "data" / "train-00000-of-00001.json").write_text('{"gold": 14}\n{"gold": 15}\n')
     assert [row["gold"] for _, row in common.load_rows(str(data))] == [14, 15] and common.count_rows(str(data)) == 2
-    # other formats (csv, .jsonl.gz, arrow): datasets reads them, as before
+    # other formats (csv, .jsonl.gz, arrow): datasets reads them, converted again at each read (its cache knows the
+    # file by its mtime: rewritten with it kept, the old rows came back), and an error names the directory
     for split in ("train", "test"):
         (data / "data" / f"{split}-00000-of-00001.csv").write_text("gold\n3\n")
         for name in os.listdir(data / "data"):
             if not name.endswith(".csv"):
                 os.remove(data / "data" / name)
     assert [row for _, row in common.load_rows(str(data))] == [{"gold": 3}]
+    shard = data / "data" / "train-00000-of-00001.csv"
+    stamp = os.stat(shard).st_mtime_ns
+    shard.write_text("gold\n4\n")
+    os.utime(shard, ns=(stamp, stamp))
+    assert [row for _, row in common.load_rows(str(data))] == [{"gold": 4}] and common.count_rows(str(data)) == 1
+    shard.write_text("gold\n4\n5,6\n")
+    with pytest.raises(ValueError, match=f"{data}: datasets could not read it: .*"):
+        common.load_rows(str(data))
 
 
 def test_a_deleted_arrow_file_is_rebuilt(tiny_model_dir, tmp_path):
@@ -577,3 +600,19 @@ def test_a_local_file_of_another_extension_says_which_extensions_are_read(tmp_pa
         (tmp_path / name).write_text('{"a": 1}\n')
         with pytest.raises(ValueError, match=f"{name}: a local file must end in .jsonl, .json or .parquet"):
             common.count_rows(str(tmp_path / name))
+
+
+def test_the_gsm8k_builders_name_an_answer_without_its_gold_line(tmp_path):
+    """data/build_sft_gsm8k.py and data/build_rlvr.py read GSM8K train's "#### N" line with split("#### "): an answer
+    written "####1,007" failed with a bare unpacking error (SFT) or made its whole solution the gold (RLVR). Both now
+    stop naming the file's line and field; the shipped files rebuild byte for byte (checked when this was written)."""
+    lines = open(os.path.join(ROOT, "data", "gsm8k_train.jsonl")).readlines()[:1100]
+    bad = json.loads(lines[1049])
+    bad["answer"] = bad["answer"].replace("#### ", "####")
+    lines[1049] = json.dumps(bad) + "\n"
+    (tmp_path / "gsm8k_train.jsonl").write_text("".join(lines))
+    for script in ("build_sft_gsm8k.py", "build_rlvr.py"):
+        shutil.copy(os.path.join(ROOT, "data", script), tmp_path / script)
+        proc = subprocess.run([sys.executable, str(tmp_path / script)], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode != 0 and "gsm8k_train.jsonl:1050: field 'answer' does not end in a line '#### N'" in proc.stderr, \
+            (script, proc.stderr[-1000:])

@@ -36,6 +36,9 @@ def test_rule_by_hand():
     # a test prompt of fewer than 8 tokens has no 8-gram: never matched, even when copied verbatim
     assert not overlaps("a b c d e f g h i j", "b c d e f g h")
     assert overlaps("a b c d e f g h i j", "b c d e f g h i")
+    # a copy in full-width letters, or with a soft hyphen / zero-width space inside its words, is the same text
+    disguised = "".join(chr(ord(c) + 0xFEE0) if c.isalnum() else c for c in test_prompt)  # (ASCII -> full width)
+    assert overlaps(disguised, test_prompt) and overlaps(test_prompt.replace("w1", "w\u00ad1").replace("w2", "w2\u200b"), test_prompt)
     # the threshold and n-gram size are parameters
     assert overlaps(" ".join(test[:15]), test_prompt, threshold=0.4)
     assert overlaps(" ".join(test[:3]), " ".join(test[:5]), n=3)

@@ -108,6 +108,9 @@ def test_responses_errors_name_file_and_line(tmp_path):
     write_jsonl(path, [{"question": gsm[0]["question"], "response": "18"}, "{not json"])
     proc = run_eval("--task", "gsm8k", "--responses", path, "--output_dir", tmp_path / "out")
     assert proc.returncode != 0 and f"{path}:2:" in proc.stderr and "not valid JSON" in proc.stderr
+    write_jsonl(path, [{"question": gsm[0]["question"], "response": "18"}, {"question": ["a"], "response": "x"}])
+    proc = run_eval("--task", "gsm8k", "--responses", path, "--output_dir", tmp_path / "out")  # (was a TypeError traceback)
+    assert proc.returncode != 0 and f"{path}:2: expected an object with a string 'question'" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("task, row, message", [
@@ -123,11 +126,13 @@ def test_responses_errors_name_file_and_line(tmp_path):
     ("ifeval", {"prompt": "q2", "instruction_id_list": ["detectable_format:number_bullet_lists"], "kwargs": [{"num_bullets": "3"}]},
      "field 'kwargs' kwarg 'num_bullets' must be a whole number >= 0, got '3'"),
     ("ifeval", {"prompt": "q2", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [1]}, "field 'kwargs' punctuation:no_comma: kwargs must be an object"),
+    # no instruction: every response followed all of them (a point for "no"), over no instruction
+    ("ifeval", {"prompt": "q2", "instruction_id_list": [], "kwargs": []}, "field 'instruction_id_list' is empty"),
 ])
 def test_task_rows_missing_a_field_name_file_line_and_field(tmp_path, task, row, message):
     """A task file (--data_dir) with a row that scoring cannot read fails at load, naming file, line and field."""
     good = {"gsm8k": {"question": "q1", "answer": "#### 5"}, "math500": {"problem": "q1", "answer": "5"},
-            "ifeval": {"prompt": "q1", "instruction_id_list": [], "kwargs": []}}[task]
+            "ifeval": {"prompt": "q1", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}}[task]
     name = {"gsm8k": "gsm8k_test.jsonl", "math500": "math500_test.jsonl", "ifeval": "ifeval_input_data.jsonl"}[task]
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / name, [good, row])
@@ -510,14 +515,22 @@ def test_several_models_end_with_one_table(tiny_model, tmp_path):
     assert rows[2] == f"| {names[0]} | {first[0]} | {first[1]} |"
     assert rows[3] == f"| other | {second[0]} | {second[1]} |"
     assert rows[-1] == f"Models: {names[0]} = {tiny_model}; other = {other}."  # (a row named 0_sft said not which sft)
-    # a one-model run of one task into that directory: the earlier run's outputs no longer stand beside its results as
-    # if they were this run's (the table; the models' directories; a task it did not run), and other files stay
-    (tmp_path / "both" / "other" / "notes.txt").write_text("mine")
+    # a one-model run of one task into that directory: the earlier run's outputs would stand beside its results as if
+    # they were this run's (the table; the models' directories; a task it did not run): refused, and nothing deleted
+    # (they were deleted, and so were generations another run had made: re-scoring one task in place lost the other's)
+    before = sorted(p for p in (tmp_path / "both").rglob("*") if p.is_file())
     alone = run_eval("--model_name_or_path", other, *task_args[2:], "--output_dir", tmp_path / "both")
-    assert alone.returncode == 0 and not (tmp_path / "both" / "table.md").exists()
-    assert sorted(p.relative_to(tmp_path / "both").as_posix() for p in (tmp_path / "both").rglob("*") if p.is_file()) == \
-        ["ifeval_records.jsonl", "other/notes.txt", "results.json"]
-    assert f"removed {tmp_path / 'both' / 'other' / 'gsm8k_records.jsonl'}, an earlier run's" in alone.stdout
+    assert alone.returncode != 0 and f"--output_dir {tmp_path / 'both'} holds an earlier run's outputs that this run would not " \
+        f"rewrite ({tmp_path / 'both' / 'table.md'}, " in alone.stderr
+    assert sorted(p for p in (tmp_path / "both").rglob("*") if p.is_file()) == before
+    # the same run again rewrites its own outputs; re-scoring its records into the directory that holds them is refused
+    again = run_eval("--model_name_or_path", tiny_model, other, *task_args, "--output_dir", tmp_path / "both")
+    assert again.returncode == 0, again.stderr[-2000:]
+    rescore = run_eval("--task", "gsm8k", "--responses", tmp_path / "other" / "gsm8k_records.jsonl", "--output_dir", tmp_path / "other")
+    assert rescore.returncode != 0 and "holds an earlier run's outputs" in rescore.stderr  # (its ifeval records)
+    (tmp_path / "other" / "ifeval_records.jsonl").unlink()
+    rescore = run_eval("--task", "gsm8k", "--responses", tmp_path / "other" / "gsm8k_records.jsonl", "--output_dir", tmp_path / "other")
+    assert rescore.returncode != 0 and "gsm8k_records.jsonl is where this run writes its records" in rescore.stderr
 
 
 def test_models_whose_names_collide_each_get_a_directory(tiny_model, tmp_path):

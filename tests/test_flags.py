@@ -232,6 +232,10 @@ try:
         common.claim_output_dir(path if rank == 0 else path + "_rank1", {model!r})
     elif {case!r} == "a bad line in the log at a resume":
         common.start_log(os.path.join(path, "metrics.jsonl" if rank == 0 else "metrics_rank1.jsonl"), 2)
+    elif {case!r} == "full disk writing the log":  # (rank 0's log on /dev/full: ENOSPC)
+        common.append_log(os.path.join(path, "full.jsonl" if rank == 0 else "metrics_rank1.jsonl"), [{{"step": 2}}])
+    elif {case!r} == "a tracker that cannot start":  # ("tensorboard", a file: no directory there; or no package)
+        common.start_tracking("tensorboard", path if rank == 0 else path + "_rank1", "sft", {{}})
     else:
         common.agree_on_resume(path)  # (as the stages do, before anything loads)
     line = f"rank {{rank}} went on"
@@ -242,13 +246,15 @@ os.write(1, (line + "\\n").encode())  # one write: the two ranks share stdout, a
 
 
 @pytest.mark.parametrize("case", ["full disk", "missing rank file", "full disk at the final save",
-                                  "another run's --output_dir", "a bad line in the log at a resume"])
+                                  "another run's --output_dir", "a bad line in the log at a resume",
+                                  "full disk writing the log", "a tracker that cannot start"])
 def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tiny_model_dir, tmp_path):
     """A rank whose trainer state cannot be written (a full disk, a quota), or whose file a resumed checkpoint lacks,
     stopped alone; the others waited in the next collective until the group's timeout (on NCCL across nodes, 10
     minutes), with a message naming nothing. Now every rank stops at once with the failing rank's error. So do the
     steps that rank 0 takes alone while the others wait for it: the final model's save, taking --output_dir (a job
-    launched twice: the second is refused), restarting the log at a resume."""
+    launched twice: the second is refused), restarting the log at a resume, appending a step's line to it (or to the
+    tracker), starting the tracker."""
     import fcntl
     import torch
 
@@ -258,6 +264,8 @@ def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tiny
         torch.save({"step": 1, "world_size": 2}, path / "trainer_state_rank0.pt")
         (path / "done").touch()
     (path / "metrics.jsonl").write_text('{"step": 1}\n{"step": null}\n{"step": 2}\n')  # (read in that case alone)
+    os.symlink("/dev/full", path / "full.jsonl")
+    (path / "tensorboard").touch()
     (tmp_path / "two_ranks.py").write_text(TWO_RANKS.format(root=common.__file__.rsplit(os.sep, 1)[0], path=str(path),
                                                             case=case, model=tiny_model_dir))
     with open(path / ".run.lock", "a") as held:
@@ -267,7 +275,9 @@ def test_a_checkpoint_that_fails_on_one_rank_stops_every_rank_at_once(case, tiny
     expected = {"full disk": "could not write", "missing rank file": "trainer_state_rank1.pt is missing, though 2 ranks "
                 "saved", "full disk at the final save": f"could not write the model to {path} (",
                 "another run's --output_dir": f"another run is writing to {path} now",
-                "a bad line in the log at a resume": "metrics.jsonl:2: not a log line"}[case]
+                "a bad line in the log at a resume": "metrics.jsonl:2: not a log line",
+                "full disk writing the log": f"could not append to {path}/full.jsonl (",
+                "a tracker that cannot start": f"--with_tracking --report_to tensorboard: could not start in {path}: "}[case]
     lines = [line for line in result.stdout.splitlines() if line.startswith("rank ")]
     for rank in (0, 1):
         line = next((line for line in lines if line.startswith(f"rank {rank} ")), "")

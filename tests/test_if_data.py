@@ -41,7 +41,8 @@ def test_dpo_pairs_are_ordered_by_the_verifier():
     assert len(pairs) >= 48
     for pair in pairs:
         gt = truth[pair["prompt"]]  # every pair is on an RLVR training prompt
-        chosen, rejected = (common.ifeval_rlvr_score(pair[side][-1]["content"], gt) for side in ("chosen", "rejected"))
+        chosen, rejected = (common.ifeval_rlvr_score(pair[side][-1]["content"], gt, pair["prompt"])  # (as rlvr.py: with the prompt)
+                            for side in ("chosen", "rejected"))
         assert (chosen, rejected) == (pair["chosen_score"], pair["rejected_score"]) and chosen > rejected
 
 

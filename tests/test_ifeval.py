@@ -97,7 +97,8 @@ RLVR_CASES = [
     ({"func_name": "verify_paragraph_count", "N": 2}, "First part.\n* * *\nSecond part.", "First.\n***\nSecond."),
     ({"func_name": "validate_word_constraint", "N": 5, "quantifier": "at most"}, "one two three four five",
      "one two three four five six"),
-    ({"func_name": "validate_word_constraint", "N": 10, "quantifier": "around"}, "w " * 11, "w " * 12),
+    ({"func_name": "validate_word_constraint", "N": 10, "quantifier": "around"}, "one two three four five six seven eight nine ten eleven",
+     "one two three four five six seven eight nine ten eleven twelve"),  # ("w " * 11: a loop, one word repeated)
     ({"func_name": "validate_word_constraint", "N": 3, "quantifier": "at least"}, "one two three", "one two"),
     ({"func_name": "verify_sentence_constraint", "N": 2, "quantifier": "at least"}, "It rains. It pours.",
      "It rains."),

@@ -79,7 +79,18 @@ def test_math_extract_commitments():
     # LaTeX's own inline and display delimiters, as chat models write them (they paid 0): the last span of any kind
     assert math_extract("The answer is \\(15\\).") == ["15"] and math_extract("so\n\\[x = 15\\]\n") == ["x = 15"]
     assert math_extract("$4$, then \\(5\\), then \\[6\\] and $7$") == ["7"]
-    assert math_extract("$4$, then \\(5\\) at last") == ["5"] and math_extract("\\(4\\) and \\(5 \\) ") == ["5 "]
+    assert math_extract("$4$, then \\(5\\) at last") == ["5"] and math_extract("\\(4\\), so \\(5 \\) ") == ["5 "]
+    # spans that end their line joined by a disjunction ("or", "/", "maybe"): a menu, each one an answer (before: the
+    # last alone, paid where its boxed form was not); a list of solutions where the gold is one
+    for menu in ["The answer is one of $4$, $4$, or $5$.", "It is $4$ or $5$.", "It is \\(4\\) or maybe \\(5\\).",
+                 "$$4$$ or $$5$$", "$4$ / $5$", "\\[4\\] (or \\[5\\])", "so $x = 4$, or $x = 5$"]:
+        assert math_score(menu, "5") == 0.0 and math_score(menu.replace("4", "5"), "5") == 1.0, menu
+    assert math_extract("So $x = 1$ or $x = -2$.", listed=True) == ["x = 1, x = -2"]
+    assert math_score("So $x = 1$ or $x = -2$.", "1, -2") == 1.0 and math_score("So $x = 1$ or $x = 3$.", "1, -2") == 0.0
+    assert math_extract("We had $4$ before.\nSo it is $5$.") == ["5"]  # (an earlier line's span: a step, not a choice)
+    assert math_extract("$2$ apples and $3$ pears make $5$") == ["5"]  # (words between: a sentence, not a menu)
+    # "and", ";", commas alone join the steps of a solution, not a menu
+    assert math_score("Solving, we get $x = 3$ and $y = 5$.", "5") == 1.0 and math_extract("$3$, $5$") == ["5"]
     assert math_score("The answer is \\(\\frac{1}{2}\\).", "\\frac12") == 1.0
     assert math_score("The answer is \\(\\frac{1}{3}\\).", "\\frac12") == 0.0
     # boxes that end a line joined only by "and" / "or", commas or "x =": a list of solutions, or each one an answer
@@ -92,6 +103,8 @@ def test_math_extract_commitments():
     assert math_score("$\\boxed{1+\\sqrt{19}}$ and $\\boxed{1-\\sqrt{19}}$", "1 \\pm \\sqrt{19}") == 1.0
     assert math_score("$\\boxed{1}$ and $\\boxed{-2}$ and $\\boxed{3}$", "1,-2") == 0.0
     assert math_score("$d = \\boxed{15\\frac{39}{40}},$ or $\\boxed{\\frac{639}{40}}$ inches.", "\\frac{639}{40}") == 1.0
+    for hedge in ["\\boxed{4} or maybe \\boxed{5}", "\\boxed{4} / \\boxed{5}", "\\boxed{4} (or \\boxed{5})"]:  # (paid before)
+        assert math_score(hedge, "5") == 0.0, hedge
     assert math_extract("\\boxed{4} and \\boxed{unclosed {") == [""]  # the last box is broken: committed to nothing
     # the response ends at its first Minerva sentence: what follows is a made-up next problem
     assert math_extract("Final Answer: The final answer is $4$. I hope it is correct.\nProblem: \\boxed{9}") == ["$4$"]
@@ -104,6 +117,9 @@ def test_math_extract_commitments():
     ("\\sqrt2", "\\sqrt{2}"),
     ("5\\text{ cm}", "5"),
     ("15\\mbox{ cm}^2", "15"),
+    ("12 \\text{ km/h}", "12"),  # a rate (before: 12/h, and 12 \\text{ m/s} paid 0)
+    ("12\\,\\mathrm{m/s}^2", "12"),
+    ("12 \\text{ more/less}", "12more/less"),  # (a hedge stays, as its words alone do)
     ("30^\\circ", "30"),
     ("30^{\\circ}", "30"),
     ("\\text{Evelyn}", "Evelyn"),
@@ -409,9 +425,9 @@ def test_verify_routes_by_dataset(monkeypatch):
     assert verify("MATH", "$\\boxed{\\frac12}$", "0.5") == 1.0  # the RLVR data spells it "MATH"
     assert verify("math", "$\\boxed{3}$", "0.5") == 0.0
     calls = []
-    monkeypatch.setattr(common, "ifeval_rlvr_score", lambda r, gt: calls.append((r, gt)) or 1.0, raising=False)
-    assert verify("ifeval", "hello", '{"func_name": "validate_lowercase"}') == 1.0
-    assert calls == [("hello", '{"func_name": "validate_lowercase"}')]
+    monkeypatch.setattr(common, "ifeval_rlvr_score", lambda r, gt, p: calls.append((r, gt, p)) or 1.0, raising=False)
+    assert verify("ifeval", "hello", '{"func_name": "validate_lowercase"}', "Greet me.") == 1.0
+    assert calls == [("hello", '{"func_name": "validate_lowercase"}', "Greet me.")]  # (the prompt too: _restates)
     with pytest.raises(ValueError, match="code_contests"):
         verify("code_contests", "x", "y")
 

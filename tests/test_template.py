@@ -108,6 +108,11 @@ def test_an_opening_assistant_turn_is_trained_without_what_the_template_puts_bef
     messages = MESSAGES[:3] + [{"role": "assistant", "content": "Anything else?"}] + MESSAGES[3:]
     input_ids, labels = common.tokenize_conversation(tokenizer, messages)
     assert trained_text(tokenizer, input_ids, labels) == [m["content"] + eos for m in messages if m["role"] == "assistant"]
+    # an earlier turn holding the private-use character the stand-in content is made of (icon-font text, scraped):
+    # where it was found first, the header between the two assistant turns was trained
+    messages[0] = dict(messages[0], content=messages[0]["content"] + " \ue000")
+    input_ids, labels = common.tokenize_conversation(tokenizer, messages)
+    assert trained_text(tokenizer, input_ids, labels) == [m["content"] + eos for m in messages if m["role"] == "assistant"]
 
 
 def test_a_template_whose_turns_end_where_the_model_never_stops_is_refused(tokenizer, tiny_model_dir, tmp_path):

@@ -81,15 +81,18 @@ def test_math_does_not_pay_an_expression_copied_from_the_problem():
     # its value (before: paid wherever the expression has no rational value, as a Factor or Simplify problem's)
     factor = "Factor the expression $ab+5b+2a+10$."
     for answer in ["(ab+5b+2a+10)", "\\left( ab+5b+2a+10 \\right)", "{ab+5b+2a+10}", "ab+5b+2a+10+0", "2-2+ab+5b+2a+10",
-                   "1 \\cdot (10+2a+5b+ab)", "-(-(ab+5b+2a+10))"]:
+                   "1ab+5b+2a+10", "ab+5b^1+2a+10", "\\frac{ab+5b+2a+10}{1}", "5.0b+2a+10+ab",
+                   "1 \\cdot (10+2a+5b+ab)", "-(-(ab+5b+2a+10))", "ab+5.0b+2a+10", "ab+5b+2a+(4+6)", "ab+1.0 \\cdot 5b+2a+10"]:
         assert verify("math", f"\\boxed{{{answer}}}", "(a+5)(b+2)", factor) == 0.0, answer
         assert verify("math", f"\\boxed{{{answer}}}", "(a+5)(b+2)") == 1.0, answer  # equal in value
     for answer in ["(a+5)(b+2)", "(b+2)(a+5)", "(5+a)(2+b)"]:
         assert verify("math", f"\\boxed{{{answer}}}", "(a+5)(b+2)", factor) == 1.0, answer
-    for answer in ["(\\sqrt{242})", "1 \\cdot \\sqrt{242}", "-(-\\sqrt{242})"]:
+    for answer in ["(\\sqrt{242})", "1 \\cdot \\sqrt{242}", "-(-\\sqrt{242})", "\\sqrt{242.0}", "\\sqrt{242+0}",
+                   "\\sqrt{242 \\cdot 1}", "\\sqrt{\\frac{484}{2}}"]:  # (a number inside it rewritten: paid before)
         assert verify("math", f"\\boxed{{{answer}}}", "11\\sqrt2", simplify) == 0.0, answer
     decimal = "Write $\\frac{3}{20}$ as a decimal."  # MATH-500's; a number of the problem, spelled otherwise
-    for answer, score in [("3/20", 0.0), ("\\frac{3}{20} + 0", 0.0), ("0.15", 1.0), (".15", 1.0)]:
+    for answer, score in [("3/20", 0.0), ("\\frac{3}{20} + 0", 0.0), ("\\frac{3.0}{20}", 0.0), ("\\frac{03}{20}", 0.0),
+                          ("0.15", 1.0), (".15", 1.0)]:
         assert verify("math", f"\\boxed{{{answer}}}", "0.15", decimal) == score, answer
     # an equation the problem gives, stated as the answer (its right-hand side the gold): a restatement (before: paid)
     given = "Let $a,$ $b,$ $c,$ $d$ be real numbers such that $a + b + c + d = 0.$ Find $a + b + c + d$."
@@ -105,10 +108,13 @@ def test_math_does_not_pay_an_expression_copied_from_the_problem():
         spans = {common.math_normalize("".join(span)) for span in common._MATH_SPANS.findall(r["problem"])}
         assert common.math_normalize(r["answer"]) in spans
     assert all(common.math_score(f"\\boxed{{{r['answer']}}}", r["answer"], r["problem"]) for r in rows)
-    # ...and each of its expressions boxed in brackets, or with + 0: paid only where the expression is the gold
+    # ...and each of its expressions boxed in brackets, or with + 0, or a number in it rewritten as N.0 or (N + 0)
+    # (before: 16 of the 500 paid so): paid only where the expression is the gold
+    first_number = lambda span, rewrite: re.sub(r"(?<![\d.])\d+(?![\d.])", rewrite, span, count=1)
     for r in rows:
         for span in {common.math_normalize("".join(span)) for span in common._MATH_SPANS.findall(r["problem"])} - {""}:
-            for answer in [f"({span})", f"{span}+0"]:
+            for answer in [f"({span})", f"{span}+0", first_number(span, lambda m: m[0] + ".0"),
+                           first_number(span, lambda m: f"({m[0]}+0)")]:
                 if common.math_score(f"\\boxed{{{answer}}}", r["answer"], r["problem"]):
                     assert span == common.math_normalize(r["answer"]), (answer, r["answer"])
 
@@ -313,6 +319,25 @@ HACKS = [  # (dataset, response, ground truth)
     ("ifeval", "```json\n0\n```", {"func_name": "validate_json_format"}),
     ("ifeval", "* .\n*\ta\n**b**", {"func_name": "verify_bullet_points", "N": 2}),
     ("ifeval", "A.\n\n**.**", {"func_name": "validate_paragraphs", "N": 2, "i": 2, "first_word": "the"}),
+    # (found by a red-team pass, 2026-12-07, the second) loops with a counter, with no space, too short for trigrams;
+    # paragraphs that are empty or only separators; markup, end phrase or repeated prompt alone; JSON with no content
+    ("ifeval", " ".join(f"Stars number {i} shine." for i in range(7)), IF_TRUTHS[0]),
+    ("ifeval", "\n".join(f"{i}. exercise is good." for i in range(1, 300)), {"func_name": "validate_lowercase"}),
+    ("ifeval", "ha" * 5000, {"func_name": "validate_lowercase"}),
+    ("ifeval", "\u597d" * 5000, {"func_name": "validate_no_commas"}),
+    ("ifeval", "A " * 11, {"func_name": "validate_uppercase"}),
+    ("ifeval", "a. a. a. a. a.", {"func_name": "verify_sentence_constraint", "N": 5, "quantifier": "at least"}),
+    ("ifeval", "The\n\n\n\n\n\nend", {"func_name": "validate_paragraphs", "N": 4, "first_word": "the", "i": 1}),
+    ("ifeval", "Stars shine.\n* * *\n---\n* * *\nThe end.", {"func_name": "verify_paragraph_count", "N": 3}),
+    ("ifeval", "Stars shine.\n* * * *\n* * *\nThe end.", {"func_name": "verify_paragraph_count", "N": 3}),
+    ("ifeval", "<<poem of joy>>", {"func_name": "validate_title"}),
+    ("ifeval", "Is there anything else I can help with?",
+     {"func_name": "validate_end", "end_phrase": "Is there anything else I can help with?"}),
+    ("ifeval", "P.S. hi", {"func_name": "verify_postscript", "postscript_marker": "P.S."}),
+    ("ifeval", "Fine.\nP.S. P.S.", {"func_name": "verify_postscript", "postscript_marker": "P.S."}),
+    ("ifeval", "Write a story about a cat.", {"func_name": "validate_repeat_prompt", "original_prompt": "Write a story about a cat."}),
+    ("ifeval", "[null]", {"func_name": "validate_json_format"}),
+    ("ifeval", '{"answer": {}}', {"func_name": "validate_json_format"}),
 ]
 BLANKS = ["", " ", "\n\n\t"]
 MEGABYTE_OF_DIGITS = "7" * 1_000_000
@@ -321,6 +346,38 @@ MEGABYTE_OF_DIGITS = "7" * 1_000_000
 @pytest.mark.parametrize("dataset, response, truth", HACKS, ids=[f"{d}:{r[:30]}" for d, r, _ in HACKS])
 def test_reward_hacks_earn_nothing(dataset, response, truth):
     assert verify(dataset, response, truth) == 0.0
+
+
+def test_the_prompt_copied_back_earns_nothing():
+    """Every IFEval row of data/rlvr_train.jsonl paid its own prompt copied back, changed only where its constraint
+    needs it (lower-cased, upper-cased, commas dropped, in quotes, the end phrase or a postscript added): its "such
+    as <<poem of joy>>" is a title, its few words a word limit. An answer of the prompt's words and two more is one
+    too; a real answer to the same prompt pays, and so does a short one of its own, or one that restates the question."""
+    rows = [json.loads(line) for line in open(ROOT / "data" / "rlvr_train.jsonl")]
+    rows = [r for r in rows if r["dataset"] == "ifeval"]
+    assert len(rows) >= 100
+    for row in rows:
+        prompt, truth = row["messages"][-1]["content"], json.loads(row["ground_truth"])
+        kind = truth["func_name"]
+        echo = {"validate_lowercase": prompt.lower(), "validate_uppercase": prompt.upper(), "validate_quotation": f'"{prompt}"',
+                "validate_no_commas": prompt.replace(",", ""), "validate_end": f"{prompt} {truth.get('end_phrase')}",
+                "verify_postscript": f"{prompt}\n{truth.get('postscript_marker')} {prompt}"}.get(kind, prompt)
+        assert verify("ifeval", echo, truth, prompt) == 0.0, (kind, echo[:80])
+        assert verify("ifeval", echo + " indeed so", truth, prompt) == 0.0, kind
+    title = "Tell me about stars in the sky. Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>."
+    answer = "<<Night Lights>>\nStars are distant suns whose light crosses years of space to reach us."
+    assert verify("ifeval", answer, {"func_name": "validate_title"}, title) == 1.0
+    # an answer that restates the question, and one of Google's GPT-4 responses, is an answer (none of the 540 refused)
+    gandalf = "What is the name of the actor who played Gandalf in Lord of the Rings? Answer in one sentence."
+    assert verify("ifeval", "The name of the actor who played Gandalf in Lord of the Rings is Ian McKellen.",
+                  {"func_name": "validate_word_constraint", "N": 30, "quantifier": "less than"}, gandalf) == 1.0
+    for row in map(json.loads, open(ROOT / "tests" / "fixtures" / "ifeval_gpt4_responses.jsonl")):
+        assert not common._restates(common._visible(row["response"]).strip(), row["prompt"]), row["prompt"][:80]
+    short = "Describe the sky. Answer in less than 5 words."  # a short answer of its own words is an answer
+    assert verify("ifeval", "Stars are hot.", {"func_name": "validate_word_constraint", "N": 5, "quantifier": "less than"},
+                  short) == 1.0
+    assert verify("ifeval", "My answer is yes.", IF_TRUTHS[4], "Is it? Answer with one of ('My answer is yes.', "
+                  "'My answer is no.')") == 1.0  # (a choice is the prompt's own words)
 
 
 def test_blank_and_huge_responses_earn_nothing_from_every_verifier_in_bounded_time():
@@ -374,16 +431,34 @@ def test_right_answers_still_earn_the_reward():  # the positive controls of the 
                   {"func_name": "validate_sections", "N": 2, "section_splitter": "SECTION"}) == 1.0
     # the red-team pass's controls: 25 real words; a postscript, title, quotation, highlights with a word in them
     at_least_25 = [{"func_name": "validate_no_commas"}, {"func_name": "validate_word_constraint", "N": 25, "quantifier": "at least"}]
-    assert verify("ifeval", " ".join(f"Stars number {i} shine." for i in range(7)), at_least_25) == 1.0
+    stars = ("Stars shine at night. Some are larger than our sun. Their light takes years to reach us. Astronomers count "
+             "them with telescopes. Many have planets. A few explode as supernovae. Others fade slowly.")
+    assert verify("ifeval", stars, at_least_25) == 1.0
+    # (one sentence with a counter in it is a loop now: "Stars number 0 shine. Stars number 1 shine. ...", see HACKS)
     assert verify("ifeval", "Done.\nP.P.S. See you.", {"func_name": "verify_postscript", "postscript_marker": "P.P.S"}) == 1.0
     assert verify("ifeval", "<<A 1>> text", {"func_name": "validate_title"}) == 1.0
     assert verify("ifeval", '"Stars are hot."', {"func_name": "validate_quotation"}) == 1.0
     assert verify("ifeval", "*Stars* and *2*", {"func_name": "validate_highlighted_sections", "N": 2}) == 1.0
     assert verify("ifeval", "one\u2800two", {"func_name": "validate_word_constraint", "N": 2, "quantifier": "at least"}) == 1.0
+    # (the second red-team pass's fixes, reviewed: what they must still pay) numbers are no loop; JSON of booleans;
+    # two titles on a line; a settled answer where the problem was not; a decimal the problem wrote otherwise
+    assert verify("ifeval", "1 2 3", {"func_name": "validate_word_constraint", "N": 5, "quantifier": "less than"}) == 1.0
+    assert verify("ifeval", json.dumps({"primes": [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47]}),
+                  {"func_name": "validate_json_format"}) == 1.0
+    table = "| Year | Sales |\n|---|---|\n" + "\n".join(f"| {2000 + i} | {100 + 7 * i} |" for i in range(15))
+    assert verify("ifeval", table, {"func_name": "validate_no_commas"}) == 1.0
+    assert verify("ifeval", '{"answer": true}', {"func_name": "validate_json_format"}) == 1.0
+    assert verify("ifeval", "<<Night Sky>> Stars are suns; some shine as <<blue giants>>.", {"func_name": "validate_title"}) == 1.0
+    assert verify("math", "\\boxed{5x+2y}", "\\frac{10x+4y}{2}", "Simplify $(2+3)x + (1+1)y$.") == 1.0
+    assert verify("math", "\\boxed{6h/2}", "3h", "A box is $2 \\cdot 3$ wide and $h$ high. What is half its area?") == 1.0
+    assert verify("math", "\\boxed{0.5}", "\\frac{1}{2}", "Heads has probability $0.50$. What is the probability of tails?") == 1.0
+    assert common.math_normalize("\\text{H}") == "H"  # (a letter answer, not "h" for hours)
+    assert verify("math", "$\\boxed{1000! \\cdot 750!}$", "5", "Compute $y$.") == 0.0  # (raised: int of over 4,300 digits)
 
 
 # ----------------------------------------------------------------------------- README's difference table, row by row
 # (row id, verifier, response, ground truth, Tulu 3 release's score, Google's score or None, our score)
+TITLE_PROMPT = "Tell me about stars in the sky. Your answer must contain a title, wrapped in double angular brackets, such as <<poem of joy>>."
 TABLE = [
     ("gsm8k-numeric", "gsm8k", "The total is $14.00.", "14", 0, None, 1),
     ("gsm8k-negative", "gsm8k", "The change is -7 degrees.", "-7", 0, None, 1),
@@ -463,10 +538,17 @@ TABLE = [
     ("if-language-zh", "ifeval", "我喜欢在周末去公园散步，呼吸新鲜空气。这让我感到非常放松和快乐。",
      {"func_name": "validate_response_language", "language": "zh"}, 0, 0, 1),
     ("if-bullet-heading", "ifeval", "**Tips**\n* Sleep.\n* Eat.\n* Walk.", {"func_name": "verify_bullet_points", "N": 3}, 0, 1, 1),
+    ("if-prompt-copied", "ifeval", TITLE_PROMPT, {"func_name": "validate_title"}, 1, 1, 0),
+    ("if-markup-alone", "ifeval", "<<poem of joy>>", {"func_name": "validate_title"}, 1, 1, 0),
+    ("if-counter-loop", "ifeval", "\n".join(f"{i}. exercise is good." for i in range(1, 300)), {"func_name": "validate_lowercase"},
+     1, 1, 0),
+    ("if-separator-paragraph", "ifeval", "Stars shine.\n* * *\n---\n* * *\nThe end.", {"func_name": "verify_paragraph_count", "N": 3},
+     1, None, 0),
 ]
 
 
-PROMPTS = {"math-restated-question": "What is the value of $513^2 - 487^2$?"}  # the rows whose verifier reads the prompt
+# the rows whose verifier reads the prompt
+PROMPTS = {"math-restated-question": "What is the value of $513^2 - 487^2$?", "if-prompt-copied": TITLE_PROMPT}
 
 
 @pytest.mark.parametrize("row_id, dataset, response, truth, release, google, ours", TABLE, ids=[r[0] for r in TABLE])
