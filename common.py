@@ -1553,7 +1553,7 @@ def math_extract(response: str, listed: bool = False) -> list[str]:
         spans = [found for kind in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")) if (found := _trailing_spans(text, *kind))]
         if spans:
             contents = max(spans)[1]
-            answers += [", ".join(contents)] if listed and len(contents) > 1 else contents
+            answers += [", ".join(contents)] if listed else contents
     return answers
 
 
@@ -1569,7 +1569,7 @@ def _trailing_spans(text, opener, closer):
         end, begin = begin, text.rfind("$", 0, begin)
     if begin < 0:
         return None
-    last_end, contents, line_start = end, [text[begin + len(opener):end]], text.rfind("\n", 0, begin) + 1
+    contents, line_start = [text[begin + len(opener):end]], text.rfind("\n", 0, begin) + 1
     while len(contents) < 10:
         start = begin - 1 if dollar and begin > line_start and text[begin - 1] == "$" else begin  # (its "$$")
         close = text.rfind(closer, max(line_start, start - 40 - len(closer)), start)  # the previous span's end
@@ -1580,7 +1580,7 @@ def _trailing_spans(text, opener, closer):
         if begin < 0 or not (_SPAN_GAP.fullmatch(gap) and _DISJUNCTION.search(gap)):
             break
         contents.insert(0, text[begin + len(opener):close])
-    return last_end, contents
+    return end, contents
 
 
 # --- MATH: normalization (Minerva's normalize_final_answer, plus a few fixes) -----
@@ -2289,10 +2289,9 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     copied = spans - {gold_text}
     # An answer that folds to a form of the problem restates it, unless the answer is settled where the problem was not:
     # then it did that arithmetic ("5x + 2y" for "Simplify $(2+3)x + (1+1)y$"), as "5.0x + 2y" or "(4+1)x + 2y" did not
-    copied_forms = {True: {form for form, _, _, _ in span_forms} - {gold_form},
-                    False: {form for form, _, _, settled in span_forms if settled} - {gold_form}}
-    copied_numbers = {True: {form for form, _, written, _ in span_forms if written} - {gold_form},  # 2\frac12 is not
-                      False: {form for form, _, written, settled in span_forms if written and settled} - {gold_form}}  # "\frac12 + 2"
+    # (a number as written copies only a number as written: 2\frac12 is not "\frac12 + 2")
+    copies = lambda form, written, folded: form != gold_form and any(form == span_form and (number or not written) and
+                                                                     (settled or folded) for span_form, _, number, settled in span_forms)
     # The problem's expressions with an operator (not a number as written; none the gold holds itself): an answer holding
     # one as a part restates it. Where one, or a number written otherwise (\frac{3}{20} for the gold 0.15), has the
     # gold's value, the problem asks for that number: an answer must be a number as written (26000, 2.6 \times 10^4),
@@ -2319,7 +2318,7 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
         form = _form(tree) if tree is not None else None
         written = tree is not None and _number_as_written(tree, text)  # (a mixed number holds the sum 2 + \frac12)
         folded = form is not None and _form(tree, fold=False) != form  # (else settled: only settled spans are copies)
-        return text != gold_text and (text in copied or form in (copied_numbers if written else copied_forms)[folded]
+        return text != gold_text and (text in copied or copies(form, written, folded)
                                       or (not written and form and any(_holds(form, part) for part, settled in holdable
                                                                        if folded or settled))
                                       or (counting and unevaluated(text)) or (asks_for_number and not written))
@@ -2750,6 +2749,9 @@ def _tulu_word_count(text):
     return sum(map(_has_alnum, text.split()))  # release: every whitespace token, so 25 "." were 25 words
 
 
+_LETTER = re.compile(r"[^\W\d_]")
+
+
 def _looping(text):
     """A response that mostly repeats itself ("a a a ...", one sentence until the length cap) is a loop, not an
     answer: half or more of its word trigrams are repeats (natural text repeats few), counted with each number as 0
@@ -2761,7 +2763,7 @@ def _looping(text):
     for folded in (False, True):  # (numbers as 0: only the trigrams holding a letter, so "1 2 3", a table of figures
         # or a JSON list of primes is no loop)
         tokens = re.sub(r"\d+", "0", text).split() if folded else words
-        trigrams = [t for t in zip(tokens, tokens[1:], tokens[2:]) if not folded or re.search("[^\\W\\d_]", "".join(t))]
+        trigrams = [t for t in zip(tokens, tokens[1:], tokens[2:]) if not folded or _LETTER.search("".join(t))]
         if len(trigrams) >= 10 and len(set(trigrams)) <= len(trigrams) / 2:
             return True
     data = text.encode()

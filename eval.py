@@ -472,11 +472,10 @@ if ddp:
     dist.broadcast_object_list(refusal, 0)
 if refusal[0]:
     raise SystemExit(f"error: {refusal[0]}")
-for name, model_path in zip(names, paths):
+for name, model_path, output_dir in zip(names, paths, run_dirs):  # (where the refusal above looked)
     pairs, elapsed, generated_tokens = (given_pairs, None, None) if model_path is None else generate(model_path)
     if rank != 0:
         continue
-    output_dir = args.output_dir if len(paths) == 1 else os.path.join(args.output_dir, name)
     table[name], per_prompt[name] = score(pairs, output_dir)
     print0(f"{model_path or 'responses'}\n{'task':<10}{'metric':<26}{'value':>8}  stderr")
     for task, metrics in table[name].items():
