@@ -4,7 +4,9 @@ Benchmark, not a test: the stages on one GPU, each against its peer, same model,
     python tests/bench_gpu.py                 # needs CUDA; TRL for the peer rows (pip install trl==1.16.0)
 
   1. SFT: sft.py (padding-free, varlen flash attention, FSDP2 bf16) vs TRL's SFTTrainer with padding_free=True (no
-     flash-attn package: transformers then builds a block-diagonal mask for SDPA from the packed position_ids).
+     flash-attn package: transformers then builds a block-diagonal mask for SDPA from the packed position_ids), and
+     last (after the RLVR row) TRL's SFTTrainer again with sft.py's attention kernel (common.packed_attention, which
+     reads the cu_seq_lens_q TRL's padding-free collator passes): the trainers compared on one kernel.
      A ~1B Llama (Llama-3.2-1B's shape, random weights, built from a config: no download), max length 4096,
      synthetic Tulu-like conversations (1-3 turns, lognormal lengths: median ~450 tokens, mean ~750, tail to 4096),
      8 conversations per micro-batch x 2 accumulation steps, no activation checkpointing on either side.
@@ -32,7 +34,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("--steps", type=int, default=12)
 parser.add_argument("--batch", type=int, default=8, help="conversations per micro-batch")
 parser.add_argument("--accumulation", type=int, default=2)
-parser.add_argument("--skip", nargs="*", default=[], choices=["sft", "trl_sft", "dpo", "rlvr"])
+parser.add_argument("--skip", nargs="*", default=[], choices=["sft", "trl_sft", "dpo", "rlvr", "trl_sft_packed"])
 parser.add_argument("--work", default=None, help="where the model and data go (default: a temporary directory)")
 args = parser.parse_args()
 assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
@@ -128,11 +130,22 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 model_dir, data_path, batch, accumulation, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+attention = sys.argv[7]  # "sdpa", or "packed": sft.py's kernel, given the cu_seq_lens_q / max_length_q TRL's collator passes
+if attention == "packed":
+    sys.path.insert(0, sys.argv[8])
+    import common
+    from transformers import AttentionInterface
+    def packed_under_autocast(module, query, key, value, *rest, **kwargs):
+        # fp32 weights under bf16 autocast leave q and k fp32 after RoPE and v bf16: autocast casts SDPA's inputs to
+        # bf16 but knows nothing of varlen_attn, which takes one 16-bit dtype (sft.py computes in bf16 throughout)
+        dtype = torch.get_autocast_dtype(query.device.type) if torch.is_autocast_enabled(query.device.type) else value.dtype
+        return common.packed_attention(module, query.to(dtype), key.to(dtype), value.to(dtype), *rest, **kwargs)
+    AttentionInterface.register("packed", packed_under_autocast)
 rows = [json.loads(line) for line in open(data_path)]
 # prompt/completion: TRL trains on the completion only, as sft.py trains on assistant turns only (same compute)
 dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
 micro_tokens, step_tokens, step_times = [], [], []
 class Timer(TrainerCallback):
     def on_step_begin(self, *a, **k):
@@ -154,21 +167,27 @@ step_tokens = [sum(micro_tokens[i * accumulation:(i + 1) * accumulation]) for i 
 print(json.dumps(dict(tokens_per_sec=sum(step_tokens[2:]) / sum(step_times[2:]), peak_gb=torch.cuda.max_memory_allocated() / 2**30)))
 """
 
-if "trl_sft" not in args.skip:
+
+def trl_sft_row(attention, label):
     try:
         import trl
 
-        output = run([sys.executable, "-c", TRL_SFT, model_dir, sft_path, args.batch, args.accumulation, args.steps, os.path.join(work, "trl_sft")])
+        output = run([sys.executable, "-c", TRL_SFT, model_dir, sft_path, args.batch, args.accumulation, args.steps,
+                      os.path.join(work, f"trl_sft_{attention}"), attention, ROOT])
         trl_result = json.loads(output.strip().splitlines()[-1])
-        report(f"TRL {trl.__version__} SFTTrainer padding_free tokens/s", trl_result["tokens_per_sec"])
+        report(f"TRL {trl.__version__} SFTTrainer padding_free{label} tokens/s", trl_result["tokens_per_sec"])
         if "sft.py tokens/s" in results:
-            report("sft.py / TRL SFT", results["sft.py tokens/s"] / trl_result["tokens_per_sec"])
-            report("TRL SFT MFU (sft.py's MFU x the tokens/s ratio: same data, same FLOPs per token)",
+            report(f"sft.py / TRL SFT{label}", results["sft.py tokens/s"] / trl_result["tokens_per_sec"])
+            report(f"TRL SFT{label} MFU (sft.py's MFU x the tokens/s ratio: same data, same FLOPs per token)",
                    results["sft.py MFU"] * trl_result["tokens_per_sec"] / results["sft.py tokens/s"])
     except ImportError:
         print("trl is not installed: TRL SFT row skipped")
     except SystemExit as failure:  # (an OOM in TRL's run: the rows after it still run)
-        print(f"TRL SFT row failed: {failure}", flush=True)
+        print(f"TRL SFT{label} row failed: {failure}", flush=True)
+
+
+if "trl_sft" not in args.skip:
+    trl_sft_row("sdpa", "")
 
 # ----------------------------------------------------------------------------- 2. DPO
 
@@ -205,5 +224,10 @@ if "rlvr" not in args.skip:
         generated = [m["response_length"] * 64 for m in metrics]
         report(f"rlvr.py {generator} generation tokens/s (64 samples x <= 256 tokens)",
                sum(generated) / sum(m["time/generate"] for m in metrics))
+
+# ----------------------------------------------------------------------------- 4. TRL's SFT on sft.py's kernel
+
+if "trl_sft_packed" not in args.skip:  # (last: where the time limit cuts the run, the rows above came first)
+    trl_sft_row("packed", " with sft.py's varlen kernel")
 
 print(json.dumps(results, indent=1, default=str))
