@@ -2378,7 +2378,7 @@ def _form(tree, values=None, fold=True) -> tuple:
             elif fold and (value := _rational_value(node, values)) is not None and _bits(value) <= _FOLD_BITS:
                 operands.append(("num", str(-value)))
             else:
-                operands.append(("neg", _form(node, values, fold)))
+                operands.append(_negated(_form(node, values, fold)) if fold else ("neg", _form(node, values, fold)))
         # its exact terms as one (factors likewise), 0 and 1 dropped: ((1 + 0) + 2i) and (1 + 2i) are one form
         exact = [Fraction(operand[1]) for operand in operands if operand[0] == "num"] if fold else []
         if fold and sum(map(_bits, exact)) <= _FOLD_BITS:
@@ -2386,12 +2386,57 @@ def _form(tree, values=None, fold=True) -> tuple:
             combined = sum(exact) if kind == "add" else math.prod(exact)
             if exact and (combined != (0 if kind == "add" else 1) or not operands):
                 operands.append(("num", str(combined)))
-        if fold and len(operands) == 1 and operands[0][0] != "num":  # (1 \\cdot x^2: x^2; an exact one keeps its operation)
+        if fold and kind == "mul":
+            return _product(operands)
+        if fold and len(operands) == 1 and operands[0][0] != "num":  # (0 + x^2: x^2; an exact one keeps its operation)
             return operands[0]
         return kind, tuple(sorted(operands, key=repr))
     form = tuple(child if isinstance(child, str) else _form(child, values, fold) if child and isinstance(child[0], str)
                  else tuple(_form(item, values, fold) for item in child) for child in tree)  # (a "seq": a list of items)
-    return form[1] if fold and form[0] in ("pow", "div") and form[2] == ("num", "1") else form  # (x^1, x/1: x)
+    if not fold:
+        return form
+    # one spelling for what is written several ways: x^1 and x/1 are x, -x is (-1) x's form, \\sqrt[2]{x}, x^{1/2} and
+    # x^{0.5} are \\sqrt{x}, x^{-1} is \\frac{1}{x} (rewritten so, the problem's expression passed for an answer)
+    if form[0] in ("pow", "div") and form[2] == ("num", "1"):
+        return form[1]
+    if form[0] == "neg":
+        return _negated(form[1])
+    if (form[0] == "root" and form[2] == ("num", "2")) or (form[0] == "pow" and form[2] == ("num", "1/2")):
+        return "sqrt", form[1]
+    if form[0] == "pow" and form[2] == ("num", "-1"):
+        return "div", ("num", "1"), form[1]
+    return form
+
+
+def _product(factors):
+    """The form of a product (_form's, folded: at most one factor a number), one spelling for each: x \\cdot
+    \\frac{1}{y} is \\frac{x}{y}, (-1) \\cdot x is -x. The product of one number keeps its operation ("mul", (6,))."""
+    denominators = [factor[2] for factor in factors if factor[0] == "div" and factor[1] == ("num", "1")]
+    others = [factor for factor in factors if not (factor[0] == "div" and factor[1] == ("num", "1"))]
+    negative = len(others) > 1 and ("num", "-1") in others
+    others = [factor for factor in others if factor != ("num", "-1")] if negative else others
+    one = lambda forms: forms[0] if len(forms) == 1 else ("mul", tuple(sorted(forms, key=repr)))
+    if not denominators:
+        form = one(others) if len(others) > 1 or others[0][0] != "num" else ("mul", tuple(others))
+    else:
+        form = ("div", one(others) if others else ("num", "1"), one(denominators))
+    return _negated(form) if negative else form
+
+
+def _negated(form):
+    """-form as a form: into a product's number (-(4x) is (-4) x, as -4x parses), a sum's terms (-(1 + 3a) is -1 - 3a)
+    and a fraction's numerator (-\\frac{x}{4} is \\frac{-x}{4}), out of a negation (--x is x)."""
+    if form[0] == "neg":
+        return form[1]
+    if form[0] == "num":
+        return "num", str(-Fraction(form[1]))
+    if form[0] == "add":
+        return "add", tuple(sorted(map(_negated, form[1]), key=repr))
+    if form[0] == "div":
+        return "div", _negated(form[1]), form[2]
+    if form[0] == "mul" and any(factor[0] == "num" for factor in form[1]):
+        return _product([_negated(factor) if factor[0] == "num" else factor for factor in form[1]])
+    return "neg", form
 
 
 def _bits(value: Fraction) -> int:
