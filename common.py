@@ -2284,6 +2284,7 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
     # "\\frac{20000}{\\pi} \\approx 6366.2": the exact value before a decimal approximation is the answer
     # (before the Minerva sentence's closing "$": "$\\frac{20000}{\\pi} \\approx 6366.2$" paid 0)
     answers = list(dict.fromkeys(re.sub(r"\\approx\s*-?[\d.,]+\s*(\$*)\s*$", r"\1", answer) for answer in answers))
+    answers = [_chosen_option(answer, gold_text, problem) for answer in answers]
     gold_form = _form(gold_tree) if gold_tree is not None else None
     spans, span_forms, equations = _problem_expressions(problem[:MAX_RESPONSE_CHARS])
     copied = spans - {gold_text}
@@ -2331,6 +2332,22 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
                                            for answer in answers))
     finally:
         _worker.budget = None
+
+
+# A lettered option in a problem: "(C) Plane" on its line, or "\\textbf{(B)}\\ 3(1 + r/10)^x = 7\\qquad" (its text)
+_OPTION = re.compile(r"\(([A-Z])\)\}?(?:\\ |\s)*(.*?)\s*(?=\\qquad|\n|\$|\\textbf|\([A-Z]\)|$)")
+
+
+def _chosen_option(answer, gold_text, problem):
+    """An answer that names the gold's option with that option's text ("\\text{(C) Plane}", where the problem lists
+    "(C) Plane" and the gold is \\text{(C)}) is the letter alone, as chat models write it; with any other text ("(C) or
+    (D)", "(C) Sphere") it stays what it is."""
+    if (label := re.fullmatch(r"\(([A-Z])\)", gold_text)) and f"({label[1]})" in problem:
+        text = math_normalize(answer, keep_equation=True)
+        if any(letter == label[1] and option and math_normalize(f"({letter}) {option}", keep_equation=True) == text
+               for letter, option in _OPTION.findall(problem[:MAX_RESPONSE_CHARS])):
+            return gold_text
+    return answer
 
 
 @functools.lru_cache(maxsize=1024)  # RLVR scores every sample of a prompt against the same problem

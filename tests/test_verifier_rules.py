@@ -217,6 +217,21 @@ def test_math_words_are_words_not_products_of_letters():
     assert math_score("$\\boxed{\\text{units}}$", "\\text{square}") == 0.0
 
 
+
+def test_math_option_letter_pays_with_its_own_text():
+    # MATH-500's lettered golds, answered "(C) Plane" as chat models box them (before: 0, the letter alone paid 1);
+    # the text must be the problem's own for that letter, so another option's text or a menu pays nothing
+    rows = {r["answer"]: r for r in MATH500 if r["answer"] in ("\\text{(C)}", "\\text{(B)}")}
+    cylinder, rates = rows["\\text{(C)}"], rows["\\text{(B)}"]
+    for answer in ["\\text{(C) Plane}", "\\textbf{(C)}\\ \\text{Plane}", "(C) Plane", "\\text{(C)}", "C"]:
+        assert math_score(f"$\\boxed{{{answer}}}$", cylinder["answer"], cylinder["problem"]) == 1.0, answer
+    for answer in ["\\text{(C) Sphere}", "\\text{(C) or (D)}", "\\text{(C) Plane or (D) Sphere}", "\\text{(D) Sphere}"]:
+        assert math_score(f"$\\boxed{{{answer}}}$", cylinder["answer"], cylinder["problem"]) == 0.0, answer
+    assert math_score("$\\boxed{\\text{(C) Plane}}$", cylinder["answer"]) == 0.0  # no problem: no option text to check
+    assert math_score("$\\boxed{\\textbf{(B)}\\ 3(1 + r/10)^x = 7}$", rates["answer"], rates["problem"]) == 1.0
+    assert math_score("$\\boxed{\\textbf{(B)}\\ 3(1 + r)^x = 7}$", rates["answer"], rates["problem"]) == 0.0  # (A)'s text
+
+
 ALL_CAPS_ENGLISH = [
     "NASA LAUNCHED A NEW SATELLITE IN 2021.", "THE MEETING STARTS AT NINE.", "I LIKE GREEN TEA.",
     "OUR TEAM WON THE MATCH YESTERDAY.", "PLEASE CALL ME BACK TOMORROW.", "THE CAT SLEPT ON THE MAT ALL DAY.",
