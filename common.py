@@ -1716,11 +1716,11 @@ def math_normalize(answer: str, keep_equation: bool = False) -> str:
     first = s.find("$")
     second = s.find("$", first + 1) if first >= 0 else -1
     # one $...$ span: the answer (Minerva: the first of several, which paid "$4$ or $5$" for 4); several, or one beside
-    # another answer ("3 \\text{ or } $5$", "3, $5$") or inside arithmetic ("-$5$", "4/$5$"), stay as written, dollars
-    # dropped below
+    # another answer ("3 \\text{ or } $5$", "3, $5$", "(D) $(C)$") or inside arithmetic ("-$5$", "4/$5$"), stay as
+    # written, dollars dropped below
     if (second >= 0 and s.find("$", second + 1) < 0 and not _ALTERNATIVES.search(answer)
             and "," not in re.sub(r"\$[^$]*\$", "", answer)
-            and not re.search(r"[\d+\-*/^_]", (s[:first] + s[second + 1:]).replace("\\boxed{", ""))):
+            and not re.search(r"[\d+\-*/^_]|\([A-Z]\)", (s[:first] + s[second + 1:]).replace("\\boxed{", ""))):
         s = s[first + 1:second]
     s = re.sub(r"^[a-zA-Z]\\in(?![a-zA-Z])", "", s)  # "x\in[-2,7]" -> "[-2,7]" (spaces are gone by now)
     s = re.sub(r"(\d\.\d*)\\overline\{(\d+)\}", r"\1(\2)", s)  # 0.\overline{3} -> 0.(3): only itself, not 0.3
@@ -2335,14 +2335,16 @@ def math_score(response: str, gold: str, problem: str = "") -> float:
 
 
 # A lettered option in a problem: "(C) Plane" on its line, or "\\textbf{(B)}\\ 3(1 + r/10)^x = 7\\qquad" (its text)
-_OPTION = re.compile(r"\(([A-Z])\)\}?(?:\\ |\s)*(.*?)\s*(?=\\qquad|\n|\$|\\textbf|\([A-Z]\)|$)")
+_OPTION = re.compile(r"\(([A-Z])\)\}?(?:\\ |\s)*(.*?)\s*(?=\\qquad|\n|\$|\\textbf|$)")
 
 
 def _chosen_option(answer, gold_text, problem):
     """An answer that names the gold's option with that option's text ("\\text{(C) Plane}", where the problem lists
     "(C) Plane" and the gold is \\text{(C)}) is the letter alone, as chat models write it; with any other text ("(C) or
-    (D)", "(C) Sphere") it stays what it is."""
-    if (label := re.fullmatch(r"\(([A-Z])\)", gold_text)) and f"({label[1]})" in problem:
+    (D)", "(C) Sphere") it stays what it is, and so does one naming two letters (normalization keeps only a "$...$"
+    span: "(D) Sphere $(C) Plane$" was "(C) Plane")."""
+    labels = re.findall(r"\([A-Z]\)", answer)
+    if (label := re.fullmatch(r"\(([A-Z])\)", gold_text)) and labels == [label[0]] and label[0] in problem:
         text = math_normalize(answer, keep_equation=True)
         if any(letter == label[1] and option and math_normalize(f"({letter}) {option}", keep_equation=True) == text
                for letter, option in _OPTION.findall(problem[:MAX_RESPONSE_CHARS])):

@@ -225,11 +225,18 @@ def test_math_option_letter_pays_with_its_own_text():
     cylinder, rates = rows["\\text{(C)}"], rows["\\text{(B)}"]
     for answer in ["\\text{(C) Plane}", "\\textbf{(C)}\\ \\text{Plane}", "(C) Plane", "\\text{(C)}", "C"]:
         assert math_score(f"$\\boxed{{{answer}}}$", cylinder["answer"], cylinder["problem"]) == 1.0, answer
-    for answer in ["\\text{(C) Sphere}", "\\text{(C) or (D)}", "\\text{(C) Plane or (D) Sphere}", "\\text{(D) Sphere}"]:
+    # (a second letter outside a "$...$" span, which normalization alone kept: found by a review helper)
+    for answer in ["\\text{(C) Sphere}", "\\text{(C) or (D)}", "\\text{(C) Plane or (D) Sphere}", "\\text{(D) Sphere}",
+                   "(D) Sphere $(C) Plane$", "(E) Cylinder $(C) Plane$", "(D) $(C)$", "\\text{(D)} $(C)$"]:
         assert math_score(f"$\\boxed{{{answer}}}$", cylinder["answer"], cylinder["problem"]) == 0.0, answer
     assert math_score("$\\boxed{\\text{(C) Plane}}$", cylinder["answer"]) == 0.0  # no problem: no option text to check
     assert math_score("$\\boxed{\\textbf{(B)}\\ 3(1 + r/10)^x = 7}$", rates["answer"], rates["problem"]) == 1.0
     assert math_score("$\\boxed{\\textbf{(B)}\\ 3(1 + r)^x = 7}$", rates["answer"], rates["problem"]) == 0.0  # (A)'s text
+    assert math_score("$\\boxed{(A) $(B) 3(1 + r/10)^x = 7$}$", rates["answer"], rates["problem"]) == 0.0
+    # an option's text runs to the end of its line, not to the next letter: "(B) six or" is no option of a run-on list
+    run_on = "Pick one: (A) five, (B) six or (C) seven."
+    assert math_score("$\\boxed{(B) six or}$", "\\text{(B)}", run_on) == 0.0
+    assert math_score("$\\boxed{(B)}$", "\\text{(B)}", run_on) == 1.0
 
 
 ALL_CAPS_ENGLISH = [
