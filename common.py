@@ -1417,6 +1417,7 @@ _COMMA_NUMBER = re.compile(r"(?<!\d)\d+(?:,\d+)+")
 _THOUSANDS_GROUPED = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")  # (gsm8k_extract: digits and commas only)
 _MAX_NUMBER_CHARS = 100  # a GSM8K answer is a few digits; a megabyte of digits is not an answer (and int() refuses it)
 # A number, with a minus sign only when it is not a subtraction ("10-5" yields 10 and 5, not -5).
+_VULGAR = re.compile(r"(?<![\d.])(\d*) ?([\u00bc-\u00be\u2150-\u215e])")  # 18½, 2 ¾, ⅓
 _NUMBER = re.compile(r"(?:(?<![\d.])-)?(?:\d+(?:\.\d+)?|\.\d+)")
 
 
@@ -1430,6 +1431,8 @@ def gsm8k_extract(response: str) -> str | None:
     """The last number in the response (thousands separators removed; U+2212 is a minus sign, "-$7" is -7; a unit's
     power is no number), or None."""
     text = response.replace("\u2212", "-").replace("{,}", ",")
+    # a vulgar fraction belongs to its number: "18½" is 18.5 (it paid 18), "⅓" 0.333333 (GSM8K's golds are integers)
+    text = _VULGAR.sub(lambda m: (m[1] or "0") + f"{unicodedata.numeric(m[2]):.6f}"[1:].rstrip("0"), text)  # (digits as written)
     text = _SPACED_THOUSANDS.sub(lambda m: re.sub(r"\D", "", m[0]), text)
     text = re.sub(r"(?<![\d.])-\\?\$(?=\d)", "-", _UNIT_POWER.sub("", text))
     ungrouped = _COMMA_NUMBER.sub(lambda m: m[0].replace(",", "") if _THOUSANDS_GROUPED.fullmatch(m[0]) else m[0], text)

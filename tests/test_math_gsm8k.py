@@ -31,6 +31,8 @@ def read_jsonl(name):
     ("the pairs 3,4 and", "4"),  # "3,4" is a list, not 34
     ("The answer is 18.", "18"),  # the sentence's full stop is not a decimal point
     ("no digits here", None),
+    ("The answer is 18\u00bd.", "18.5"), ("It takes 2 \u00be hours", "2.75"), ("\u2153 of them", "0.333333"),  # (18½ paid 18)
+    ("-3\u00bc degrees", "-3.25"), ("1.5\u00bd", "1.5"),
 ])
 def test_gsm8k_extract(response, expected):
     assert gsm8k_extract(response) == expected
