@@ -1416,8 +1416,8 @@ MAX_RESPONSE_CHARS = 100_000
 _COMMA_NUMBER = re.compile(r"(?<!\d)\d+(?:,\d+)+")
 _THOUSANDS_GROUPED = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")  # (gsm8k_extract: digits and commas only)
 _MAX_NUMBER_CHARS = 100  # a GSM8K answer is a few digits; a megabyte of digits is not an answer (and int() refuses it)
-# A number, with a minus sign only when it is not a subtraction ("10-5" yields 10 and 5, not -5).
 _VULGAR = re.compile(r"(?<![\d.])(\d*) ?([\u00bc-\u00be\u2150-\u215e])")  # 18½, 2 ¾, ⅓
+# A number, with a minus sign only when it is not a subtraction ("10-5" yields 10 and 5, not -5).
 _NUMBER = re.compile(r"(?:(?<![\d.])-)?(?:\d+(?:\.\d+)?|\.\d+)")
 
 
@@ -2417,7 +2417,7 @@ def _form(tree, values=None, fold=True) -> tuple:
                  else tuple(_form(item, values, fold) for item in child) for child in tree)  # (a "seq": a list of items)
     if not fold:
         return form
-    # one spelling for what is written several ways: x^1 and x/1 are x, -x is (-1) x's form, \\sqrt[2]{x}, x^{1/2} and
+    # one spelling for what is written several ways: x^1 and x/1 are x, -x goes into x (_negated), \\sqrt[2]{x}, x^{1/2} and
     # x^{0.5} are \\sqrt{x}, x^{-1} is \\frac{1}{x} (rewritten so, the problem's expression passed for an answer)
     if form[0] in ("pow", "div") and form[2] == ("num", "1"):
         return form[1]
